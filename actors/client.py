@@ -1,0 +1,221 @@
+"""``Client``: one edge device as a stateful Ray actor.
+
+It loads its own shard from its own disk (the coordinator only sends sample indices),
+keeps its feature extractor, its expert and one gate per stage-3 variant, and answers its
+peers' ``expert_forward`` calls. Raw samples never leave it: every method returns weights,
+metrics, latents-derived logits or counts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import ray
+import torch
+
+from training import federated, local, routing
+from training.config import ExperimentConfig, from_dict
+from training.data import label_counts, load_dataset
+from training.models import Stage1Model, make_expert, make_gate
+
+STAGE_ORDER = ("init", "stage1", "stage2", "stage3")
+
+
+class Client:
+    """Client i of the network: expert i lives here."""
+
+    def __init__(self, client_id: int, cfg: dict, train_idx: np.ndarray, test_idx: np.ndarray,
+                 global_idx: np.ndarray, threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        self.id = client_id
+        self.cfg: ExperimentConfig = from_dict(cfg)
+        ds = load_dataset(self.cfg.data)
+        self.x, self.y = ds.x_train[train_idx], ds.y_train[train_idx]
+        self.x_test, self.y_test = ds.x_test[test_idx], ds.y_test[test_idx]
+        self.x_global, self.y_global = ds.x_test[global_idx], ds.y_test[global_idx]
+        self.num_classes = ds.num_classes
+        del ds
+        n = self.cfg.num_clients
+        torch.manual_seed(self.cfg.seed)  # same initial F everywhere; stage 1 overwrites it anyway
+        self.model = Stage1Model(self.cfg.model, self.x.shape[1], self.x.shape[2], self.num_classes)
+        torch.manual_seed(self.cfg.seed * 1000 + 17 * client_id + 1)
+        self.expert = make_expert(self.cfg.model, self.num_classes).eval()
+        self.gates = {v: make_gate(self.cfg.model, n).eval() for v in self.cfg.stage3.variants if v != "rangate"}
+        self.peers: list = []
+        self.stage = "init"  # the last stage whose weights this actor holds
+        self._h: dict[str, torch.Tensor] = {}
+        self._answers: torch.Tensor | None = None
+        self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+
+    # ----------------------------------------------------------------- bookkeeping
+
+    def info(self) -> dict:
+        return {
+            "id": self.id,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "train_samples": len(self.y),
+            "test_samples": len(self.y_test),
+            "label_counts": label_counts(self.y.numpy(), self.num_classes).tolist(),
+            "stage": self.stage,
+            "reconstructed": self.reconstructed,
+        }
+
+    def set_peers(self, peers: list) -> None:
+        """Handles of every client in the network, index = expert id (self included)."""
+        self.peers = peers
+
+    def get_state(self) -> dict:
+        return {"stage": self.stage, "stage1": self.model.state_dict(), "expert": self.expert.state_dict(),
+                "gates": {v: g.state_dict() for v, g in self.gates.items()}}
+
+    def load_state(self, state: dict) -> None:
+        """Restore weights (after a restart, or on resume); ``state`` may hold any subset."""
+        if "stage1" in state:
+            self.model.load_state_dict(state["stage1"])
+        if "expert" in state:
+            self.expert.load_state_dict(state["expert"])
+        for v, g in state.get("gates", {}).items():
+            if v in self.gates:
+                self.gates[v].load_state_dict(g)
+        self.stage = state.get("stage", self.stage)
+        self._h.clear()
+        self._answers = None
+
+    # ----------------------------------------------------------------- stages
+
+    def fit_extractor(self, global_state: dict, round_: int) -> tuple[dict, dict]:
+        """Stage 1, one round: start from the global F (+ helpers), train locally, send weights back."""
+        self.model.load_state_dict(federated.partial_sync(self.model.state_dict(), global_state))
+        state, metrics = local.fit_stage1(self.model, self.x, self.y, self.cfg.stage1,
+                                          seed=self.cfg.seed * 1000 + round_ * 100 + self.id)
+        self.stage = "stage1"
+        self._h.clear()
+        return {k: state[k] for k in global_state}, metrics
+
+    def set_global(self, global_state: dict) -> None:
+        """Take the aggregated stage-1 weights (end of stage 1, or a restore)."""
+        self.model.load_state_dict(federated.partial_sync(self.model.state_dict(), global_state))
+        self.stage = "stage1"
+        self._h.clear()
+
+    def _latents(self, which: str) -> torch.Tensor:
+        if which not in self._h:
+            x = {"train": self.x, "test": self.x_test, "global": self.x_global}[which]
+            self._h[which] = local.compute_latents(self.model.extractor, x)
+        return self._h[which]
+
+    def fit_expert(self) -> dict:
+        """Stage 2: F frozen, the expert learns this client's data. Nothing travels."""
+        torch.manual_seed(self.cfg.seed * 1000 + 17 * self.id + 1)
+        self.expert = make_expert(self.cfg.model, self.num_classes)
+        _, metrics = local.fit_expert(self.expert, self._latents("train"), self.y, self.cfg.stage2,
+                                      seed=self.cfg.seed * 1000 + self.id)
+        self.stage = "stage2"
+        return metrics
+
+    @torch.no_grad()
+    def expert_forward(self, latents: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """A peer's request: this client's expert on (some rows of) the peer's latents."""
+        h = latents if rows is None else latents[rows]
+        return self.expert(h.float())
+
+    def collect_answers(self) -> dict:
+        """Stage 3 prep: every expert's answer on this client's train latents, fetched once.
+
+        The latents go into the object store once; each peer reads them by reference. The
+        experts are frozen, so the cached answers stay valid for every gate round.
+        """
+        h = self._latents("train")
+        fp16 = self.cfg.routing.fp16_latents
+        ref = ray.put(h.half() if fp16 else h)
+        futures = {j: p.expert_forward.remote(ref) for j, p in enumerate(self.peers) if j != self.id}
+        answers = dict(zip(futures, ray.get(list(futures.values()))))
+        answers[self.id] = self.expert_forward(h)
+        self._answers = torch.stack([answers[j] for j in range(len(self.peers))], dim=1)
+        remote = len(futures) * len(h)
+        return {"bytes_out": remote * routing.latent_bytes_per_row(h.shape[1], fp16),
+                "bytes_in": remote * self.num_classes * 4}
+
+    def fit_gate(self, variant: str, incoming: dict | None, round_: int) -> tuple[dict, dict]:
+        """Stage 3, one round of ``variant``: merge what was synced in, train on the cached answers."""
+        if self._answers is None:
+            self.collect_answers()
+        gate = self.gates[variant]
+        if incoming:
+            gate.load_state_dict(federated.partial_sync(gate.state_dict(), incoming))
+        r = self.cfg.routing
+        state, metrics = local.fit_gate(gate, self._latents("train"), self._answers, self.y, self.cfg.stage3,
+                                        r.top_k, r.noise_std, seed=self.cfg.seed * 1000 + round_ * 100 + self.id)
+        self.stage = "stage3"
+        return state, metrics
+
+    def sync_gate(self, variant: str, shared: dict) -> None:
+        """Overwrite the synced part of a gate (FedGate: body.*, FullGate/RollGate: all)."""
+        gate = self.gates[variant]
+        gate.load_state_dict(federated.partial_sync(gate.state_dict(), shared))
+
+    # ----------------------------------------------------------------- inference
+
+    def choose(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k = top_k or self.cfg.routing.top_k
+        if variant == "rangate":
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.id)
+            return routing.random_routing(len(h), len(self.peers), k, gen)
+        with torch.no_grad():
+            return routing.noisy_topk(self.gates[variant](h), k)
+
+    def route_latents(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
+        """Routed inference on latents: dispatch through the object store, combine, count bytes."""
+        idx, w = self.choose(h, variant, top_k)
+        plan = routing.dispatch_plan(idx)
+        fp16 = self.cfg.routing.fp16_latents
+        remote = [j for j in plan if j != self.id]
+        answers: dict[int, torch.Tensor] = {}
+        if remote:
+            ref = ray.put(h.half() if fp16 else h)  # once, however many peers read it
+            futures = [self.peers[j].expert_forward.remote(ref, plan[j][0]) for j in remote]
+            answers = dict(zip(remote, ray.get(futures)))
+        if self.id in plan:
+            answers[self.id] = self.expert_forward(h[plan[self.id][0]])
+        out, back = routing.routed_bytes(plan, self.id, h.shape[1], self.num_classes, fp16)
+        return {"logits": routing.combine(w, plan, answers), "experts": idx, "weights": w,
+                "bytes_out": out, "bytes_in": back}
+
+    def route(self, x: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
+        """Routed inference on raw inputs that belong to this client (they stay here)."""
+        return self.route_latents(local.compute_latents(self.model.extractor, x), variant, top_k)
+
+    def evaluate(self, variant: str) -> dict:
+        """Personalized (own test split) and global (balanced test set) accuracy of routed inference."""
+        out = {"routed_samples": 0, "bytes_out": 0, "bytes_in": 0}
+        usage = torch.zeros(len(self.peers))
+        for name, y in (("test", self.y_test), ("global", self.y_global)):
+            h, correct = self._latents(name), 0
+            for i in range(0, len(h), self.cfg.routing.eval_batch):
+                r = self.route_latents(h[i : i + self.cfg.routing.eval_batch], variant)
+                correct += int((r["logits"].argmax(1) == y[i : i + len(r["logits"])]).sum())
+                out["bytes_out"] += r["bytes_out"]
+                out["bytes_in"] += r["bytes_in"]
+                out["routed_samples"] += len(r["logits"])
+                if name == "test":
+                    usage += torch.bincount(r["experts"].reshape(-1), minlength=len(self.peers)).float()
+            out["personalized_acc" if name == "test" else "global_acc"] = correct / max(len(y), 1)
+        out["expert_usage"] = (usage / usage.sum().clamp(min=1)).tolist()
+        return out
+
+    @torch.no_grad()
+    def evaluate_baselines(self) -> dict:
+        """local_only (own expert alone) and fedavg_global (stage-1 F + linear classifier)."""
+        res = {}
+        for name, y in (("test", self.y_test), ("global", self.y_global)):
+            h = self._latents(name)
+            key = "personalized_acc" if name == "test" else "global_acc"
+            res.setdefault("local_only", {})[key] = local.accuracy(self.expert(h), y)
+            res.setdefault("fedavg_global", {})[key] = local.accuracy(self.model.classifier(h), y)
+        return res
+
+    def ping(self) -> float:
+        return time.time()

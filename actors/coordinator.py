@@ -1,0 +1,345 @@
+"""``Coordinator``: the Ray actor that runs NMoE's three-stage schedule.
+
+1. stage 1: R1 rounds of weighted FedAvg over F (+ helpers), ``fedce`` or ``fedsc``;
+2. stage 2: every client fits its own expert (zero bytes);
+3. stage 3: every gate variant on the same stage-1/2 result, then routed evaluation,
+   plus the baselines (local_only, fedavg_global, centralized_moe).
+
+It checkpoints after every stage (and every K stage-1 rounds) so ``--resume`` skips
+what is done; a client that dies or stays silent past the timeout misses the round.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.client import STAGE_ORDER, Client
+from actors.tracking import Tracker
+from training import checkpoint as ckpt
+from training import federated, local
+from training.config import STAGES, from_dict
+from training.data import build_split, load_dataset
+from training.models import Stage1Model, make_expert, make_gate
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the clients as configured."""
+
+
+def stage1_prefixes(method: str) -> tuple[str, ...]:
+    """What stage 1 federates: F and the classifier, plus the projection head for fedsc."""
+    return ("extractor.", "classifier.", "projector.") if method == "fedsc" else ("extractor.", "classifier.")
+
+
+def client_resources(cfg) -> tuple[dict, int]:
+    """The bundle each client asks for, and torch threads to match its CPU share."""
+    total = ray.cluster_resources()
+    share = cfg.cluster.cpus_per_client or max(0.01, round(total.get("CPU", 1) / cfg.num_clients, 2))
+    bundle = {"CPU": share}
+    name = cfg.cluster.client_resource
+    if name:
+        offered = total.get(name, 0)
+        if offered == 0:
+            raise PlacementError(f"cluster.client_resource: no node offers resource {name!r}")
+        if offered < cfg.num_clients and cfg.cluster.placement == "STRICT_SPREAD":
+            raise PlacementError(f"cluster.client_resource: {cfg.num_clients} clients need {cfg.num_clients} x {name!r}, the cluster offers {offered:g}")
+        bundle[name] = min(1.0, offered / cfg.num_clients)
+    return bundle, max(1, int(share))
+
+
+class Coordinator:
+    def __init__(self, cfg: dict, out_dir: str, tracking_uri: str | None = None, run_id: str | None = None,
+                 resume: bool = False, threads: int | None = None):
+        torch.set_num_threads(threads or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        self.cfg = from_dict(cfg)
+        self.out = Path(out_dir)
+        self.tracker = Tracker(tracking_uri, run_id)
+        self.state = ckpt.load_state(self.out) if resume else {
+            "completed": [], "stage1_round": -1, "history": {"stage1": [], "stage3": {}},
+            "bytes": {"stage1": 0, "stage2": 0, "stage3": 0, "stage3_variants": {}},
+            "missing_clients": [], "timings": {}, "mlflow_run_id": run_id, "meta": {},
+        }
+        self._progress = {"stage": "setup", "round": 0, "rounds": 0, "message": "starting"}
+        self.clients: list = []
+        self.pg = None
+
+    # ------------------------------------------------------------- plumbing
+
+    def progress(self) -> dict:
+        return dict(self._progress)
+
+    def client_handles(self) -> list:
+        return self.clients
+
+    def _say(self, stage: str, message: str, round_: int = 0, rounds: int = 0) -> None:
+        self._progress = {"stage": stage, "round": round_, "rounds": rounds, "message": message}
+
+    def _save_state(self) -> None:
+        ckpt.save_json(self.out / "state.json", self.state)
+
+    def _gather(self, refs: dict[int, ray.ObjectRef], stage: str, round_: int) -> dict:
+        """Results of the clients that answered within the timeout; the others are recorded missing."""
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.cluster.round_timeout_s)
+        ready = set(ready)
+        results = {}
+        for i, ref in refs.items():
+            try:
+                if ref not in ready:
+                    raise TimeoutError
+                results[i] = ray.get(ref)
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                self.state["missing_clients"].append({"stage": stage, "round": round_, "client": i, "reason": type(exc).__name__})
+        if not results:
+            raise RuntimeError(f"{stage} round {round_}: no client answered within {self.cfg.cluster.round_timeout_s}s")
+        return results
+
+    def _start_clients(self) -> None:
+        cfg = self.cfg
+        ds = load_dataset(cfg.data)
+        split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+        self.ds, self.split = ds, split
+        bundle, threads = client_resources(cfg)
+        self.pg = placement_group([dict(bundle) for _ in range(cfg.num_clients)], strategy=cfg.cluster.placement)
+        try:
+            ray.get(self.pg.ready(), timeout=max(30.0, cfg.cluster.round_timeout_s / 4))
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise PlacementError(f"cannot place {cfg.num_clients} clients, each asking for {bundle}, with strategy "
+                                 f"{cfg.cluster.placement}; the cluster has {ray.cluster_resources()}") from None
+        actor = ray.remote(Client).options(max_restarts=cfg.cluster.max_restarts, max_concurrency=4)
+        cfg_dict = cfg.to_dict()
+        self.clients = [
+            actor.options(num_cpus=bundle["CPU"], resources={k: v for k, v in bundle.items() if k != "CPU"},
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
+                          ).remote(i, cfg_dict, split.train[i], split.test[i], split.global_test, threads)
+            for i in range(cfg.num_clients)
+        ]
+        for c in self.clients:
+            c.set_peers.remote(self.clients)
+        infos = ray.get([c.info.remote() for c in self.clients])
+        self.state["meta"] = {"dataset": ds.name, "num_classes": ds.num_classes, "channels": ds.channels,
+                              "image_size": ds.image_size, "clients": infos}
+
+    def _restore(self, required: str) -> None:
+        """Push checkpointed weights to clients that are behind (restarted, or a resumed run)."""
+        infos = ray.get([c.info.remote() for c in self.clients])
+        behind = [i["id"] for i in infos if STAGE_ORDER.index(i["stage"]) < STAGE_ORDER.index(required)]
+        if not behind:
+            return
+        pieces: dict = {}
+        if ckpt.stage_file(self.out, "stage1").exists():
+            g = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"]
+            ray.get([self.clients[i].set_global.remote(g) for i in behind])
+        if "stage2" in self.state["completed"]:
+            pieces = ckpt.load_torch(ckpt.stage_file(self.out, "stage2"))["experts"]
+            ray.get([self.clients[i].load_state.remote({"expert": pieces[i], "stage": "stage2"}) for i in behind])
+        if "stage3" in self.state["completed"]:
+            gates = ckpt.load_torch(ckpt.stage_file(self.out, "stage3"))["gates"]
+            ray.get([self.clients[i].load_state.remote({"gates": {v: g[i] for v, g in gates.items()}, "stage": "stage3"})
+                     for i in behind])
+
+    # ------------------------------------------------------------- stages
+
+    def stage1(self) -> None:
+        cfg, s1 = self.cfg, self.cfg.stage1
+        torch.manual_seed(cfg.seed)
+        model = Stage1Model(cfg.model, self.ds.channels, self.ds.image_size, self.ds.num_classes)
+        start = self.state["stage1_round"] + 1
+        if start > 0:
+            model.load_state_dict(ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"])
+        prefixes = stage1_prefixes(s1.method)
+        size = federated.state_bytes(model.state_dict(), prefixes)
+        t0 = time.perf_counter()
+        for r in range(start, s1.rounds):
+            self._say("stage1", f"{s1.method} round {r + 1}/{s1.rounds}", r + 1, s1.rounds)
+            rt = time.perf_counter()
+            glob = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+            ref = ray.put(glob)
+            results = self._gather({i: c.fit_extractor.remote(ref, r) for i, c in enumerate(self.clients)}, "stage1", r)
+            states, metrics = zip(*results.values())
+            weights = [m["samples"] for m in metrics]
+            model.load_state_dict(federated.partial_sync(model.state_dict(), federated.fedavg(states, weights)))
+            down, up = size * len(self.clients), size * len(results)
+            self.state["bytes"]["stage1"] += down + up
+            row = {"round": r, "loss": float(np.average([m["loss"] for m in metrics], weights=weights)),
+                   "accuracy": float(np.average([m["accuracy"] for m in metrics], weights=weights)),
+                   "bytes_down": down, "bytes_up": up, "seconds": time.perf_counter() - rt,
+                   "missing": len(self.clients) - len(results)}
+            self.state["history"]["stage1"].append(row)
+            self.tracker.log({f"stage1/{k}": v for k, v in row.items() if k != "round"}, step=r)
+            self.state["stage1_round"] = r
+            if (r + 1) % cfg.cluster.checkpoint_every == 0 or r + 1 == s1.rounds:
+                ckpt.save_torch(ckpt.stage_file(self.out, "stage1"), {"round": r, "state": model.state_dict()})
+                self.state["timings"]["stage1"] = self.state["timings"].get("stage1", 0.0) + time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self._save_state()
+        ray.get([c.set_global.remote({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)})
+                 for c in self.clients])
+        self.global_model = model
+
+    def stage2(self) -> None:
+        self._restore("stage1")
+        self._say("stage2", "local experts")
+        t0 = time.perf_counter()
+        metrics = ray.get([c.fit_expert.remote() for c in self.clients])
+        self.tracker.log({"stage2/loss": float(np.mean([m["loss"] for m in metrics])),
+                          "stage2/accuracy": float(np.mean([m["accuracy"] for m in metrics]))})
+        states = ray.get([c.get_state.remote() for c in self.clients])
+        ckpt.save_torch(ckpt.stage_file(self.out, "stage2"), {"experts": {i: s["expert"] for i, s in enumerate(states)}})
+        self.state["timings"]["stage2"] = time.perf_counter() - t0
+
+    def _train_gates(self, variant: str) -> int:
+        """One variant's gate rounds; returns the bytes its synchronisation cost."""
+        cfg, n = self.cfg, len(self.clients)
+        rounds, sent = cfg.stage3.rounds, 0
+        if variant == "rangate":
+            return 0
+        if variant == "rollgate":  # one gate travels the ring; each client trains it in turn
+            state = None
+            for r in range(rounds):
+                for i, c in enumerate(self.clients):
+                    self._say("stage3", f"rollgate round {r + 1}/{rounds}, client {i}", r + 1, rounds)
+                    state, _ = ray.get(c.fit_gate.remote(variant, state, r))
+                    sent += federated.state_bytes(state)
+            ray.get([c.sync_gate.remote(variant, state) for c in self.clients])
+            return sent + federated.state_bytes(state) * n
+        # localgate: no sync; fedgate: FedAvg of body.*, head.* stays local; fullgate: FedAvg of all
+        include = {"localgate": None, "fedgate": ("body.",), "fullgate": ()}[variant]
+        shared = None
+        for r in range(rounds):
+            self._say("stage3", f"{variant} round {r + 1}/{rounds}", r + 1, rounds)
+            results = self._gather({i: c.fit_gate.remote(variant, shared, r) for i, c in enumerate(self.clients)},
+                                   f"stage3/{variant}", r)
+            states, metrics = zip(*results.values())
+            self.tracker.log({f"stage3/{variant}/loss": float(np.mean([m["loss"] for m in metrics])),
+                              f"stage3/{variant}/accuracy": float(np.mean([m["accuracy"] for m in metrics]))}, step=r)
+            if include is None:
+                continue
+            shared = federated.fedavg(states, [m["samples"] for m in metrics], include=include or None)
+            size = federated.state_bytes(shared)
+            sent += size * len(results) + size * n  # up from those who answered, down to all
+        if shared is not None:
+            ray.get([c.sync_gate.remote(variant, shared) for c in self.clients])
+        return sent
+
+    def stage3(self) -> None:
+        self._restore("stage2")
+        t0 = time.perf_counter()
+        self._say("stage3", "collecting expert answers")
+        answered = ray.get([c.collect_answers.remote() for c in self.clients])
+        self.state["bytes"]["stage3_answers"] = sum(a["bytes_out"] + a["bytes_in"] for a in answered)
+        for v in self.cfg.stage3.variants:
+            self.state["bytes"]["stage3_variants"][v] = self._train_gates(v)
+        self.state["bytes"]["stage3"] = self.state["bytes"]["stage3_answers"] + sum(self.state["bytes"]["stage3_variants"].values())
+        states = ray.get([c.get_state.remote() for c in self.clients])
+        gates = {v: {i: s["gates"][v] for i, s in enumerate(states)} for v in self.cfg.stage3.variants if v != "rangate"}
+        ckpt.save_torch(ckpt.stage_file(self.out, "stage3"), {"gates": gates})
+        self.state["timings"]["stage3"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------- evaluation
+
+    def centralized_moe(self) -> dict:
+        """Upper bound, NOT private: pooled train data, the same F, N experts + one gate trained jointly."""
+        cfg, ds, split = self.cfg, self.ds, self.split
+        g = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"]
+        model = Stage1Model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
+        model.load_state_dict(g)
+        pooled = np.concatenate(split.train)
+        torch.manual_seed(cfg.seed + 7)
+        experts = [make_expert(cfg.model, ds.num_classes) for _ in range(cfg.num_clients)]
+        gate = make_gate(cfg.model, cfg.num_clients)
+        h = local.compute_latents(model.extractor, ds.x_train[pooled])
+        local.fit_centralized_moe(experts, gate, h, ds.y_train[pooled], cfg.stage2, cfg.routing.top_k,
+                                  cfg.routing.noise_std, seed=cfg.seed)
+        k = cfg.routing.top_k
+        h_test = local.compute_latents(model.extractor, ds.x_test)
+        pred = local.moe_predict(experts, gate, h_test, k).argmax(1)
+        per = [{"personalized_acc": float((pred[t] == ds.y_test[t]).float().mean())} for t in split.test]
+        g_idx = split.global_test
+        glob = float((pred[g_idx] == ds.y_test[g_idx]).float().mean())
+        for p in per:
+            p["global_acc"] = glob
+        return self._summary(per, note="not private: pooled data")
+
+    @staticmethod
+    def _summary(per_client: list[dict], **extra) -> dict:
+        return {"personalized_acc": float(np.mean([p["personalized_acc"] for p in per_client])),
+                "global_acc": float(np.mean([p["global_acc"] for p in per_client])),
+                "per_client": per_client, **extra}
+
+    def evaluate(self) -> dict:
+        self._restore("stage3")
+        methods, usage, routed = {}, {}, {}
+        for v in self.cfg.stage3.variants:
+            self._say("evaluate", f"routed inference: nmoe/{v}")
+            per = ray.get([c.evaluate.remote(v) for c in self.clients])
+            methods[f"nmoe/{v}"] = self._summary([{k: p[k] for k in ("personalized_acc", "global_acc")} for p in per])
+            usage[f"nmoe/{v}"] = [p["expert_usage"] for p in per]
+            routed[v] = sum(p["bytes_out"] + p["bytes_in"] for p in per) / max(1, sum(p["routed_samples"] for p in per))
+        self._say("evaluate", "baselines")
+        base = ray.get([c.evaluate_baselines.remote() for c in self.clients])
+        for name in ("local_only", "fedavg_global"):
+            methods[name] = self._summary([b[name] for b in base])
+        methods["centralized_moe"] = self.centralized_moe()
+        flat = {f"final/{m.replace('/', '_')}/{k}": v[k] for m, v in methods.items() for k in ("personalized_acc", "global_acc")}
+        self.tracker.log(flat)
+        return {"methods": methods, "routing": usage, "per_routed_sample": routed}
+
+    # ------------------------------------------------------------- the schedule
+
+    def run(self, stop_after: str | None = None) -> dict:
+        """Run (or continue) the schedule; returns results.json's content."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.save_config(self.out, self.cfg)
+        t_start = time.perf_counter()
+        self._say("setup", f"placing {self.cfg.num_clients} clients")
+        self._start_clients()
+        for stage, fn in (("stage1", self.stage1), ("stage2", self.stage2), ("stage3", self.stage3)):
+            if stage not in self.state["completed"]:
+                fn()
+                self.state["completed"].append(stage)
+                self._save_state()
+            if stop_after == stage:
+                self._say("done", f"stopped after {stage}")
+                return {"stopped_after": stage, **self._results({})}
+        ev = self.evaluate()
+        self.state["timings"]["evaluate"] = time.perf_counter() - t_start - sum(
+            self.state["timings"].get(s, 0.0) for s in STAGES) if not self.state["timings"].get("evaluate") else self.state["timings"]["evaluate"]
+        self.state["timings"]["total"] = sum(self.state["timings"].get(k, 0.0) for k in (*STAGES, "evaluate"))
+        results = self._results(ev)
+        ckpt.save_json(self.out / "results.json", results)
+        self._save_state()
+        self._say("done", "finished")
+        return results
+
+    def _results(self, ev: dict) -> dict:
+        b = self.state["bytes"]
+        per_sample = ev.get("per_routed_sample", {})
+        return {
+            "config": self.cfg.to_dict(),
+            "methods": ev.get("methods", {}),
+            "bytes": {"stage1": b["stage1"], "stage2": 0, "stage3": b["stage3"],
+                      "stage3_variants": b["stage3_variants"], "stage3_answers": b.get("stage3_answers", 0),
+                      "per_routed_sample": per_sample.get("fedgate", next(iter(per_sample.values()), 0)),
+                      "per_routed_sample_by_variant": per_sample,
+                      "raw_input_per_sample": int(np.prod(self.ds.x_train.shape[1:])) * 4},
+            "missing_clients": self.state["missing_clients"],
+            "timings": self.state["timings"],
+            "history": self.state["history"],
+            "routing": ev.get("routing", {}),
+            "mlflow_run_id": self.state.get("mlflow_run_id"),
+            "out_dir": str(self.out),
+        }
+
+    def shutdown(self) -> None:
+        for c in self.clients:
+            ray.kill(c)
+        if self.pg is not None:
+            remove_placement_group(self.pg)

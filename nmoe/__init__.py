@@ -1,0 +1,1 @@
+"""The ``nmoe`` command line. Only argument parsing and presentation live here."""

@@ -1,0 +1,94 @@
+"""``nmoe``: train, serve, predict and inspect a Networked Mixture-of-Experts.
+
+Every user error (bad config, missing data, bad flag value) ends as one line on stderr
+and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML experiment config (default: configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. stage1.rounds=3")
+
+
+def _load(args):
+    from training.config import load_config
+
+    return load_config(args.config or DEFAULT_CONFIG, args.overrides)
+
+
+def cmd_data_summary(args) -> int:
+    from training.data import build_split, label_counts, label_entropy, load_dataset
+
+    cfg = _load(args)
+    ds = load_dataset(cfg.data)
+    split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+    clients = []
+    for i, (tr, te) in enumerate(zip(split.train, split.test)):
+        counts = label_counts(ds.y_train.numpy()[tr], ds.num_classes)
+        clients.append({"id": i, "train_samples": int(len(tr)), "test_samples": int(len(te)),
+                        "label_counts": counts.tolist(), "label_entropy": round(label_entropy(counts), 4)})
+    total = sum(c["train_samples"] for c in clients)
+    if args.json:
+        print(json.dumps({"dataset": ds.name, "num_classes": ds.num_classes, "clients": clients,
+                          "total_train": total, "global_test": int(len(split.global_test))}))
+        return 0
+    table = Table(title=f"{ds.name}: {cfg.partition.method} partition over {cfg.num_clients} clients")
+    for col in ("client", "train", "test", "entropy", "label histogram"):
+        table.add_column(col, justify="right" if col != "label histogram" else "left")
+    for c in clients:
+        table.add_row(str(c["id"]), str(c["train_samples"]), str(c["test_samples"]), f"{c['label_entropy']:.2f}",
+                      " ".join(str(n) for n in c["label_counts"]))
+    Console().print(table)
+    Console().print(f"total train samples: {total}; global test: {len(split.global_test)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nmoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="inspect datasets and partitions")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    summary = data_sub.add_parser("summary", help="per-client partition: samples, label histogram, entropy")
+    _config_args(summary)
+    summary.add_argument("--json", action="store_true", help="print one JSON object")
+    summary.set_defaults(func=cmd_data_summary)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.config import ConfigError
+    from training.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, ConfigError, DataError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The pure-PyTorch core: import isolation, losses, routing math, aggregation, local loops."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training import federated, routing
+from training.config import DataConfig, Stage1Config, Stage2Config, load_config
+from training.losses import nt_xent, stage1_loss
+from training.models import Gate, Stage1Model, make_expert
+
+
+def test_importing_training_does_not_import_ray():
+    code = (
+        "import sys, training.config, training.data, training.models, training.losses, "
+        "training.routing, training.local, training.federated; "
+        "print('ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_nt_xent_matches_a_hand_computed_value():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = 0.5
+    # view 0: positive sim 1/t=2; negatives: view1 (0), view3 (0) -> -log(e^2/(e^2+2))
+    expected = -math.log(math.exp(2) / (math.exp(2) + 2))
+    assert nt_xent(z1, z2, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_nt_xent_is_lower_for_matching_views_than_shuffled():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(32, 16, generator=g)
+    noisy = z + 0.05 * torch.randn(32, 16, generator=g)
+    shuffled = noisy[torch.randperm(32, generator=g)]
+    assert nt_xent(z, noisy).item() < nt_xent(z, shuffled).item()
+
+
+def test_fedsc_adds_weighted_nt_xent_to_cross_entropy():
+    g = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+    z1, z2 = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    ce = stage1_loss("fedce", logits, y)
+    sc = stage1_loss("fedsc", logits, y, z1, z2, sc_lambda=0.3, temperature=0.2)
+    assert ce.item() == pytest.approx(F.cross_entropy(logits, y).item())
+    assert sc.item() == pytest.approx(ce.item() + 0.3 * nt_xent(z1, z2, 0.2).item(), rel=1e-6)
+
+
+def test_routing_with_k_equal_n_and_no_noise_is_the_dense_moe():
+    g = torch.Generator().manual_seed(2)
+    B, N, C = 7, 4, 5
+    gate_logits, answers = torch.randn(B, N, generator=g), torch.randn(B, N, C, generator=g)
+    idx, w = routing.noisy_topk(gate_logits, N)
+    assert torch.allclose(w.sum(1), torch.ones(B))
+    plan = routing.dispatch_plan(idx)
+    routed = routing.combine(w, plan, {j: answers[rows, j] for j, (rows, _) in plan.items()})
+    dense = (torch.softmax(gate_logits, 1).unsqueeze(-1) * answers).sum(1)
+    assert torch.allclose(routed, dense, atol=1e-6)
+    assert torch.allclose(routing.mixture(answers, idx, w), dense, atol=1e-6)
+
+
+def test_dispatch_plan_covers_every_row_and_choice_exactly_once():
+    g = torch.Generator().manual_seed(3)
+    idx, _ = routing.noisy_topk(torch.randn(50, 6, generator=g), 3, noise_std=1.0, generator=g)
+    pairs = sorted((int(r), j) for j, (rows, _) in routing.dispatch_plan(idx).items() for r in rows)
+    assert pairs == sorted((r, int(j)) for r in range(50) for j in idx[r])
+
+
+def test_routed_bytes_follow_the_formula_and_local_costs_nothing():
+    idx = torch.tensor([[0, 1], [1, 2], [0, 2], [0, 1]])
+    plan = routing.dispatch_plan(idx)
+    out, back = routing.routed_bytes(plan, local_expert=0, latent_dim=16, num_classes=10, fp16=True)
+    remote = 5  # rows sent to experts 1 and 2
+    assert (out, back) == (remote * 16 * 2, remote * 10 * 4)
+    out32, _ = routing.routed_bytes(plan, local_expert=0, latent_dim=16, num_classes=10, fp16=False)
+    assert out32 == remote * 16 * 4
+    only_local = routing.dispatch_plan(torch.zeros(4, 1, dtype=torch.long))
+    assert routing.routed_bytes(only_local, 0, 16, 10, True) == (0, 0)
+
+
+def test_unavailable_experts_are_replaced_by_the_next_best():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    idx, w = routing.noisy_topk(logits, 2, available=torch.tensor([True, False, True, True]))
+    assert idx.tolist() == [[0, 2]] and w.sum().item() == pytest.approx(1.0)
+
+
+def test_fedavg_is_exact_with_unequal_weights():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(5)}
+    avg = federated.fedavg([a, b], [1, 3])
+    assert torch.allclose(avg["w"], torch.tensor([3.25, 6.5]))
+    assert avg["n"].item() == 3
+
+
+def test_partial_sync_averages_body_and_leaves_head_untouched():
+    gates = [Gate(8, 4, 3) for _ in range(3)]
+    states = [g.state_dict() for g in gates]
+    body = federated.fedavg(states, [1, 1, 2], include=("body.",))
+    assert set(body) == {"body.0.weight", "body.0.bias"}
+    expected = (states[0]["body.0.weight"] + states[1]["body.0.weight"] + 2 * states[2]["body.0.weight"]) / 4
+    assert torch.allclose(body["body.0.weight"], expected, atol=1e-6)
+    merged = federated.partial_sync(states[1], body)
+    assert torch.equal(merged["head.weight"], states[1]["head.weight"])
+    assert torch.allclose(merged["body.0.weight"], expected, atol=1e-6)
+    assert federated.state_bytes(states[0], ("body.",)) == (8 * 4 + 4) * 4
+    assert federated.state_bytes(states[0]) == ((8 * 4 + 4) + (4 * 3 + 3)) * 4
+
+
+def test_local_loops_on_digits_lower_the_loss_and_beat_chance():
+    from training import local
+    from training.data import load_dataset
+
+    torch.manual_seed(0)
+    ds = load_dataset(DataConfig(name="digits"))
+    cfg = load_config(None, ["model.latent_dim=32", "model.channels=[8,16]"])
+    model = Stage1Model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
+    s1 = Stage1Config(rounds=1, local_epochs=1, batch_size=32, lr=0.05)
+    _, first = local.fit_stage1(model, ds.x_train, ds.y_train, s1, seed=0)
+    _, second = local.fit_stage1(model, ds.x_train, ds.y_train, s1, seed=1)
+    assert second["loss"] < first["loss"]
+    h = local.compute_latents(model.extractor, ds.x_test)
+    assert local.accuracy(model.classifier(h), ds.y_test) > 0.5
+    expert = make_expert(cfg.model, ds.num_classes)
+    _, m = local.fit_expert(expert, local.compute_latents(model.extractor, ds.x_train), ds.y_train, Stage2Config(epochs=3), seed=0)
+    assert m["accuracy"] > 0.5 and m["samples"] == len(ds.y_train) and m["seconds"] > 0

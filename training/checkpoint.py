@@ -1,0 +1,87 @@
+"""Run-folder layout and checkpoint I/O (pure torch, so serving and tools can read runs).
+
+    <run>/config.yaml          the experiment config
+    <run>/state.json           what is finished (written last, atomically: resume trusts it)
+    <run>/checkpoints/stage1.pt  {"round": r, "state": Stage1Model state}
+    <run>/checkpoints/stage2.pt  {"experts": {client: Expert state}}
+    <run>/checkpoints/stage3.pt  {"gates": {variant: {client: Gate state}}}
+    <run>/results.json         the final comparison
+
+Files are written to a temporary name and renamed, so a killed run never leaves a
+half-written file; checkpoints load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from training.config import ConfigError, ExperimentConfig, from_dict
+
+
+class RunFolderError(ValueError):
+    """The folder is not an NMoE run (or lacks the stage asked for)."""
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    _atomic(Path(path), lambda p: torch.save(obj, p))
+
+
+def load_torch(path: Path) -> Any:
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def save_json(path: Path, obj: Any) -> None:
+    _atomic(Path(path), lambda p: p.write_text(json.dumps(obj, indent=2, default=float)))
+
+
+def save_config(run: Path, cfg: ExperimentConfig) -> None:
+    _atomic(Path(run) / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+
+
+def load_run_config(run: Path) -> ExperimentConfig:
+    run = Path(run)
+    if not (run / "config.yaml").is_file() or not (run / "state.json").is_file():
+        raise RunFolderError(f"{run}: not an NMoE run folder (needs config.yaml and state.json)")
+    try:
+        return from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    except ConfigError as exc:
+        raise RunFolderError(f"{run}/config.yaml: {exc}") from None
+
+
+def load_state(run: Path) -> dict:
+    load_run_config(run)
+    return json.loads((Path(run) / "state.json").read_text())
+
+
+def stage_file(run: Path, stage: str) -> Path:
+    return Path(run) / "checkpoints" / f"{stage}.pt"
+
+
+def load_trained(run: Path) -> dict:
+    """Everything serving needs from a finished run: config, stage-1 state, experts, gates."""
+    run = Path(run)
+    cfg = load_run_config(run)
+    state = load_state(run)
+    missing = [s for s in ("stage1", "stage2", "stage3") if s not in state.get("completed", [])]
+    if missing:
+        raise RunFolderError(f"{run}: run has not finished {', '.join(missing)}; resume it with nmoe train --resume {run}")
+    return {
+        "config": cfg,
+        "stage1": load_torch(stage_file(run, "stage1"))["state"],
+        "experts": load_torch(stage_file(run, "stage2"))["experts"],
+        "gates": load_torch(stage_file(run, "stage3"))["gates"],
+        "meta": state.get("meta", {}),
+    }

@@ -1,0 +1,281 @@
+"""Typed experiment config: dataclasses loaded from YAML, overridable by ``key.path=value``.
+
+Every error names the offending field (``stage1.rounds: expected int, got 'x'``) so a
+user can fix a config without reading this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
+PARTITIONS = ("iid", "dirichlet", "shards")
+STAGE1_METHODS = ("fedce", "fedsc")
+GATE_VARIANTS = ("rangate", "rollgate", "fedgate", "localgate", "fullgate")
+STAGES = ("stage1", "stage2", "stage3")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: str = "data"  # explicit data dir; Debian's copy is unpacked here on first use
+    download: bool = True  # let torchvision download when files are absent
+    train_limit: Optional[int] = None  # use a seeded subset of the train set (tiny runs)
+    test_limit: Optional[int] = None  # cap the balanced global test set
+
+
+@dataclass
+class PartitionConfig:
+    method: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    min_samples: int = 10
+    test_per_client: int = 500  # local test split size, drawn with the client's label mix
+
+
+@dataclass
+class ModelConfig:
+    latent_dim: int = 128
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    expert_hidden: int = 128
+    gate_hidden: int = 64
+    proj_dim: int = 64
+
+
+@dataclass
+class Stage1Config:
+    method: str = "fedce"
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.05
+    sc_lambda: float = 0.5  # weight of NT-Xent in fedsc
+    temperature: float = 0.5
+
+
+@dataclass
+class Stage2Config:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.01
+
+
+@dataclass
+class Stage3Config:
+    variants: list[str] = field(default_factory=lambda: list(GATE_VARIANTS))
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.01
+
+
+@dataclass
+class RoutingConfig:
+    top_k: int = 2
+    noise_std: float = 1.0  # noisy top-k exploration while training gates
+    fp16_latents: bool = True  # latents travel as float16
+    eval_batch: int = 4096
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "nmoe"
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None: local Ray on 127.0.0.1; "auto" or host:port joins
+    cpus_per_client: Optional[float] = None  # None: share the cluster's CPUs evenly
+    client_resource: Optional[str] = None  # custom resource each client asks for (one per node)
+    placement: str = "SPREAD"  # placement-group strategy for the clients
+    round_timeout_s: float = 300.0  # a client silent this long misses the round
+    max_restarts: int = 2
+    checkpoint_every: int = 1  # stage-1 rounds between checkpoints
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    seed: int = 0
+    num_clients: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"stage1.rounds": 5, ...}``: the form MLflow params take."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}{k}.", v)
+            else:
+                out[prefix[:-1]] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return _build(tp, value, path + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _check(ok: bool, path: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {msg}")
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Value checks that types alone cannot express; raises ConfigError naming the field."""
+    _check(cfg.num_clients >= 1, "num_clients", "must be >= 1")
+    _check(cfg.data.name in DATASETS, "data.name", f"unknown dataset {cfg.data.name!r} (one of {', '.join(DATASETS)})")
+    for key in ("train_limit", "test_limit"):
+        v = getattr(cfg.data, key)
+        _check(v is None or v > 0, f"data.{key}", "must be positive or null")
+    p = cfg.partition
+    _check(p.method in PARTITIONS, "partition.method", f"unknown partitioner {p.method!r} (one of {', '.join(PARTITIONS)})")
+    _check(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
+    _check(p.classes_per_client >= 1, "partition.classes_per_client", "must be >= 1")
+    _check(p.min_samples >= 1, "partition.min_samples", "must be >= 1")
+    _check(p.test_per_client >= 1, "partition.test_per_client", "must be >= 1")
+    m = cfg.model
+    for key in ("latent_dim", "expert_hidden", "gate_hidden", "proj_dim"):
+        _check(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
+    _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels", "must be a non-empty list of positive ints")
+    _check(cfg.stage1.method in STAGE1_METHODS, "stage1.method", f"unknown method {cfg.stage1.method!r} (one of {', '.join(STAGE1_METHODS)})")
+    for stage in ("stage1", "stage2", "stage3"):
+        s = getattr(cfg, stage)
+        _check(s.lr > 0, f"{stage}.lr", "must be > 0")
+        _check(s.batch_size >= 1, f"{stage}.batch_size", "must be >= 1")
+    _check(cfg.stage1.rounds >= 1, "stage1.rounds", "must be >= 1")
+    _check(cfg.stage1.local_epochs >= 1, "stage1.local_epochs", "must be >= 1")
+    _check(cfg.stage1.temperature > 0, "stage1.temperature", "must be > 0")
+    _check(cfg.stage2.epochs >= 1, "stage2.epochs", "must be >= 1")
+    _check(cfg.stage3.rounds >= 1, "stage3.rounds", "must be >= 1")
+    _check(cfg.stage3.local_epochs >= 1, "stage3.local_epochs", "must be >= 1")
+    for i, v in enumerate(cfg.stage3.variants):
+        _check(v in GATE_VARIANTS, f"stage3.variants[{i}]", f"unknown gate variant {v!r} (one of {', '.join(GATE_VARIANTS)})")
+    _check(len(cfg.stage3.variants) >= 1, "stage3.variants", "must name at least one variant")
+    r = cfg.routing
+    _check(1 <= r.top_k <= cfg.num_clients, "routing.top_k", f"must be between 1 and num_clients={cfg.num_clients}, got {r.top_k}")
+    _check(r.noise_std >= 0, "routing.noise_std", "must be >= 0")
+    _check(r.eval_batch >= 1, "routing.eval_batch", "must be >= 1")
+    c = cfg.cluster
+    _check(c.cpus_per_client is None or c.cpus_per_client > 0, "cluster.cpus_per_client", "must be > 0 or null")
+    _check(c.placement in ("SPREAD", "PACK", "STRICT_SPREAD"), "cluster.placement", "one of SPREAD, PACK, STRICT_SPREAD")
+    _check(c.round_timeout_s > 0, "cluster.round_timeout_s", "must be > 0")
+    _check(c.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
+    _check(c.checkpoint_every >= 1, "cluster.checkpoint_every", "must be >= 1")
+    return cfg
+
+
+def from_dict(data: dict) -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    return validate(_build(ExperimentConfig, data))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item}: override must look like key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return from_dict(apply_overrides(data, overrides or []))

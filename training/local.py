@@ -1,0 +1,172 @@
+"""Local training loops, one per stage. Each returns ``(new_state_dict, metrics)``.
+
+metrics = ``{"loss", "accuracy", "samples", "seconds"}`` (mean train loss/accuracy of the
+last epoch). All loops are seeded through an explicit ``torch.Generator`` so the same call
+gives the same weights, in one process or inside an actor.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training import routing
+from training.config import Stage1Config, Stage2Config, Stage3Config
+from training.data import two_views
+from training.losses import stage1_loss
+from training.models import Expert, Gate, Stage1Model
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch_size):
+        yield perm[i : i + batch_size]
+
+
+def _metrics(loss_sum: float, correct: int, seen: int, t0: float) -> dict:
+    return {
+        "loss": loss_sum / max(seen, 1),
+        "accuracy": correct / max(seen, 1),
+        "samples": seen,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def fit_stage1(model: Stage1Model, x: torch.Tensor, y: torch.Tensor, cfg: Stage1Config, seed: int) -> tuple[dict, dict]:
+    """Stage 1 on one client: ``fedce`` (CE) or ``fedsc`` (CE + lambda * NT-Xent on two views)."""
+    t0, gen = time.perf_counter(), torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    model.train()
+    for _ in range(cfg.local_epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        for idx in batches(len(x), cfg.batch_size, gen):
+            xb, yb = x[idx], y[idx]
+            h = model.extractor(xb)
+            logits = model.classifier(h)
+            z1 = z2 = None
+            if cfg.method == "fedsc":
+                v1, v2 = two_views(xb, gen)
+                z1 = model.projector(model.extractor(v1))
+                z2 = model.projector(model.extractor(v2))
+            loss = stage1_loss(cfg.method, logits, yb, z1, z2, cfg.sc_lambda, cfg.temperature)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(idx)
+    return model.state_dict(), _metrics(loss_sum, correct, seen, t0)
+
+
+@torch.no_grad()
+def compute_latents(extractor: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """h = F(x) in eval mode (BatchNorm running stats), in chunks."""
+    extractor.eval()
+    if len(x) == 0:
+        return torch.empty(0, extractor.fc.out_features)
+    return torch.cat([extractor(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def fit_expert(expert: Expert, h: torch.Tensor, y: torch.Tensor, cfg: Stage2Config, seed: int) -> tuple[dict, dict]:
+    """Stage 2: the client's expert on its own latents (F is frozen, so h is computed once)."""
+    t0, gen = time.perf_counter(), torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(expert.parameters(), lr=cfg.lr)
+    expert.train()
+    for _ in range(cfg.epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        for idx in batches(len(h), cfg.batch_size, gen):
+            logits = expert(h[idx])
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+            seen += len(idx)
+    expert.eval()
+    return expert.state_dict(), _metrics(loss_sum, correct, seen, t0)
+
+
+def fit_gate(
+    gate: Gate,
+    h: torch.Tensor,
+    answers: torch.Tensor,
+    y: torch.Tensor,
+    cfg: Stage3Config,
+    top_k: int,
+    noise_std: float,
+    seed: int,
+) -> tuple[dict, dict]:
+    """Stage 3: the gate on cached expert answers ``answers`` [n, N, C] (experts are frozen).
+
+    Loss: cross-entropy of the noisy top-k mixture, so the gate learns which experts'
+    combination is right on this client's data.
+    """
+    t0, gen = time.perf_counter(), torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr)
+    gate.train()
+    for _ in range(cfg.local_epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        for idx in batches(len(h), cfg.batch_size, gen):
+            choice, weights = routing.noisy_topk(gate(h[idx]), top_k, noise_std, gen)
+            logits = routing.mixture(answers[idx], choice, weights)
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+            seen += len(idx)
+    gate.eval()
+    return gate.state_dict(), _metrics(loss_sum, correct, seen, t0)
+
+
+def fit_centralized_moe(
+    experts: list[Expert],
+    gate: Gate,
+    h: torch.Tensor,
+    y: torch.Tensor,
+    cfg: Stage2Config,
+    top_k: int,
+    noise_std: float,
+    seed: int,
+) -> dict:
+    """Upper-bound baseline (NOT private: pooled data): N experts and one gate trained jointly."""
+    t0, gen = time.perf_counter(), torch.Generator().manual_seed(seed)
+    params = [p for e in experts for p in e.parameters()] + list(gate.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    for m in [*experts, gate]:
+        m.train()
+    for _ in range(cfg.epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        for idx in batches(len(h), cfg.batch_size, gen):
+            hb = h[idx]
+            all_logits = torch.stack([e(hb) for e in experts], dim=1)
+            choice, weights = routing.noisy_topk(gate(hb), top_k, noise_std, gen)
+            logits = routing.mixture(all_logits, choice, weights)
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+            seen += len(idx)
+    for m in [*experts, gate]:
+        m.eval()
+    return _metrics(loss_sum, correct, seen, t0)
+
+
+@torch.no_grad()
+def moe_predict(experts: list[Expert], gate: Gate, h: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Dense, single-process routed prediction (the centralized MoE's inference)."""
+    all_logits = torch.stack([e(h) for e in experts], dim=1)
+    choice, weights = routing.noisy_topk(gate(h), top_k)
+    return routing.mixture(all_logits, choice, weights)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean()) if len(y) else 0.0

@@ -1,0 +1,86 @@
+"""Routing math, once for the whole project: top-k gating, dispatch plan, combine, bytes.
+
+The routed output of client i is ``y = sum_{j in topk(G_i(h))} w_j * E_j(h)`` with ``w`` the
+softmax over the k chosen gate logits. ``actors/`` and ``serve/`` route through these
+functions; nothing else re-implements them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Plan = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def noisy_topk(
+    logits: torch.Tensor,
+    k: int,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+    available: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose k experts per row: ``(indices [B, k], weights [B, k])``, weights summing to 1.
+
+    ``noise_std`` adds Gaussian noise to the logits before the choice (exploration while
+    training); the weights are a softmax over the chosen (noisy) logits so gradients flow.
+    ``available`` (bool [N]) masks experts that cannot answer: the gate's next-best stand in.
+    """
+    if noise_std > 0:
+        noise = torch.randn(logits.shape, generator=generator, dtype=logits.dtype) * noise_std
+        logits = logits + noise.to(logits.device)
+    if available is not None:
+        k = min(k, int(available.sum()))
+        if k < 1:
+            raise ValueError("no expert is available")
+        logits = logits.masked_fill(~available.to(logits.device), float("-inf"))
+    top, idx = logits.topk(k, dim=-1)
+    return idx, torch.softmax(top, dim=-1)
+
+
+def random_routing(batch: int, num_experts: int, k: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RanGate: k distinct experts per row uniformly at random, equal weights."""
+    idx = torch.rand(batch, num_experts, generator=generator).argsort(dim=1)[:, :k]
+    return idx, torch.full((batch, k), 1.0 / k)
+
+
+def dispatch_plan(idx: torch.Tensor) -> Plan:
+    """For each chosen expert j: the rows routed to it and the top-k slot that chose it."""
+    rows = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx).reshape(-1)
+    slots = torch.arange(idx.shape[1]).unsqueeze(0).expand_as(idx).reshape(-1)
+    flat = idx.reshape(-1)
+    plan: Plan = {}
+    for j in flat.unique().tolist():
+        sel = flat == j
+        plan[int(j)] = (rows[sel], slots[sel])
+    return plan
+
+
+def combine(weights: torch.Tensor, plan: Plan, answers: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Weighted sum of the experts' answers; ``answers[j]`` holds expert j's logits for ``plan[j]``'s rows."""
+    first = next(iter(answers.values()))
+    out = torch.zeros(weights.shape[0], first.shape[1], dtype=torch.float32)
+    for j, (rows, slots) in plan.items():
+        out.index_add_(0, rows, answers[j].float() * weights[rows, slots].unsqueeze(1))
+    return out
+
+
+def mixture(all_logits: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The same routed output when every expert's answer is at hand: ``all_logits`` is [B, N, C].
+
+    Differentiable in ``weights``: this is what gates train on (cached expert answers).
+    """
+    chosen = all_logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, all_logits.shape[-1]))
+    return (weights.unsqueeze(-1) * chosen).sum(1)
+
+
+def latent_bytes_per_row(latent_dim: int, fp16: bool) -> int:
+    return latent_dim * (2 if fp16 else 4)
+
+
+def routed_bytes(plan: Plan, local_expert: int, latent_dim: int, num_classes: int, fp16: bool) -> tuple[int, int]:
+    """``(bytes_out, bytes_in)`` of a routed batch: latents to each remote expert, float32 logits back.
+
+    A row sent to two remote experts costs twice; the local expert costs nothing.
+    """
+    remote_rows = sum(len(rows) for j, (rows, _) in plan.items() if j != local_expert)
+    return remote_rows * latent_bytes_per_row(latent_dim, fp16), remote_rows * num_classes * 4
