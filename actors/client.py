@@ -60,6 +60,7 @@ class Client:
             "test_samples": len(self.y_test),
             "label_counts": label_counts(self.y.numpy(), self.num_classes).tolist(),
             "stage": self.stage,
+            "peers": len(self.peers),
             "reconstructed": self.reconstructed,
         }
 

@@ -11,6 +11,7 @@ what is done; a client that dies or stays silent past the timeout misses the rou
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def stage1_prefixes(method: str) -> tuple[str, ...]:
 def client_resources(cfg) -> tuple[dict, int]:
     """The bundle each client asks for, and torch threads to match its CPU share."""
     total = ray.cluster_resources()
-    share = cfg.cluster.cpus_per_client or max(0.01, round(total.get("CPU", 1) / cfg.num_clients, 2))
+    share = cfg.cluster.cpus_per_client or max(0.01, math.floor(100 * total.get("CPU", 1) / cfg.num_clients) / 100)
     bundle = {"CPU": share}
     name = cfg.cluster.client_resource
     if name:
@@ -113,16 +114,15 @@ class Coordinator:
             remove_placement_group(self.pg)
             raise PlacementError(f"cannot place {cfg.num_clients} clients, each asking for {bundle}, with strategy "
                                  f"{cfg.cluster.placement}; the cluster has {ray.cluster_resources()}") from None
-        actor = ray.remote(Client).options(max_restarts=cfg.cluster.max_restarts, max_concurrency=4)
+        actor = ray.remote(Client)
         cfg_dict = cfg.to_dict()
         self.clients = [
-            actor.options(num_cpus=bundle["CPU"], resources={k: v for k, v in bundle.items() if k != "CPU"},
+            actor.options(max_restarts=cfg.cluster.max_restarts, max_concurrency=4, num_cpus=bundle["CPU"], resources={k: v for k, v in bundle.items() if k != "CPU"},
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
                           ).remote(i, cfg_dict, split.train[i], split.test[i], split.global_test, threads)
             for i in range(cfg.num_clients)
         ]
-        for c in self.clients:
-            c.set_peers.remote(self.clients)
+        ray.get([c.set_peers.remote(self.clients) for c in self.clients])  # threaded actors: wait, order is not kept
         infos = ray.get([c.info.remote() for c in self.clients])
         self.state["meta"] = {"dataset": ds.name, "num_classes": ds.num_classes, "channels": ds.channels,
                               "image_size": ds.image_size, "clients": infos}
@@ -130,10 +130,8 @@ class Coordinator:
     def _restore(self, required: str) -> None:
         """Push checkpointed weights to clients that are behind (restarted, or a resumed run)."""
         infos = ray.get([c.info.remote() for c in self.clients])
+        ray.get([self.clients[i["id"]].set_peers.remote(self.clients) for i in infos if i["peers"] == 0])
         behind = [i["id"] for i in infos if STAGE_ORDER.index(i["stage"]) < STAGE_ORDER.index(required)]
-        if not behind:
-            return
-        pieces: dict = {}
         if ckpt.stage_file(self.out, "stage1").exists():
             g = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"]
             ray.get([self.clients[i].set_global.remote(g) for i in behind])
@@ -298,9 +296,10 @@ class Coordinator:
         """Run (or continue) the schedule; returns results.json's content."""
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.save_config(self.out, self.cfg)
-        t_start = time.perf_counter()
+        t0 = time.perf_counter()
         self._say("setup", f"placing {self.cfg.num_clients} clients")
         self._start_clients()
+        self.state["timings"]["setup"] = self.state["timings"].get("setup", 0.0) + time.perf_counter() - t0
         for stage, fn in (("stage1", self.stage1), ("stage2", self.stage2), ("stage3", self.stage3)):
             if stage not in self.state["completed"]:
                 fn()
@@ -309,10 +308,10 @@ class Coordinator:
             if stop_after == stage:
                 self._say("done", f"stopped after {stage}")
                 return {"stopped_after": stage, **self._results({})}
+        t0 = time.perf_counter()
         ev = self.evaluate()
-        self.state["timings"]["evaluate"] = time.perf_counter() - t_start - sum(
-            self.state["timings"].get(s, 0.0) for s in STAGES) if not self.state["timings"].get("evaluate") else self.state["timings"]["evaluate"]
-        self.state["timings"]["total"] = sum(self.state["timings"].get(k, 0.0) for k in (*STAGES, "evaluate"))
+        self.state["timings"]["evaluate"] = time.perf_counter() - t0
+        self.state["timings"]["total"] = sum(self.state["timings"].get(k, 0.0) for k in ("setup", *STAGES, "evaluate"))
         results = self._results(ev)
         ckpt.save_json(self.out / "results.json", results)
         self._save_state()

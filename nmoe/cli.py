@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--json", action="store_true", help="print one JSON object")
     summary.set_defaults(func=cmd_data_summary)
 
+    from nmoe import train
+
+    train.add_parser(sub, _config_args)
     return parser
 
 
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.config import ConfigError
     from training.data import DataError
 
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback unless told otherwise
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

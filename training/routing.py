@@ -84,3 +84,21 @@ def routed_bytes(plan: Plan, local_expert: int, latent_dim: int, num_classes: in
     """
     remote_rows = sum(len(rows) for j, (rows, _) in plan.items() if j != local_expert)
     return remote_rows * latent_bytes_per_row(latent_dim, fp16), remote_rows * num_classes * 4
+
+
+def route_in_process(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts, local_expert: int,
+                     fp16: bool) -> torch.Tensor:
+    """The routed output computed in one process, with every expert at hand.
+
+    Remote experts see the latents as they would arrive (float16 when ``fp16``), so this is
+    the exact reference for the distributed path (actors, Serve) and the in-process benchmark.
+    """
+    plan = dispatch_plan(idx)
+    answers = {}
+    with torch.no_grad():
+        for j, (rows, _) in plan.items():
+            hj = h[rows]
+            if fp16 and j != local_expert:
+                hj = hj.half().float()
+            answers[j] = experts[j](hj)
+    return combine(weights, plan, answers)

@@ -1,0 +1,42 @@
+"""Connecting to Ray: a local instance on 127.0.0.1 by default, or a running cluster."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+class ClusterError(RuntimeError):
+    """Ray cannot be reached or started."""
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """``ray.init`` on loopback (token auth stays on), or join ``address`` ("auto", host:port, ray://...)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    _check_reachable(address)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"Ray at {address!r}" if address else "a local Ray instance"
+        raise ClusterError(f"cannot reach {where}: {str(exc).splitlines()[0]}") from None
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail in seconds, not minutes, when a host:port address has nobody listening."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            return
+    except ValueError:
+        raise ClusterError(f"--address {address!r}: expected auto, host:port or ray://host:port") from None
+    except OSError as exc:
+        raise ClusterError(f"cannot reach Ray at {address!r}: {exc.strerror or exc}") from None

@@ -1,0 +1,5 @@
+import sys
+
+from nmoe.cli import main
+
+sys.exit(main())

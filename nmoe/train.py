@@ -1,0 +1,143 @@
+"""``nmoe train``: run the three-stage schedule on Ray with a live progress display."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+STOP_CHOICES = ("stage1", "stage2", "stage3")
+
+
+def add_parser(sub, config_args) -> None:
+    p = sub.add_parser("train", help="train an NMoE: stage 1 (F), stage 2 (experts), stage 3 (gates), evaluation")
+    config_args(p)
+    p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto); default: local Ray on 127.0.0.1")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR without redoing finished stages")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the config's, sqlite:///mlflow.db)")
+    p.add_argument("--stop-after", choices=STOP_CHOICES, default=None, help="stop after this stage (resume later)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=run)
+
+
+def _prepare(args, load_config):
+    """The config, run folder and whether this continues an earlier run; refuses to mix runs."""
+    from training import checkpoint as ckpt
+
+    from nmoe.cli import UserError
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise UserError("--resume continues a run with its own config; drop --config/--set")
+        out = Path(args.resume)
+        try:
+            return ckpt.load_run_config(out), out, True
+        except ckpt.RunFolderError as exc:
+            raise UserError(str(exc)) from None
+    cfg = load_config(args)
+    cfg.data.root = str(Path(cfg.data.root).resolve())  # actors may run in another directory
+    out = Path(args.out or Path("runs") / cfg.name)
+    if (out / "state.json").exists():
+        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+    return cfg, out, False
+
+
+def run(args) -> int:
+    import ray
+
+    from actors import tracking
+    from actors.cluster import ClusterError, connect
+    from actors.coordinator import Coordinator, PlacementError
+    from training import checkpoint as ckpt
+
+    from nmoe.cli import UserError, _load
+
+    cfg, out, resume = _prepare(args, _load)
+    console = Console()
+    try:
+        connect(args.address or cfg.cluster.address)
+    except ClusterError as exc:
+        raise UserError(str(exc)) from None
+    run_id, uri = None, None
+    if cfg.tracking.enabled and not args.no_tracking:
+        uri = tracking.resolve_uri(args.tracking_uri or cfg.tracking.tracking_uri)
+        run_id = ckpt.load_state(out).get("mlflow_run_id") if resume else None
+        if run_id is None:
+            run_id = tracking.start_run(uri, cfg.tracking.experiment, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                        cfg.flat(), Path("mlartifacts"))
+    fresh = not resume and not out.exists()
+    coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
+        cfg.to_dict(), str(out.resolve()), uri, run_id, resume)
+    pending = coord.run.remote(args.stop_after)
+    try:
+        results = _follow(coord, pending, console)
+    except ray.exceptions.RayTaskError as exc:
+        tracking.Tracker(uri, run_id).finish("FAILED")
+        cause = exc.cause if isinstance(exc.cause, Exception) else exc
+        if fresh and not (out / "state.json").exists():
+            shutil.rmtree(out, ignore_errors=True)  # nothing a later --resume could trust
+        if isinstance(cause, (PlacementError, ckpt.RunFolderError)):
+            raise UserError(str(cause)) from None
+        raise
+    finally:
+        try:
+            ray.get(coord.shutdown.remote())
+        except ray.exceptions.RayError:
+            pass
+    tracker = tracking.Tracker(uri, run_id)
+    if "stopped_after" in results:
+        console.print(f"stopped after {results['stopped_after']}; continue with: nmoe train --resume {out}")
+        return 0
+    plots = tracking.make_plots(results, out / "plots")
+    tracker.artifacts([out / "results.json", out / "config.yaml"])
+    tracker.artifacts([out / "checkpoints"], "checkpoints")
+    tracker.artifacts(plots, "plots")
+    tracker.finish()
+    print_results(results, console)
+    console.print(f"results: {out / 'results.json'}" + (f"   mlflow run: {run_id}" if run_id else ""))
+    return 0
+
+
+def _follow(coord, pending, console: Console) -> dict:
+    """Poll the coordinator's progress while its schedule runs; one bar per stage."""
+    import ray
+
+    bars: dict[str, int] = {}
+    with Progress(SpinnerColumn(), TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        while True:
+            done, _ = ray.wait([pending], timeout=0.5)
+            try:
+                p = ray.get(coord.progress.remote(), timeout=5)
+            except ray.exceptions.RayError:
+                p = None
+            if p and p["stage"] not in ("done",):
+                if p["stage"] not in bars:
+                    for t in bars.values():
+                        progress.update(t, completed=progress.tasks[t].total or 1, total=progress.tasks[t].total or 1)
+                    bars[p["stage"]] = progress.add_task(p["message"], total=p["rounds"] or None)
+                progress.update(bars[p["stage"]], description=p["message"], completed=p["round"], total=p["rounds"] or None)
+            if done:
+                for t in bars.values():
+                    progress.update(t, completed=progress.tasks[t].total or 1, total=progress.tasks[t].total or 1)
+                return ray.get(pending)
+
+
+def print_results(results: dict, console: Console) -> None:
+    table = Table(title="NMoE: accuracy per method (personalized = own test split, global = balanced test set)")
+    for col in ("method", "personalized", "global"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for name, m in results["methods"].items():
+        table.add_row(name, f"{100 * m['personalized_acc']:.1f}", f"{100 * m['global_acc']:.1f}")
+    console.print(table)
+    b, t = results["bytes"], results["timings"]
+    console.print(f"bytes: stage1 {b['stage1']:,}  stage2 0  stage3 {b['stage3']:,}  "
+                  f"per routed sample {b['per_routed_sample']:.0f} (raw input {b['raw_input_per_sample']:,})")
+    console.print("seconds: " + "  ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    if results["missing_clients"]:
+        console.print(f"missing clients: {results['missing_clients']}")

@@ -1,0 +1,228 @@
+"""The three-stage schedule on a real Ray instance: results, bytes, MLflow, routing, privacy."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SMOKE
+from training import checkpoint as ckpt
+from training import federated, routing
+from training.config import GATE_VARIANTS, load_config
+from training.data import build_split, load_dataset
+from training.models import Stage1Model, make_expert, make_gate
+
+
+def test_smoke_run_reports_every_variant_and_baseline(smoke_run):
+    res = json.loads((smoke_run / "run" / "results.json").read_text())
+    expected = {f"nmoe/{v}" for v in GATE_VARIANTS} | {"local_only", "fedavg_global", "centralized_moe"}
+    assert set(res["methods"]) == expected
+    for name, m in res["methods"].items():
+        assert 0.0 <= m["personalized_acc"] <= 1.0 and 0.0 <= m["global_acc"] <= 1.0, name
+        assert len(m["per_client"]) == 3
+    assert res["missing_clients"] == []
+    assert set(res["timings"]) >= {"stage1", "stage2", "stage3", "total"}
+    assert res["mlflow_run_id"]
+
+
+def test_stage_bytes_follow_the_formulas(smoke_run):
+    res = json.loads((smoke_run / "run" / "results.json").read_text())
+    cfg = load_config(SMOKE)
+    model = Stage1Model(cfg.model, 1, 28, 10)
+    size = federated.state_bytes(model.state_dict(), ("extractor.", "classifier."))
+    assert res["bytes"]["stage2"] == 0
+    assert res["bytes"]["stage1"] == cfg.stage1.rounds * cfg.num_clients * size * 2
+    gate = make_gate(cfg.model, cfg.num_clients).state_dict()
+    n, r = cfg.num_clients, cfg.stage3.rounds
+    per_variant = res["bytes"]["stage3_variants"]
+    assert per_variant["localgate"] == 0 and per_variant["rangate"] == 0
+    assert per_variant["fedgate"] == r * 2 * n * federated.state_bytes(gate, ("body.",))
+    assert per_variant["fullgate"] == r * 2 * n * federated.state_bytes(gate)
+    assert per_variant["fedgate"] < per_variant["fullgate"]
+    # each sample routed to k experts; at most k-1 of them remote... bytes per sample bounded by k remote calls
+    k, d = cfg.routing.top_k, cfg.model.latent_dim
+    assert 0 < res["bytes"]["per_routed_sample"] <= k * (d * 2 + 10 * 4)
+
+
+def test_mlflow_holds_the_run_with_per_round_metrics_and_plots(smoke_run):
+    from mlflow.tracking import MlflowClient
+
+    res = json.loads((smoke_run / "run" / "results.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{smoke_run / 'mlflow.db'}")
+    run = client.get_run(res["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["num_clients"] == "3"
+    history = client.get_metric_history(run.info.run_id, "stage1/loss")
+    assert [m.step for m in history] == list(range(load_config(SMOKE).stage1.rounds))
+    assert "final/nmoe_fedgate/global_acc" in run.data.metrics
+    plots = {os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"stage1_accuracy.png", "routing_heatmap.png", "per_client_accuracy.png"} <= plots
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.json", "config.yaml", "checkpoints"} <= top
+
+
+def _load_clients(ray, run, data_root):
+    """Fresh Client actors holding the smoke run's trained weights."""
+    from actors.client import Client
+
+    cfg = ckpt.load_run_config(run)
+    ds = load_dataset(cfg.data)
+    split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+    trained = ckpt.load_trained(run)
+    actor = ray.remote(Client).options(num_cpus=0, max_concurrency=4)
+    clients = [actor.remote(i, cfg.to_dict(), split.train[i], split.test[i], split.global_test) for i in range(cfg.num_clients)]
+    ray.get([c.set_peers.remote(clients) for c in clients])
+    ray.get([c.load_state.remote({"stage1": trained["stage1"], "expert": trained["experts"][i],
+                                  "gates": {v: g[i] for v, g in trained["gates"].items()}, "stage": "stage3"})
+             for i, c in enumerate(clients)])
+    return cfg, ds, split, trained, clients
+
+
+def test_routed_inference_through_actors_equals_the_in_process_mixture(ray_session, smoke_run, data_root):
+    ray = ray_session
+    cfg, ds, split, trained, clients = _load_clients(ray, smoke_run / "run", data_root)
+    model = Stage1Model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
+    model.load_state_dict(trained["stage1"])
+    model.eval()
+    experts = []
+    for i in range(cfg.num_clients):
+        e = make_expert(cfg.model, ds.num_classes)
+        e.load_state_dict(trained["experts"][i])
+        experts.append(e.eval())
+    x = ds.x_test[split.test[1][:40]]
+    for variant in ("fedgate", "rollgate"):
+        gate = make_gate(cfg.model, cfg.num_clients)
+        gate.load_state_dict(trained["gates"][variant][1])
+        with torch.no_grad():
+            h = model.extractor(x)
+            idx, w = routing.noisy_topk(gate(h), cfg.routing.top_k)
+        expected = routing.route_in_process(h, idx, w, experts, 1, cfg.routing.fp16_latents)
+        got = ray.get(clients[1].route.remote(x, variant))
+        assert torch.equal(got["experts"], idx)
+        assert torch.allclose(got["logits"], expected, atol=1e-5)
+        remote_rows = int((idx != 1).sum())
+        assert got["bytes_out"] == remote_rows * cfg.model.latent_dim * 2
+    for c in clients:
+        ray.kill(c)
+
+
+def _contains_sample(value, samples: np.ndarray) -> bool:
+    """Whether any tensor/array inside ``value`` holds one of ``samples`` (rows) as a contiguous run."""
+    if isinstance(value, dict):
+        return any(_contains_sample(v, samples) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, (int, float)) for v in value):
+            value = np.asarray(value, dtype=np.float32)
+        else:
+            return any(_contains_sample(v, samples) for v in value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().numpy()
+    if not isinstance(value, np.ndarray) or value.size < samples.shape[1]:
+        return False
+    flat, width = value.astype(np.float32).ravel(), samples.shape[1]
+    for s in samples:
+        anchor = int(np.argmax(np.abs(s)))
+        for pos in np.flatnonzero(np.isclose(flat, s[anchor], atol=1e-6)):
+            start = pos - anchor
+            if 0 <= start <= flat.size - width and np.allclose(flat[start : start + width], s, atol=1e-6):
+                return True
+    return False
+
+
+def test_no_client_method_returns_a_raw_sample(ray_session, smoke_run, data_root):
+    ray = ray_session
+    cfg, ds, split, trained, clients = _load_clients(ray, smoke_run / "run", data_root)
+    c = clients[0]
+    raw = ds.x_train[split.train[0]].reshape(len(split.train[0]), -1).numpy()[:50]
+    assert _contains_sample({"leak": torch.from_numpy(raw[3:5])}, raw)  # the detector itself works
+    returned = [
+        ray.get(c.info.remote()),
+        ray.get(c.fit_extractor.remote({k: v for k, v in trained["stage1"].items() if k.startswith("extractor.")}, 0)),
+        ray.get(c.fit_expert.remote()),
+        ray.get(c.collect_answers.remote()),
+        ray.get(c.fit_gate.remote("fedgate", None, 0)),
+        ray.get(c.evaluate.remote("fedgate")),
+        ray.get(c.evaluate_baselines.remote()),
+        ray.get(c.get_state.remote()),
+        {k: v for k, v in ray.get(c.route.remote(ds.x_test[:8], "fedgate")).items()},
+    ]
+    for value in returned:
+        assert not _contains_sample(value, raw)
+    for c in clients:
+        ray.kill(c)
+
+
+def test_killed_client_misses_the_round_and_the_run_finishes(ray_session, data_root, tmp_path):
+    import time
+
+    ray = ray_session
+    from actors.coordinator import Coordinator
+
+    cfg = load_config(SMOKE, [f"data.root={data_root}", "stage1.rounds=4", "stage1.local_epochs=4",
+                              "stage3.variants=[fedgate]", "cluster.round_timeout_s=30"])
+    coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(cfg.to_dict(), str(tmp_path / "run"))
+    pending = coord.run.remote()
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        p = ray.get(coord.progress.remote())
+        if p["stage"] == "stage1" and p["round"] >= 2:
+            break
+        time.sleep(0.05)
+    victim = ray.get(coord.client_handles.remote())[1]
+    ray.kill(victim, no_restart=False)
+    res = ray.get(pending, timeout=300)
+    ray.get(coord.shutdown.remote())
+    missed = [m for m in res["missing_clients"] if m["stage"] == "stage1"]
+    assert missed and all(m["client"] == 1 for m in missed)
+    hist = res["history"]["stage1"]
+    assert [h["round"] for h in hist] == list(range(4))  # every round aggregated, none lost
+    assert sum(h["missing"] for h in hist) == len(missed)
+    assert set(res["methods"]) == {"nmoe/fedgate", "local_only", "fedavg_global", "centralized_moe"}
+
+
+def test_resume_after_stage1_does_not_rerun_stage1(ray_session, data_root, tmp_path):
+    from nmoe.cli import main
+
+    out = tmp_path / "run"
+    base = ["--set", f"data.root={data_root}", "--set", "stage3.variants=[localgate]", "--no-tracking"]
+    assert main(["train", "--config", str(SMOKE), *base, "--out", str(out), "--stop-after", "stage1"]) == 0
+    state = json.loads((out / "state.json").read_text())
+    assert state["completed"] == ["stage1"] and not (out / "results.json").exists()
+    first = ckpt.load_torch(ckpt.stage_file(out, "stage1"))
+    assert main(["train", "--resume", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["history"]["stage1"]) == load_config(SMOKE).stage1.rounds
+    assert res["timings"]["stage1"] == pytest.approx(state["timings"]["stage1"])
+    again = ckpt.load_torch(ckpt.stage_file(out, "stage1"))
+    assert all(torch.equal(first["state"][k], again["state"][k]) for k in first["state"])
+    assert set(res["methods"]) == {"nmoe/localgate", "local_only", "fedavg_global", "centralized_moe"}
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return subprocess.run([sys.executable, "-m", "nmoe", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def test_bad_train_inputs_fail_with_one_clear_line(tmp_path):
+    bad = _cli("train", "--config", str(SMOKE), "--set", "stage3.variants=[bestgate]", cwd=tmp_path)
+    assert bad.returncode == 2 and "stage3.variants[0]: unknown gate variant 'bestgate'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    notrun = _cli("train", "--resume", str(tmp_path), cwd=tmp_path)
+    assert notrun.returncode == 2 and "not an NMoE run folder" in notrun.stderr
+    far = _cli("train", "--config", str(SMOKE), "--address", "127.0.0.1:1", "--no-tracking", cwd=tmp_path)
+    assert far.returncode == 2 and "cannot reach Ray at '127.0.0.1:1'" in far.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unplaceable_clients_give_an_error_naming_the_resource(ray_session, data_root, tmp_path, capsys):
+    from nmoe.cli import main
+
+    rc = main(["train", "--config", str(SMOKE), "--set", f"data.root={data_root}", "--no-tracking",
+               "--out", str(tmp_path / "r"), "--set", "cluster.client_resource=edge_slot"])
+    assert rc == 2
+    assert "no node offers resource 'edge_slot'" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "state.json").exists()
