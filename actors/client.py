@@ -15,7 +15,7 @@ import numpy as np
 import ray
 import torch
 
-from training import federated, local, routing
+from training import federated, local, prototypes, routing
 from training.config import ExperimentConfig, from_dict
 from training.data import label_counts, load_dataset
 from training.models import Stage1Model, make_expert, make_gate
@@ -44,9 +44,11 @@ class Client:
         self.expert = make_expert(self.cfg.model, self.num_classes).eval()
         self.gates = {v: make_gate(self.cfg.model, n).eval() for v in self.cfg.stage3.variants if v != "rangate"}
         self.peers: list = []
+        self.available: torch.Tensor | None = None  # bool [N]: experts that can answer (None: all)
         self.stage = "init"  # the last stage whose weights this actor holds
         self._h: dict[str, torch.Tensor] = {}
         self._answers: torch.Tensor | None = None
+        self._proto: tuple | None = None  # protogate: (latents, labels, answers) incl. synthetic ones
         self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
 
     # ----------------------------------------------------------------- bookkeeping
@@ -64,9 +66,11 @@ class Client:
             "reconstructed": self.reconstructed,
         }
 
-    def set_peers(self, peers: list) -> None:
-        """Handles of every client in the network, index = expert id (self included)."""
+    def set_peers(self, peers: list, available: list[bool] | None = None) -> None:
+        """Handles of every client in the network, index = expert id (self included), and which of
+        them can still answer (a client that left the run is never routed to)."""
         self.peers = peers
+        self.available = None if available is None or all(available) else torch.tensor(available, dtype=torch.bool)
 
     def get_state(self) -> dict:
         return {"stage": self.stage, "stage1": self.model.state_dict(), "expert": self.expert.state_dict(),
@@ -123,33 +127,68 @@ class Client:
         h = latents if rows is None else latents[rows]
         return self.expert(h.float())
 
+    def _ask_every_expert(self, h: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Every expert's answer on latents ``h`` ([n, N, C]) and the bytes it cost.
+
+        The latents go into the object store once; each peer reads them by reference. An
+        expert that left the run is masked out of routing; zeros stand in for its answers.
+        """
+        fp16 = self.cfg.routing.fp16_latents
+        ref = ray.put(h.half() if fp16 else h)
+        live = self.available if self.available is not None else torch.ones(len(self.peers), dtype=torch.bool)
+        futures = {j: p.expert_forward.remote(ref) for j, p in enumerate(self.peers) if j != self.id and live[j]}
+        answers = dict(zip(futures, ray.get(list(futures.values()))))
+        answers[self.id] = self.expert_forward(h)
+        for j in range(len(self.peers)):
+            answers.setdefault(j, torch.zeros_like(answers[self.id]))
+        remote = len(futures) * len(h)
+        return torch.stack([answers[j] for j in range(len(self.peers))], dim=1), {
+            "bytes_out": remote * routing.latent_bytes_per_row(h.shape[1], fp16),
+            "bytes_in": remote * self.num_classes * 4}
+
     def collect_answers(self) -> dict:
         """Stage 3 prep: every expert's answer on this client's train latents, fetched once.
 
-        The latents go into the object store once; each peer reads them by reference. The
-        experts are frozen, so the cached answers stay valid for every gate round.
+        The experts are frozen, so the cached answers stay valid for every gate round.
         """
-        h = self._latents("train")
-        fp16 = self.cfg.routing.fp16_latents
-        ref = ray.put(h.half() if fp16 else h)
-        futures = {j: p.expert_forward.remote(ref) for j, p in enumerate(self.peers) if j != self.id}
-        answers = dict(zip(futures, ray.get(list(futures.values()))))
-        answers[self.id] = self.expert_forward(h)
-        self._answers = torch.stack([answers[j] for j in range(len(self.peers))], dim=1)
-        remote = len(futures) * len(h)
-        return {"bytes_out": remote * routing.latent_bytes_per_row(h.shape[1], fp16),
-                "bytes_in": remote * self.num_classes * 4}
+        self._answers, cost = self._ask_every_expert(self._latents("train"))
+        return cost
+
+    def class_prototypes(self) -> dict:
+        """ProtoGate: this client's per-class latent statistics (counts, mean, std); no sample."""
+        return prototypes.class_stats(self._latents("train"), self.y, self.num_classes)
+
+    def set_prototypes(self, stats: dict[int, dict]) -> dict:
+        """ProtoGate: draw synthetic latents from the peers' class prototypes and cache every
+        expert's answers on them, so the gate also learns where the rest of the network's
+        inputs should go. Returns the bytes the answers cost."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + 31 * self.id + 7)
+        peers = [j for j in stats if j != self.id]
+        n_each = int(self.cfg.stage3.proto_ratio * len(self.y) / max(1, len(peers)))
+        drawn = [prototypes.sample_latents(stats[j], n_each, gen) for j in peers]
+        h = torch.cat([self._latents("train"), *(d[0] for d in drawn)])
+        y = torch.cat([self.y, *(d[1] for d in drawn)])
+        answers, cost = self._ask_every_expert(h)
+        self._proto = (h, y, answers)
+        return cost
 
     def fit_gate(self, variant: str, incoming: dict | None, round_: int) -> tuple[dict, dict]:
-        """Stage 3, one round of ``variant``: merge what was synced in, train on the cached answers."""
+        """Stage 3, one round of ``variant``: merge what was synced in, train on the cached answers.
+
+        ProtoGate trains on its own latents plus the synthetic ones drawn from peers' prototypes.
+        """
         if self._answers is None:
             self.collect_answers()
         gate = self.gates[variant]
         if incoming:
             gate.load_state_dict(federated.partial_sync(gate.state_dict(), incoming))
+        h, y, answers = self._latents("train"), self.y, self._answers
+        if variant == "protogate" and self._proto is not None:  # None after a restart: own data only
+            h, y, answers = self._proto
         r = self.cfg.routing
-        state, metrics = local.fit_gate(gate, self._latents("train"), self._answers, self.y, self.cfg.stage3,
-                                        r.top_k, r.noise_std, seed=self.cfg.seed * 1000 + round_ * 100 + self.id)
+        state, metrics = local.fit_gate(gate, h, answers, y, self.cfg.stage3,
+                                        r.top_k, r.noise_std, seed=self.cfg.seed * 1000 + round_ * 100 + self.id,
+                                        available=self.available)
         self.stage = "stage3"
         return state, metrics
 
@@ -164,9 +203,9 @@ class Client:
         k = top_k or self.cfg.routing.top_k
         if variant == "rangate":
             gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.id)
-            return routing.random_routing(len(h), len(self.peers), k, gen)
+            return routing.random_routing(len(h), len(self.peers), k, gen, available=self.available)
         with torch.no_grad():
-            return routing.noisy_topk(self.gates[variant](h), k)
+            return routing.noisy_topk(self.gates[variant](h), k, available=self.available)
 
     def route_latents(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
         """Routed inference on latents: dispatch through the object store, combine, count bytes."""

@@ -6,7 +6,9 @@
    plus the baselines (local_only, fedavg_global, centralized_moe).
 
 It checkpoints after every stage (and every K stage-1 rounds) so ``--resume`` skips
-what is done; a client that dies or stays silent past the timeout misses the round.
+what is done; a client that dies or stays silent past the timeout misses the round. A
+client that stays unreachable (its node is gone and no other node can take it) leaves the
+run: the rest carry on, and its expert is no longer routed to.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.client import STAGE_ORDER, Client
 from actors.tracking import Tracker
 from training import checkpoint as ckpt
-from training import federated, local
+from training import federated, local, prototypes
 from training.config import STAGES, from_dict
 from training.data import build_split, load_dataset
 from training.models import Stage1Model, make_expert, make_gate
@@ -40,19 +42,32 @@ def stage1_prefixes(method: str) -> tuple[str, ...]:
 
 
 def client_resources(cfg) -> tuple[dict, int]:
-    """The bundle each client asks for, and torch threads to match its CPU share."""
-    total = ray.cluster_resources()
-    share = cfg.cluster.cpus_per_client or max(0.01, math.floor(100 * total.get("CPU", 1) / cfg.num_clients) / 100)
-    bundle = {"CPU": share}
-    name = cfg.cluster.client_resource
+    """The bundle each client asks for, and torch threads to match its CPU share.
+
+    With ``cluster.client_resource`` the clients may only use the nodes that offer it: each
+    bundle asks for a slice of it small enough that every such node holds its share of the
+    clients, and for the CPUs of such a node's slot (not a share of the head's CPUs).
+    """
+    n, name, strategy = cfg.num_clients, cfg.cluster.client_resource, cfg.cluster.placement
+    nodes = [nd["Resources"] for nd in ray.nodes() if nd["Alive"]]
+    bundle: dict = {}
     if name:
-        offered = total.get(name, 0)
-        if offered == 0:
+        nodes = [r for r in nodes if r.get(name, 0) > 0]
+        if not nodes:
             raise PlacementError(f"cluster.client_resource: no node offers resource {name!r}")
-        if offered < cfg.num_clients and cfg.cluster.placement == "STRICT_SPREAD":
-            raise PlacementError(f"cluster.client_resource: {cfg.num_clients} clients need {cfg.num_clients} x {name!r}, the cluster offers {offered:g}")
-        bundle[name] = min(1.0, offered / cfg.num_clients)
-    return bundle, max(1, int(share))
+        per_node = math.ceil(n / len(nodes))  # clients the fullest node holds
+        bundle[name] = math.floor(1e4 * min(1.0, min(r[name] for r in nodes) / per_node)) / 1e4
+    if strategy == "STRICT_SPREAD" and len(nodes) < n:
+        where = f"nodes offering {name!r}" if name else "nodes"
+        raise PlacementError(f"cluster.placement=STRICT_SPREAD: {n} clients need {n} distinct {where}, "
+                             f"the cluster has {len(nodes)}")
+    if cfg.cluster.cpus_per_client:
+        share = cfg.cluster.cpus_per_client
+    elif name:  # the CPUs of one client's slot on the smallest such node
+        share = max(0.01, math.floor(100 * min(r.get("CPU", 0) * bundle[name] / r[name] for r in nodes)) / 100)
+    else:
+        share = max(0.01, math.floor(100 * ray.cluster_resources().get("CPU", 1) / n) / 100)
+    return {"CPU": share, **bundle}, max(1, int(share))
 
 
 class Coordinator:
@@ -68,6 +83,7 @@ class Coordinator:
             "missing_clients": [], "timings": {}, "mlflow_run_id": run_id, "meta": {},
         }
         self._progress = {"stage": "setup", "round": 0, "rounds": 0, "message": "starting"}
+        self.state.setdefault("dropped", [])  # clients out of the run for good
         self.clients: list = []
         self.pg = None
 
@@ -85,11 +101,27 @@ class Coordinator:
     def _save_state(self) -> None:
         ckpt.save_json(self.out / "state.json", self.state)
 
-    def _gather(self, refs: dict[int, ray.ObjectRef], stage: str, round_: int) -> dict:
-        """Results of the clients that answered within the timeout; the others are recorded missing."""
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.cluster.round_timeout_s)
+    @property
+    def active(self) -> list[int]:
+        """The clients still in the run."""
+        return [i for i in range(len(self.clients)) if i not in self.state["dropped"]]
+
+    def _mask(self) -> list[bool]:
+        """Which experts can answer: index = expert id."""
+        return [i not in self.state["dropped"] for i in range(len(self.clients))]
+
+    def _gather(self, refs: dict[int, ray.ObjectRef], stage: str, round_: int = 0, timeout: float | None = None,
+                probe: bool = False, required: bool = True) -> dict:
+        """Results of the clients that answered (within ``timeout``); the others are recorded missing.
+
+        A client whose call failed leaves the run (its weights are gone) unless ``probe``: then it
+        gets one more timeout to answer a ping (a restarted actor does, and misses only this round).
+        """
+        if not refs:
+            return {}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
         ready = set(ready)
-        results = {}
+        results, failed = {}, []
         for i, ref in refs.items():
             try:
                 if ref not in ready:
@@ -97,9 +129,39 @@ class Coordinator:
                 results[i] = ray.get(ref)
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 self.state["missing_clients"].append({"stage": stage, "round": round_, "client": i, "reason": type(exc).__name__})
-        if not results:
-            raise RuntimeError(f"{stage} round {round_}: no client answered within {self.cfg.cluster.round_timeout_s}s")
+                if probe or not isinstance(exc, TimeoutError):
+                    failed.append(i)
+        if probe:
+            failed = self._unreachable(failed)
+        for i in failed:
+            self._drop(i, stage, round_)
+        if required and not results:
+            raise RuntimeError(f"{stage} round {round_}: no client answered" + (f" within {timeout}s" if timeout else ""))
         return results
+
+    def _unreachable(self, ids: list[int]) -> list[int]:
+        """Those of ``ids`` that do not answer a ping within the round timeout (restarts included)."""
+        deadline = time.monotonic() + self.cfg.cluster.round_timeout_s
+        waiting = list(ids)
+        while waiting and time.monotonic() < deadline:
+            for i in list(waiting):
+                try:
+                    ray.get(self.clients[i].ping.remote(), timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                    waiting.remove(i)
+                except ray.exceptions.RayError:  # restarting (or gone for good): ask again
+                    pass
+            if waiting:
+                time.sleep(0.5)
+        return waiting
+
+    def _drop(self, i: int, stage: str, round_: int) -> None:
+        """Client ``i`` leaves the run; the others stop routing to its expert."""
+        if i in self.state["dropped"]:
+            return
+        self.state["dropped"].append(i)
+        self.state["missing_clients"].append({"stage": stage, "round": round_, "client": i, "reason": "gone"})
+        refs = [self.clients[j].set_peers.remote(self.clients, self._mask()) for j in self.active]
+        ray.wait(refs, num_returns=len(refs))  # a client that fails here fails its next call too
 
     def _start_clients(self) -> None:
         cfg = self.cfg
@@ -122,26 +184,26 @@ class Coordinator:
                           ).remote(i, cfg_dict, split.train[i], split.test[i], split.global_test, threads)
             for i in range(cfg.num_clients)
         ]
-        ray.get([c.set_peers.remote(self.clients) for c in self.clients])  # threaded actors: wait, order is not kept
+        ray.get([c.set_peers.remote(self.clients, self._mask()) for c in self.clients])  # threaded actors: wait, order is not kept
         infos = ray.get([c.info.remote() for c in self.clients])
         self.state["meta"] = {"dataset": ds.name, "num_classes": ds.num_classes, "channels": ds.channels,
                               "image_size": ds.image_size, "clients": infos}
 
-    def _restore(self, required: str) -> None:
+    def _restore(self, required: str, stage: str) -> None:
         """Push checkpointed weights to clients that are behind (restarted, or a resumed run)."""
-        infos = ray.get([c.info.remote() for c in self.clients])
-        ray.get([self.clients[i["id"]].set_peers.remote(self.clients) for i in infos if i["peers"] == 0])
-        behind = [i["id"] for i in infos if STAGE_ORDER.index(i["stage"]) < STAGE_ORDER.index(required)]
+        infos = self._gather({i: self.clients[i].info.remote() for i in self.active}, stage)
+        self._gather({i: self.clients[i].set_peers.remote(self.clients, self._mask()) for i, f in infos.items() if f["peers"] == 0}, stage)
+        behind = [i for i, f in infos.items() if STAGE_ORDER.index(f["stage"]) < STAGE_ORDER.index(required)]
         if ckpt.stage_file(self.out, "stage1").exists():
-            g = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"]
-            ray.get([self.clients[i].set_global.remote(g) for i in behind])
+            g = ray.put(ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"])
+            self._gather({i: self.clients[i].set_global.remote(g) for i in behind}, stage)
         if "stage2" in self.state["completed"]:
             pieces = ckpt.load_torch(ckpt.stage_file(self.out, "stage2"))["experts"]
-            ray.get([self.clients[i].load_state.remote({"expert": pieces[i], "stage": "stage2"}) for i in behind])
+            self._gather({i: self.clients[i].load_state.remote({"expert": pieces[i], "stage": "stage2"}) for i in behind}, stage)
         if "stage3" in self.state["completed"]:
             gates = ckpt.load_torch(ckpt.stage_file(self.out, "stage3"))["gates"]
-            ray.get([self.clients[i].load_state.remote({"gates": {v: g[i] for v, g in gates.items()}, "stage": "stage3"})
-                     for i in behind])
+            self._gather({i: self.clients[i].load_state.remote({"gates": {v: g[i] for v, g in gates.items()}, "stage": "stage3"})
+                          for i in behind}, stage)
 
     # ------------------------------------------------------------- stages
 
@@ -160,11 +222,13 @@ class Coordinator:
             rt = time.perf_counter()
             glob = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
             ref = ray.put(glob)
-            results = self._gather({i: c.fit_extractor.remote(ref, r) for i, c in enumerate(self.clients)}, "stage1", r)
+            live = self.active
+            results = self._gather({i: self.clients[i].fit_extractor.remote(ref, r) for i in live}, "stage1", r,
+                                   timeout=cfg.cluster.round_timeout_s, probe=True)
             states, metrics = zip(*results.values())
             weights = [m["samples"] for m in metrics]
             model.load_state_dict(federated.partial_sync(model.state_dict(), federated.fedavg(states, weights)))
-            down, up = size * len(self.clients), size * len(results)
+            down, up = size * len(live), size * len(results)
             self.state["bytes"]["stage1"] += down + up
             row = {"round": r, "loss": float(np.average([m["loss"] for m in metrics], weights=weights)),
                    "accuracy": float(np.average([m["accuracy"] for m in metrics], weights=weights)),
@@ -178,43 +242,47 @@ class Coordinator:
                 self.state["timings"]["stage1"] = self.state["timings"].get("stage1", 0.0) + time.perf_counter() - t0
                 t0 = time.perf_counter()
                 self._save_state()
-        ray.get([c.set_global.remote({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)})
-                 for c in self.clients])
+        glob = ray.put({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)})
+        self._gather({i: self.clients[i].set_global.remote(glob) for i in self.active}, "stage1", s1.rounds - 1)
         self.global_model = model
 
     def stage2(self) -> None:
-        self._restore("stage1")
+        self._restore("stage1", "stage2")
         self._say("stage2", "local experts")
         t0 = time.perf_counter()
-        metrics = ray.get([c.fit_expert.remote() for c in self.clients])
+        metrics = list(self._gather({i: self.clients[i].fit_expert.remote() for i in self.active}, "stage2").values())
         self.tracker.log({"stage2/loss": float(np.mean([m["loss"] for m in metrics])),
                           "stage2/accuracy": float(np.mean([m["accuracy"] for m in metrics]))})
-        states = ray.get([c.get_state.remote() for c in self.clients])
-        ckpt.save_torch(ckpt.stage_file(self.out, "stage2"), {"experts": {i: s["expert"] for i, s in enumerate(states)}})
+        states = self._gather({i: self.clients[i].get_state.remote() for i in self.active}, "stage2")
+        ckpt.save_torch(ckpt.stage_file(self.out, "stage2"), {"experts": {i: s["expert"] for i, s in states.items()}})
         self.state["timings"]["stage2"] = time.perf_counter() - t0
 
     def _train_gates(self, variant: str) -> int:
         """One variant's gate rounds; returns the bytes its synchronisation cost."""
-        cfg, n = self.cfg, len(self.clients)
+        cfg = self.cfg
         rounds, sent = cfg.stage3.rounds, 0
         if variant == "rangate":
             return 0
         if variant == "rollgate":  # one gate travels the ring; each client trains it in turn
             state = None
             for r in range(rounds):
-                for i, c in enumerate(self.clients):
+                for i in self.active:
                     self._say("stage3", f"rollgate round {r + 1}/{rounds}, client {i}", r + 1, rounds)
-                    state, _ = ray.get(c.fit_gate.remote(variant, state, r))
-                    sent += federated.state_bytes(state)
-            ray.get([c.sync_gate.remote(variant, state) for c in self.clients])
-            return sent + federated.state_bytes(state) * n
+                    answer = self._gather({i: self.clients[i].fit_gate.remote(variant, state, r)}, "stage3/rollgate", r,
+                                          required=False)
+                    if answer:
+                        state = answer[i][0]
+                        sent += federated.state_bytes(state)
+            self._gather({i: self.clients[i].sync_gate.remote(variant, state) for i in self.active}, "stage3/rollgate", rounds - 1)
+            return sent + federated.state_bytes(state) * len(self.active)
         # localgate: no sync; fedgate: FedAvg of body.*, head.* stays local; fullgate: FedAvg of all
-        include = {"localgate": None, "fedgate": ("body.",), "fullgate": ()}[variant]
+        # protogate: synced like fedgate, trained on its own + prototype-drawn latents
+        include = {"localgate": None, "fedgate": ("body.",), "protogate": ("body.",), "fullgate": ()}[variant]
         shared = None
         for r in range(rounds):
             self._say("stage3", f"{variant} round {r + 1}/{rounds}", r + 1, rounds)
-            results = self._gather({i: c.fit_gate.remote(variant, shared, r) for i, c in enumerate(self.clients)},
-                                   f"stage3/{variant}", r)
+            results = self._gather({i: self.clients[i].fit_gate.remote(variant, shared, r) for i in self.active},
+                                   f"stage3/{variant}", r, timeout=cfg.cluster.round_timeout_s)
             states, metrics = zip(*results.values())
             self.tracker.log({f"stage3/{variant}/loss": float(np.mean([m["loss"] for m in metrics])),
                               f"stage3/{variant}/accuracy": float(np.mean([m["accuracy"] for m in metrics]))}, step=r)
@@ -222,22 +290,36 @@ class Coordinator:
                 continue
             shared = federated.fedavg(states, [m["samples"] for m in metrics], include=include or None)
             size = federated.state_bytes(shared)
-            sent += size * len(results) + size * n  # up from those who answered, down to all
+            sent += size * len(results) + size * len(self.active)  # up from those who answered, down to all
         if shared is not None:
-            ray.get([c.sync_gate.remote(variant, shared) for c in self.clients])
+            self._gather({i: self.clients[i].sync_gate.remote(variant, shared) for i in self.active}, f"stage3/{variant}", rounds - 1)
         return sent
 
+    def _share_prototypes(self) -> int:
+        """ProtoGate's extra step: class prototypes up, everyone's down, answers on synthetic latents.
+
+        Returns its bytes: each client's statistics up once, all statistics down to each client,
+        and the latents/logits of asking every expert about the synthetic latents.
+        """
+        self._say("stage3", "protogate: sharing class prototypes")
+        stats = self._gather({i: self.clients[i].class_prototypes.remote() for i in self.active}, "stage3/protogate")
+        size = sum(prototypes.stats_bytes(s) for s in stats.values())
+        ref = ray.put(stats)
+        costs = self._gather({i: self.clients[i].set_prototypes.remote(ref) for i in self.active}, "stage3/protogate")
+        return size + size * len(self.active) + sum(c["bytes_out"] + c["bytes_in"] for c in costs.values())
+
     def stage3(self) -> None:
-        self._restore("stage2")
+        self._restore("stage2", "stage3")
         t0 = time.perf_counter()
         self._say("stage3", "collecting expert answers")
-        answered = ray.get([c.collect_answers.remote() for c in self.clients])
-        self.state["bytes"]["stage3_answers"] = sum(a["bytes_out"] + a["bytes_in"] for a in answered)
+        answered = self._gather({i: self.clients[i].collect_answers.remote() for i in self.active}, "stage3")
+        self.state["bytes"]["stage3_answers"] = sum(a["bytes_out"] + a["bytes_in"] for a in answered.values())
         for v in self.cfg.stage3.variants:
-            self.state["bytes"]["stage3_variants"][v] = self._train_gates(v)
+            exchange = self._share_prototypes() if v == "protogate" else 0
+            self.state["bytes"]["stage3_variants"][v] = exchange + self._train_gates(v)
         self.state["bytes"]["stage3"] = self.state["bytes"]["stage3_answers"] + sum(self.state["bytes"]["stage3_variants"].values())
-        states = ray.get([c.get_state.remote() for c in self.clients])
-        gates = {v: {i: s["gates"][v] for i, s in enumerate(states)} for v in self.cfg.stage3.variants if v != "rangate"}
+        states = self._gather({i: self.clients[i].get_state.remote() for i in self.active}, "stage3")
+        gates = {v: {i: s["gates"][v] for i, s in states.items()} for v in self.cfg.stage3.variants if v != "rangate"}
         ckpt.save_torch(ckpt.stage_file(self.out, "stage3"), {"gates": gates})
         self.state["timings"]["stage3"] = time.perf_counter() - t0
 
@@ -273,16 +355,16 @@ class Coordinator:
                 "per_client": per_client, **extra}
 
     def evaluate(self) -> dict:
-        self._restore("stage3")
+        self._restore("stage3", "evaluate")
         methods, usage, routed = {}, {}, {}
         for v in self.cfg.stage3.variants:
             self._say("evaluate", f"routed inference: nmoe/{v}")
-            per = ray.get([c.evaluate.remote(v) for c in self.clients])
+            per = list(self._gather({i: self.clients[i].evaluate.remote(v) for i in self.active}, "evaluate").values())
             methods[f"nmoe/{v}"] = self._summary([{k: p[k] for k in ("personalized_acc", "global_acc")} for p in per])
             usage[f"nmoe/{v}"] = [p["expert_usage"] for p in per]
             routed[v] = sum(p["bytes_out"] + p["bytes_in"] for p in per) / max(1, sum(p["routed_samples"] for p in per))
         self._say("evaluate", "baselines")
-        base = ray.get([c.evaluate_baselines.remote() for c in self.clients])
+        base = list(self._gather({i: self.clients[i].evaluate_baselines.remote() for i in self.active}, "evaluate").values())
         for name in ("local_only", "fedavg_global"):
             methods[name] = self._summary([b[name] for b in base])
         methods["centralized_moe"] = self.centralized_moe()
@@ -330,6 +412,7 @@ class Coordinator:
                       "per_routed_sample_by_variant": per_sample,
                       "raw_input_per_sample": int(np.prod(self.ds.x_train.shape[1:])) * 4},
             "missing_clients": self.state["missing_clients"],
+            "dropped_clients": sorted(self.state["dropped"]),
             "timings": self.state["timings"],
             "history": self.state["history"],
             "routing": ev.get("routing", {}),

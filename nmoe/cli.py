@@ -73,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--json", action="store_true", help="print one JSON object")
     summary.set_defaults(func=cmd_data_summary)
 
-    from nmoe import train
+    from nmoe import serve_cmd, train
 
     train.add_parser(sub, _config_args)
+    serve_cmd.add_parsers(sub)
     return parser
 
 

@@ -94,7 +94,7 @@ def run(args) -> int:
         console.print(f"stopped after {results['stopped_after']}; continue with: nmoe train --resume {out}")
         return 0
     plots = tracking.make_plots(results, out / "plots")
-    tracker.artifacts([out / "results.json", out / "config.yaml"])
+    tracker.artifacts([out / "results.json", out / "config.yaml", out / "state.json"])
     tracker.artifacts([out / "checkpoints"], "checkpoints")
     tracker.artifacts(plots, "plots")
     tracker.finish()
@@ -104,19 +104,23 @@ def run(args) -> int:
 
 
 def _follow(coord, pending, console: Console) -> dict:
-    """Poll the coordinator's progress while its schedule runs; one bar per stage."""
+    """Poll the coordinator's progress while its schedule runs: bars on a terminal, lines in a log."""
     import ray
 
     bars: dict[str, int] = {}
+    last = None
     with Progress(SpinnerColumn(), TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
         while True:
             done, _ = ray.wait([pending], timeout=0.5)
             try:
                 p = ray.get(coord.progress.remote(), timeout=5)
             except ray.exceptions.RayError:
                 p = None
-            if p and p["stage"] not in ("done",):
+            if p and p["message"] != last and not console.is_terminal:
+                console.print(f"[{time.strftime('%H:%M:%S')}] {p['stage']}: {p['message']}", highlight=False)
+            last = p["message"] if p else last
+            if p and p["stage"] != "done":
                 if p["stage"] not in bars:
                     for t in bars.values():
                         progress.update(t, completed=progress.tasks[t].total or 1, total=progress.tasks[t].total or 1)

@@ -43,6 +43,14 @@ def test_stage_bytes_follow_the_formulas(smoke_run):
     assert per_variant["fedgate"] == r * 2 * n * federated.state_bytes(gate, ("body.",))
     assert per_variant["fullgate"] == r * 2 * n * federated.state_bytes(gate)
     assert per_variant["fedgate"] < per_variant["fullgate"]
+    # protogate: prototypes up (int64 counts, float32 mean/std), all of them down to each client,
+    # every expert's answers on own + synthetic latents, then fedgate's body sync
+    c, d = 10, cfg.model.latent_dim
+    one = c * 8 + 2 * c * d * 4
+    sizes = [m["train_samples"] for m in json.loads((smoke_run / "run" / "state.json").read_text())["meta"]["clients"]]
+    rows = [s + (n - 1) * int(cfg.stage3.proto_ratio * s / (n - 1)) for s in sizes]
+    answers = sum((n - 1) * r * (d * 2 + c * 4) for r in rows)
+    assert per_variant["protogate"] == n * one + n * n * one + answers + per_variant["fedgate"]
     # each sample routed to k experts; at most k-1 of them remote... bytes per sample bounded by k remote calls
     k, d = cfg.routing.top_k, cfg.model.latent_dim
     assert 0 < res["bytes"]["per_routed_sample"] <= k * (d * 2 + 10 * 4)

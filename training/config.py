@@ -18,7 +18,7 @@ import yaml
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
 PARTITIONS = ("iid", "dirichlet", "shards")
 STAGE1_METHODS = ("fedce", "fedsc")
-GATE_VARIANTS = ("rangate", "rollgate", "fedgate", "localgate", "fullgate")
+GATE_VARIANTS = ("rangate", "rollgate", "fedgate", "localgate", "fullgate", "protogate")
 STAGES = ("stage1", "stage2", "stage3")
 
 
@@ -78,6 +78,7 @@ class Stage3Config:
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 0.01
+    proto_ratio: float = 1.0  # protogate: synthetic latents from peers' class prototypes per own sample
 
 
 @dataclass
@@ -222,6 +223,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.stage2.epochs >= 1, "stage2.epochs", "must be >= 1")
     _check(cfg.stage3.rounds >= 1, "stage3.rounds", "must be >= 1")
     _check(cfg.stage3.local_epochs >= 1, "stage3.local_epochs", "must be >= 1")
+    _check(cfg.stage3.proto_ratio >= 0, "stage3.proto_ratio", "must be >= 0")
     for i, v in enumerate(cfg.stage3.variants):
         _check(v in GATE_VARIANTS, f"stage3.variants[{i}]", f"unknown gate variant {v!r} (one of {', '.join(GATE_VARIANTS)})")
     _check(len(cfg.stage3.variants) >= 1, "stage3.variants", "must name at least one variant")

@@ -108,9 +108,16 @@ def _unpack_debian(root: Path) -> bool:
     return True
 
 
-def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
+def normalize(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Pixels in [0, 1] (digits: pixel/16) -> the model's input scale; serving uses it too."""
     mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in STATS[name])
     return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The inverse of ``normalize``: back to pixels in [0, 1]."""
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in STATS[name])
+    return x * std + mean
 
 
 def _torchvision(name: str, root: Path, download: bool) -> tuple:
@@ -122,7 +129,7 @@ def _torchvision(name: str, root: Path, download: bool) -> tuple:
         ds = cls(str(root), train=train, download=download)
         data = torch.as_tensor(np.asarray(ds.data))
         data = data.permute(0, 3, 1, 2) if data.dim() == 4 else data.unsqueeze(1)  # CIFAR: NHWC
-        x = _normalize(data.float().div_(255.0), name).contiguous()
+        x = normalize(data.float().div_(255.0), name).contiguous()
         out += [x, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)]
     return tuple(out)
 
@@ -136,7 +143,7 @@ def _digits() -> tuple:
     y = torch.tensor(d.target, dtype=torch.int64)
     tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=d.target)
     tr, te = np.sort(tr), np.sort(te)
-    x = _normalize(x, "digits")
+    x = normalize(x, "digits")
     return x[tr], y[tr], x[te], y[te]
 
 

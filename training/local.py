@@ -100,11 +100,13 @@ def fit_gate(
     top_k: int,
     noise_std: float,
     seed: int,
+    available: torch.Tensor | None = None,
 ) -> tuple[dict, dict]:
     """Stage 3: the gate on cached expert answers ``answers`` [n, N, C] (experts are frozen).
 
     Loss: cross-entropy of the noisy top-k mixture, so the gate learns which experts'
-    combination is right on this client's data.
+    combination is right on this client's data. ``available`` (bool [N]) leaves out experts
+    that cannot answer.
     """
     t0, gen = time.perf_counter(), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr)
@@ -112,7 +114,7 @@ def fit_gate(
     for _ in range(cfg.local_epochs):
         loss_sum, correct, seen = 0.0, 0, 0
         for idx in batches(len(h), cfg.batch_size, gen):
-            choice, weights = routing.noisy_topk(gate(h[idx]), top_k, noise_std, gen)
+            choice, weights = routing.noisy_topk(gate(h[idx]), top_k, noise_std, gen, available)
             logits = routing.mixture(answers[idx], choice, weights)
             loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad()

@@ -37,10 +37,11 @@ def noisy_topk(
     return idx, torch.softmax(top, dim=-1)
 
 
-def random_routing(batch: int, num_experts: int, k: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """RanGate: k distinct experts per row uniformly at random, equal weights."""
-    idx = torch.rand(batch, num_experts, generator=generator).argsort(dim=1)[:, :k]
-    return idx, torch.full((batch, k), 1.0 / k)
+def random_routing(batch: int, num_experts: int, k: int, generator: torch.Generator | None = None,
+                   available: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RanGate: k distinct (available) experts per row uniformly at random, equal weights."""
+    idx, w = noisy_topk(torch.rand(batch, num_experts, generator=generator), k, available=available)
+    return idx, torch.full_like(w, 1.0 / w.shape[1])
 
 
 def dispatch_plan(idx: torch.Tensor) -> Plan:

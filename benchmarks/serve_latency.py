@@ -1,0 +1,154 @@
+"""Serving benchmark: HTTP latency and throughput of routed inference vs the same forward in-process.
+
+    python benchmarks/serve_latency.py --run runs/default [--requests 200] [--out benchmarks/results]
+
+For batch sizes 1 and 32 at concurrency 1, 8 and 32 (top-k = 2): p50/p99 latency and
+samples/s over real HTTP on 127.0.0.1, beside the in-process routed forward
+(``training.routing.route_in_process``), and the bytes per routed sample vs the raw input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training import checkpoint as ckpt  # noqa: E402
+from training import routing  # noqa: E402
+from training.data import denormalize, load_dataset, normalize  # noqa: E402
+from training.models import Stage1Model, make_expert, make_gate  # noqa: E402
+
+BATCHES, CONCURRENCY, TOP_K = (1, 32), (1, 8, 32), 2
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def in_process(run: Path, pixels: np.ndarray, batch: int, repeats: int) -> dict:
+    """The same routed forward (client 0, fedgate) with every module in this process."""
+    t = ckpt.load_trained(run)
+    cfg, meta = t["config"], t["meta"]
+    model = Stage1Model(cfg.model, meta["channels"], meta["image_size"], meta["num_classes"])
+    model.load_state_dict(t["stage1"])
+    experts = []
+    for i in range(cfg.num_clients):
+        e = make_expert(cfg.model, meta["num_classes"])
+        e.load_state_dict(t["experts"][i])
+        experts.append(e.eval())
+    gate = make_gate(cfg.model, cfg.num_clients)
+    gate.load_state_dict(t["gates"]["fedgate"][0])
+    ext = model.extractor.eval()
+    lat = []
+    for r in range(repeats):
+        x = torch.from_numpy(pixels[(r * batch) % (len(pixels) - batch) :][:batch])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            h = ext(normalize(x, cfg.data.name))
+            idx, w = routing.noisy_topk(gate(h), TOP_K)
+            routing.route_in_process(h, idx, w, experts, 0, cfg.routing.fp16_latents)
+        lat.append(time.perf_counter() - t0)
+    return {"p50_ms": 1e3 * _pct(lat, 0.5), "p99_ms": 1e3 * _pct(lat, 0.99), "samples_per_s": batch * len(lat) / sum(lat)}
+
+
+def over_http(url: str, pixels: np.ndarray, batch: int, concurrency: int, requests: int) -> dict:
+    import httpx
+
+    bodies = [json.dumps({"inputs": pixels[(r * batch) % (len(pixels) - batch) :][:batch].tolist(), "top_k": TOP_K})
+              for r in range(min(requests, 64))]
+    lat, sent = [], [0, 0]
+    with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as http:
+        def one(r: int) -> float:
+            t0 = time.perf_counter()
+            resp = http.post(f"/v1/clients/{r % 3}/predict", content=bodies[r % len(bodies)],
+                             headers={"Content-Type": "application/json"})
+            resp.raise_for_status()
+            body = resp.json()
+            sent[0] += body["bytes_out"] + body["bytes_in"]
+            sent[1] += len(body["predictions"])
+            return time.perf_counter() - t0
+
+        for r in range(min(8, requests)):  # warm-up: handles, batching queues, connections
+            one(r)
+        sent[:] = [0, 0]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            lat = list(pool.map(one, range(requests)))
+        wall = time.perf_counter() - t0
+    return {"p50_ms": 1e3 * statistics.median(lat), "p99_ms": 1e3 * _pct(lat, 0.99),
+            "samples_per_s": batch * requests / wall, "bytes_per_sample": sent[0] / max(1, sent[1])}
+
+
+def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> dict:
+    import ray
+
+    from actors.cluster import connect
+    from serve import launch
+
+    t = ckpt.load_trained(run)
+    cfg = t["config"]
+    ds = load_dataset(cfg.data)
+    pixels = denormalize(ds.x_test[:2048], ds.name).numpy()
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    connect()
+    url = launch.deploy(run, "fedgate", "127.0.0.1", port, max_batch=256)
+    rows = []
+    try:
+        for batch in BATCHES:
+            local = in_process(run, pixels, batch, max(50, requests // 2))
+            for conc in CONCURRENCY:
+                rows.append({"batch": batch, "concurrency": conc, **over_http(url, pixels, batch, conc, requests),
+                             "in_process_p50_ms": local["p50_ms"], "in_process_samples_per_s": local["samples_per_s"]})
+    finally:
+        launch.shutdown()
+        ray.shutdown()
+    raw = int(np.prod(ds.x_test.shape[1:])) * 4
+    return {"run": str(run), "top_k": TOP_K, "raw_bytes_per_sample": raw, "rows": rows,
+            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available()}}
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Routed inference over HTTP (top-k {res['top_k']}, client deployments on one machine, "
+             f"{res['machine']['cpus']} cores, GPU: {res['machine']['gpu']}). Raw input: {res['raw_bytes_per_sample']} B/sample.", "",
+             "| batch | concurrency | p50 ms | p99 ms | samples/s | bytes/sample on the wire | in-process p50 ms | in-process samples/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['batch']} | {r['concurrency']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['samples_per_s']:.0f} | "
+                     f"{r['bytes_per_sample']:.0f} | {r['in_process_p50_ms']:.2f} | {r['in_process_samples_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a finished run folder (nmoe train --out ...)")
+    p.add_argument("--requests", type=int, default=200, help="requests per (batch, concurrency) cell")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    res = run_benchmark(Path(args.run), args.requests)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_latency.json").write_text(json.dumps(res, indent=2))
+    (out / "serve_latency.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

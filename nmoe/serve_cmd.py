@@ -1,0 +1,122 @@
+"""``nmoe serve`` (deploy a trained run on Ray Serve) and ``nmoe predict`` (ask it over HTTP)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("serve", help="serve a trained run over HTTP (one Ray Serve deployment per client)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder written by nmoe train")
+    src.add_argument("--mlflow-run", help="MLflow run id whose artifacts hold the run")
+    s.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store for --mlflow-run")
+    s.add_argument("--variant", default="fedgate", help="which trained gate variant routes (default: fedgate)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
+    s.add_argument("--max-batch", type=int, default=256, help="largest batch one request may send")
+    s.set_defaults(func=serve_cmd)
+
+    p = sub.add_parser("predict", help="send an input to a served client and print its prediction and route")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--client", type=int, required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sample", type=int, help="index of a test-set image of the served dataset")
+    what.add_argument("--input", help="an image as .npy (pixels in [0, 1]) or .png")
+    p.add_argument("--data-root", default="data", help="where the dataset lives (for --sample)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.set_defaults(func=predict_cmd)
+
+
+def serve_cmd(args) -> int:
+    from actors.cluster import ClusterError, connect
+    from actors.tracking import resolve_uri
+    from serve import launch
+    from training.checkpoint import RunFolderError
+
+    from nmoe.cli import UserError
+
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port: {args.port} is not a TCP port")
+    try:
+        connect(args.address)
+        run = Path(args.run) if args.run else launch.run_from_mlflow(args.mlflow_run, resolve_uri(args.tracking_uri))
+        url = launch.deploy(run, args.variant, args.host, args.port, args.max_batch)
+    except (ClusterError, RunFolderError) as exc:
+        raise UserError(str(exc)) from None
+    console = Console()
+    console.print(f"serving {run} ({args.variant}) at {url}")
+    console.print(f"  health:  {url}/v1/health\n  clients: {url}/v1/clients\n  predict: POST {url}/v1/clients/<i>/predict\n  docs:    {url}/docs")
+    console.print("Ctrl-C to stop")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    console.print("shutting down Serve")
+    launch.shutdown()
+    return 0
+
+
+def _load_input(args, health: dict) -> np.ndarray:
+    from nmoe.cli import UserError
+
+    if args.sample is not None:
+        from training.config import DataConfig
+        from training.data import denormalize, load_dataset
+
+        ds = load_dataset(DataConfig(name=health["dataset"], root=args.data_root))
+        if not 0 <= args.sample < len(ds.y_test):
+            raise UserError(f"--sample: {args.sample} is outside the test set (0..{len(ds.y_test) - 1})")
+        print(f"sample {args.sample}: true label {int(ds.y_test[args.sample])}")
+        return denormalize(ds.x_test[args.sample : args.sample + 1], ds.name)[0].numpy()
+    path = Path(args.input)
+    if not path.is_file():
+        raise UserError(f"--input: {path} not found")
+    if path.suffix == ".npy":
+        return np.load(path).astype(np.float32)
+    if path.suffix.lower() == ".png":
+        from PIL import Image
+
+        img = np.asarray(Image.open(path), dtype=np.float32) / 255.0
+        return img if img.ndim == 2 else img.transpose(2, 0, 1)[:3]
+    raise UserError(f"--input: {path.suffix or path.name} is neither .npy nor .png")
+
+
+def _http(url: str, body: dict | None = None) -> dict:
+    from nmoe.cli import UserError
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        detail = json.loads(exc.read() or b"{}").get("detail", exc.reason)
+        raise UserError(f"{url}: HTTP {exc.code}: {detail}") from None
+    except urllib.error.URLError as exc:
+        raise UserError(f"{url}: cannot connect ({exc.reason})") from None
+
+
+def predict_cmd(args) -> int:
+    base = args.url.rstrip("/")
+    health = _http(f"{base}/v1/health")
+    x = _load_input(args, health)
+    body = {"inputs": x.tolist(), **({"top_k": args.top_k} if args.top_k else {})}
+    reply = _http(f"{base}/v1/clients/{args.client}/predict", body)
+    for pred, probs, route in zip(reply["predictions"], reply["probabilities"], reply["routes"]):
+        experts = ", ".join(f"expert {r['expert']} (w={r['weight']:.2f})" for r in route)
+        print(f"prediction: {pred} (p={probs[pred]:.3f})  route: {experts}")
+    print(f"bytes out {reply['bytes_out']}, back {reply['bytes_in']}" + ("  [degraded]" if reply["degraded"] else ""))
+    return 0

@@ -1,0 +1,171 @@
+"""Routed inference over real HTTP on 127.0.0.1 (Ray Serve), from the smoke run's checkpoint."""
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from training import checkpoint as ckpt
+from training import routing
+from training.data import build_split, denormalize, load_dataset, normalize
+from training.models import Stage1Model, make_expert, make_gate
+
+JSON = {"Content-Type": "application/json"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, smoke_run):
+    from serve import launch
+
+    run = smoke_run / "run"
+    url = launch.deploy(run, "fedgate", "127.0.0.1", _free_port(), max_batch=64)
+    with httpx.Client(base_url=url, timeout=60) as http:
+        yield run, http
+    launch.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(smoke_run):
+    """The same trained weights in this process, and test pixels of client 0's own mix."""
+    trained = ckpt.load_trained(smoke_run / "run")
+    cfg, meta = trained["config"], trained["meta"]
+    model = Stage1Model(cfg.model, meta["channels"], meta["image_size"], meta["num_classes"])
+    model.load_state_dict(trained["stage1"])
+    experts = []
+    for i in range(cfg.num_clients):
+        e = make_expert(cfg.model, meta["num_classes"])
+        e.load_state_dict(trained["experts"][i])
+        experts.append(e.eval())
+    ds = load_dataset(cfg.data)
+    split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+    pixels = denormalize(ds.x_test[split.test[0][:24]], ds.name).numpy()
+    return cfg, trained, model.extractor.eval(), experts, pixels
+
+
+def _offline(ref, client: int, pixels: np.ndarray, k: int):
+    cfg, trained, extractor, experts, _ = ref
+    gate = make_gate(cfg.model, cfg.num_clients)
+    gate.load_state_dict(trained["gates"]["fedgate"][client])
+    with torch.no_grad():
+        h = extractor(normalize(torch.from_numpy(pixels), cfg.data.name))
+        idx, w = routing.noisy_topk(gate(h), k)
+    logits = routing.route_in_process(h, idx, w, experts, client, cfg.routing.fp16_latents)
+    return idx, torch.softmax(logits, 1)
+
+
+def test_http_predictions_equal_offline_routed_inference(served, reference):
+    _, http = served
+    cfg, *_, pixels = reference
+    for client in range(cfg.num_clients):
+        r = http.post(f"/v1/clients/{client}/predict", json={"inputs": pixels.tolist()})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        idx, probs = _offline(reference, client, pixels, cfg.routing.top_k)
+        assert body["predictions"] == probs.argmax(1).tolist()
+        assert np.allclose(body["probabilities"], probs.numpy(), atol=1e-4)
+        assert [[e["expert"] for e in row] for row in body["routes"]] == idx.tolist()
+        assert body["degraded"] is False
+
+
+def test_routes_name_real_experts_and_bytes_follow_the_formula(served, reference):
+    _, http = served
+    cfg, *_, pixels = reference
+    body = http.post("/v1/clients/1/predict", json={"inputs": pixels.tolist(), "top_k": 3}).json()
+    assert all(len(row) == 3 and {e["expert"] for e in row} <= set(range(cfg.num_clients)) for row in body["routes"])
+    assert all(abs(sum(e["weight"] for e in row) - 1) < 1e-5 for row in body["routes"])
+    remote_rows = sum(e["expert"] != 1 for row in body["routes"] for e in row)
+    assert body["bytes_out"] == remote_rows * cfg.model.latent_dim * 2  # fp16 latents
+    assert body["bytes_in"] == remote_rows * 10 * 4
+    local_only = http.post("/v1/clients/1/predict", json={"inputs": pixels[:4].tolist(), "top_k": 1}).json()
+    for row in local_only["routes"]:
+        assert row[0]["weight"] == pytest.approx(1.0)
+    remote = sum(row[0]["expert"] != 1 for row in local_only["routes"])
+    assert local_only["bytes_out"] == remote * cfg.model.latent_dim * 2
+
+
+def test_single_image_and_metadata_endpoints(served, reference):
+    _, http = served
+    cfg, *_, pixels = reference
+    one = http.post("/v1/clients/2/predict", json={"inputs": pixels[0].tolist()})
+    assert one.status_code == 200 and len(one.json()["predictions"]) == 1
+    two_d = http.post("/v1/clients/2/predict", json={"inputs": pixels[0, 0].tolist()})
+    assert two_d.json()["predictions"] == one.json()["predictions"]
+    assert http.get("/v1/health").json()["status"] == "ok"
+    clients = http.get("/v1/clients").json()
+    assert [c["id"] for c in clients] == list(range(cfg.num_clients)) and all(c["expert"] == c["id"] for c in clients)
+    assert http.get("/v1/clients/1").json()["train_samples"] > 0
+    assert "/v1/clients/{i}/predict" in http.get("/openapi.json").json()["paths"]
+    assert http.get("/docs").status_code == 200
+
+
+def test_bad_requests_get_a_4xx_naming_the_problem_and_service_survives(served, reference):
+    _, http = served
+    *_, pixels = reference
+    good = pixels[:2].tolist()
+    nan = pixels[:1].copy()
+    nan[0, 0, 3, 3] = np.nan
+    inf = pixels[:1].copy()
+    inf[0, 0, 5, 5] = np.inf
+    cases = [
+        (http.post("/v1/clients/0/predict", content=b"{not json", headers=JSON), 422, "json"),
+        (http.post("/v1/clients/0/predict", json={"inputs": [[1, 2, 3]]}), 422, "shape"),
+        (http.post("/v1/clients/0/predict", json={"inputs": np.zeros((1, 3, 28, 28)).tolist()}), 422, "channels"),
+        (http.post("/v1/clients/0/predict", json={"inputs": np.zeros((1, 1, 20, 20)).tolist()}), 422, "size"),
+        (http.post("/v1/clients/0/predict", content=json.dumps({"inputs": nan.tolist()}), headers=JSON), 422, "nan"),
+        (http.post("/v1/clients/0/predict", content=json.dumps({"inputs": inf.tolist()}), headers=JSON), 422, "infinity"),
+        (http.post("/v1/clients/0/predict", json={"inputs": []}), 422, "empty"),
+        (http.post("/v1/clients/0/predict", json={"inputs": np.zeros((65, 1, 28, 28)).tolist()}), 413, "limit"),
+        (http.post("/v1/clients/0/predict", json={"inputs": good, "top_k": 0}), 422, "top_k"),
+        (http.post("/v1/clients/0/predict", json={"inputs": good, "top_k": 4}), 422, "top_k"),
+        (http.post("/v1/clients/7/predict", json={"inputs": good}), 404, "client 7"),
+        (http.post("/v1/clients/0/predict", json={"wrong": good}), 422, "inputs"),
+        (http.post("/v1/clients/0/predict", json={"inputs": [[["a"]]]}), 422, "numbers"),
+        (http.get("/v1/clients/9"), 404, "client 9"),
+    ]
+    for i, (r, status, word) in enumerate(cases):
+        assert r.status_code == status, (i, r.status_code, r.text)
+        if word:
+            assert word.lower() in r.text.lower(), (i, r.text)
+    assert http.post("/v1/clients/0/predict", json={"inputs": good}).status_code == 200
+
+
+def test_32_concurrent_requests_all_succeed(served, reference):
+    _, http = served
+    *_, pixels = reference
+
+    def ask(i):
+        return http.post(f"/v1/clients/{i % 3}/predict", json={"inputs": pixels[i % 8 : i % 8 + 4].tolist()}).status_code
+
+    with ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(ask, range(32)))
+    assert codes == [200] * 32
+
+
+def test_deleted_expert_is_replaced_by_the_next_best_and_marked_degraded(served, reference):
+    from ray import serve
+
+    from serve.deployments import client_app_name
+
+    _, http = served
+    *_, pixels = reference
+    before = http.post("/v1/clients/0/predict", json={"inputs": pixels.tolist()}).json()
+    used = {e["expert"] for row in before["routes"] for e in row} - {0}
+    assert used, "the gate routed nothing away from client 0"
+    gone = min(used)
+    serve.delete(client_app_name(gone))
+    after = http.post("/v1/clients/0/predict", json={"inputs": pixels.tolist()})
+    assert after.status_code == 200, after.text
+    body = after.json()
+    assert body["degraded"] is True and body["unavailable_experts"] == [gone]
+    assert all(gone not in {e["expert"] for e in row} for row in body["routes"])
+    assert len(body["predictions"]) == len(pixels)
