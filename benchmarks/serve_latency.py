@@ -65,7 +65,7 @@ def in_process(run: Path, pixels: np.ndarray, batch: int, repeats: int) -> dict:
     return {"p50_ms": 1e3 * _pct(lat, 0.5), "p99_ms": 1e3 * _pct(lat, 0.99), "samples_per_s": batch * len(lat) / sum(lat)}
 
 
-def over_http(url: str, pixels: np.ndarray, batch: int, concurrency: int, requests: int) -> dict:
+def over_http(url: str, pixels: np.ndarray, batch: int, concurrency: int, requests: int, clients: int = 3) -> dict:
     import httpx
 
     bodies = [json.dumps({"inputs": pixels[(r * batch) % (len(pixels) - batch) :][:batch].tolist(), "top_k": TOP_K})
@@ -74,7 +74,7 @@ def over_http(url: str, pixels: np.ndarray, batch: int, concurrency: int, reques
     with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as http:
         def one(r: int) -> float:
             t0 = time.perf_counter()
-            resp = http.post(f"/v1/clients/{r % 3}/predict", content=bodies[r % len(bodies)],
+            resp = http.post(f"/v1/clients/{r % clients}/predict", content=bodies[r % len(bodies)],
                              headers={"Content-Type": "application/json"})
             resp.raise_for_status()
             body = resp.json()
@@ -107,6 +107,7 @@ def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> di
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+    owned = not ray.is_initialized()  # a caller's Ray (tests, nmoe bench) stays up afterwards
     connect()
     url = launch.deploy(run, "fedgate", "127.0.0.1", port, max_batch=256)
     rows = []
@@ -114,11 +115,12 @@ def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> di
         for batch in BATCHES:
             local = in_process(run, pixels, batch, max(50, requests // 2))
             for conc in CONCURRENCY:
-                rows.append({"batch": batch, "concurrency": conc, **over_http(url, pixels, batch, conc, requests),
+                rows.append({"batch": batch, "concurrency": conc, **over_http(url, pixels, batch, conc, requests, cfg.num_clients),
                              "in_process_p50_ms": local["p50_ms"], "in_process_samples_per_s": local["samples_per_s"]})
     finally:
         launch.shutdown()
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
     raw = int(np.prod(ds.x_test.shape[1:])) * 4
     return {"run": str(run), "top_k": TOP_K, "raw_bytes_per_sample": raw, "rows": rows,
             "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available()}}

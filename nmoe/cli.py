@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--json", action="store_true", help="print one JSON object")
     summary.set_defaults(func=cmd_data_summary)
 
-    from nmoe import serve_cmd, train
+    from nmoe import bench, serve_cmd, train
 
     train.add_parser(sub, _config_args)
     serve_cmd.add_parsers(sub)
+    bench.add_parser(sub, _config_args)
     return parser
 
 

@@ -49,23 +49,27 @@ def serve_cmd(args) -> int:
         raise UserError(f"--port: {args.port} is not a TCP port")
     try:
         connect(args.address)
-        run = Path(args.run) if args.run else launch.run_from_mlflow(args.mlflow_run, resolve_uri(args.tracking_uri))
-        url = launch.deploy(run, args.variant, args.host, args.port, args.max_batch)
-    except (ClusterError, RunFolderError) as exc:
+    except ClusterError as exc:
         raise UserError(str(exc)) from None
-    console = Console()
-    console.print(f"serving {run} ({args.variant}) at {url}")
-    console.print(f"  health:  {url}/v1/health\n  clients: {url}/v1/clients\n  predict: POST {url}/v1/clients/<i>/predict\n  docs:    {url}/docs")
-    console.print("Ctrl-C to stop")
+    console = Console(soft_wrap=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        run = Path(args.run) if args.run else launch.run_from_mlflow(args.mlflow_run, resolve_uri(args.tracking_uri))
+        url = launch.deploy(run, args.variant, args.host, args.port, args.max_batch)
+        console.print(f"serving {run} ({args.variant}) at {url}")
+        console.print(f"  health:  {url}/v1/health\n  clients: {url}/v1/clients\n"
+                      f"  predict: POST {url}/v1/clients/<i>/predict\n  docs:    {url}/docs")
+        console.print("Ctrl-C to stop")
         while not stop.wait(1.0):
             pass
+    except RunFolderError as exc:
+        raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         pass
-    console.print("shutting down Serve")
-    launch.shutdown()
+    finally:
+        console.print("shutting down Serve")
+        launch.shutdown()
     return 0
 
 

@@ -58,7 +58,7 @@ def run(args) -> int:
     from nmoe.cli import UserError, _load
 
     cfg, out, resume = _prepare(args, _load)
-    console = Console()
+    console = Console(soft_wrap=True)
     try:
         connect(args.address or cfg.cluster.address)
     except ClusterError as exc:
@@ -71,8 +71,11 @@ def run(args) -> int:
             run_id = tracking.start_run(uri, cfg.tracking.experiment, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                         cfg.flat(), Path("mlartifacts"))
     fresh = not resume and not out.exists()
-    coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
-        cfg.to_dict(), str(out.resolve()), uri, run_id, resume)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2, scheduling_strategy=here).remote(
+        cfg.to_dict(), str(out.resolve()), uri, run_id, resume)  # on the driver's node: losing a worker can't take it
     pending = coord.run.remote(args.stop_after)
     try:
         results = _follow(coord, pending, console)

@@ -52,6 +52,12 @@ class ClientDeployment:
         self.num_classes = meta["num_classes"]
         self._peers: dict[int, object] = {}
 
+    def node_id(self) -> str:
+        """The Ray node this client's deployment runs on (placement checks, operators)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def _peer(self, j: int):
         if j not in self._peers:
             self._peers[j] = serve.get_app_handle(client_app_name(j))

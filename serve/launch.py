@@ -36,11 +36,16 @@ def deploy(run: Path, variant: str = "fedgate", host: str = "127.0.0.1", port: i
         raise ckpt.RunFolderError(f"variant {variant!r} was not trained in {run} (trained: {', '.join(cfg.stage3.variants)})")
     meta = trained["meta"]
     serve.start(http_options={"host": host, "port": port})
-    for i in range(cfg.num_clients):
+    # on a cluster, client deployments go where the clients live: nodes offering the client resource
+    placement = {"num_cpus": 0}
+    if cfg.cluster.client_resource:
+        placement["resources"] = {cfg.cluster.client_resource: 0.01}
+    for i in sorted(trained["experts"]):  # a client that left the run has no expert to serve
         weights = {"stage1": trained["stage1"], "expert": trained["experts"][i]}
         if variant != "rangate":
             weights["gate"] = trained["gates"][variant][i]
-        app = ClientDeployment.options(name="client").bind(i, cfg.to_dict(), meta, weights, variant, peer_timeout_s)
+        app = ClientDeployment.options(name="client", ray_actor_options=placement).bind(
+            i, cfg.to_dict(), meta, weights, variant, peer_timeout_s)
         serve.run(app, name=client_app_name(i), route_prefix=None)
     serve.run(Api.bind(meta, variant, cfg.routing.top_k, max_batch), name=INGRESS_APP, route_prefix="/")
     return f"http://{host}:{port}"

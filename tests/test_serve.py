@@ -151,6 +151,40 @@ def test_32_concurrent_requests_all_succeed(served, reference):
     assert codes == [200] * 32
 
 
+def test_nmoe_predict_prints_the_prediction_and_route(served, data_root, capsys, tmp_path):
+    from nmoe.cli import main
+
+    _, http = served
+    url = str(http.base_url).rstrip("/")
+    assert main(["predict", "--url", url, "--client", "0", "--sample", "3", "--data-root", str(data_root)]) == 0
+    out = capsys.readouterr().out
+    assert "true label" in out and "prediction:" in out and "expert" in out
+    img = tmp_path / "x.npy"
+    np.save(img, np.zeros((1, 28, 28), dtype=np.float32))
+    assert main(["predict", "--url", url, "--client", "0", "--input", str(img)]) == 0
+    assert "prediction:" in capsys.readouterr().out
+    assert main(["predict", "--url", url, "--client", "9", "--input", str(img)]) == 2
+    assert "HTTP 404" in capsys.readouterr().err
+    bad = tmp_path / "x.txt"
+    bad.write_text("1")
+    assert main(["predict", "--url", url, "--client", "0", "--input", str(bad)]) == 2
+
+
+def test_a_run_can_be_served_from_its_mlflow_artifacts(smoke_run):
+    import json as _json
+
+    from actors.tracking import resolve_uri
+    from serve.launch import run_from_mlflow
+
+    run_id = _json.loads((smoke_run / "run" / "results.json").read_text())["mlflow_run_id"]
+    folder = run_from_mlflow(run_id, resolve_uri(f"sqlite:///{smoke_run / 'mlflow.db'}"))
+    trained = ckpt.load_trained(folder)
+    original = ckpt.load_trained(smoke_run / "run")
+    assert torch.equal(trained["experts"][2]["net.0.weight"], original["experts"][2]["net.0.weight"])
+    with pytest.raises(ckpt.RunFolderError):
+        run_from_mlflow("0" * 32, resolve_uri(f"sqlite:///{smoke_run / 'mlflow.db'}"))
+
+
 def test_deleted_expert_is_replaced_by_the_next_best_and_marked_degraded(served, reference):
     from ray import serve
 

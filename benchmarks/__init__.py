@@ -1,0 +1,1 @@
+"""NMoE benchmark suites (``nmoe bench <suite>``): accuracy, overhead, comm, scaling, serve."""

@@ -1,0 +1,80 @@
+"""Accuracy: stage-1 method x gate variant (+ baselines) against the partition, over seeds.
+
+One Coordinator run per (stage-1 method, partition, seed) yields every gate variant and the
+baselines (``results["methods"]``). Each cell: personalized and global accuracy, mean +- std
+over seeds (3 seeds; 1 with --quick).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from benchmarks import common
+
+METHODS = ("fedce", "fedsc")
+PARTITIONS = {  # label -> overrides
+    "iid": ("partition.method=iid",),
+    "dirichlet0.5": ("partition.method=dirichlet", "partition.alpha=0.5"),
+    "dirichlet0.1": ("partition.method=dirichlet", "partition.alpha=0.1"),
+}
+SHOWN = {"iid": "IID", "dirichlet0.5": "Dirichlet α=0.5", "dirichlet0.1": "Dirichlet α=0.1"}
+BASELINES = ("local_only", "fedavg_global", "centralized_moe")
+
+
+def plan(ctx: common.Context) -> tuple[list[str], list[int]]:
+    parts = ["iid", "dirichlet0.5"] if ctx.quick else list(PARTITIONS)
+    seed = ctx.cfg().seed
+    return parts, [seed] if ctx.quick else [seed, seed + 1, seed + 2]
+
+
+def run(ctx: common.Context) -> tuple[dict, str, dict]:
+    parts, seeds = plan(ctx)
+    scores: dict = defaultdict(list)  # (stage1 method, method, partition) -> [(personalized, global)]
+    names: dict[str, list[str]] = {}
+    total, k = len(METHODS) * len(parts) * len(seeds), 0
+    for method in METHODS:
+        for part in parts:
+            for seed in seeds:
+                k += 1
+                common.say(f"accuracy: run {k}/{total}: stage1={method} partition={part} seed={seed}")
+                cfg = ctx.cfg(*PARTITIONS[part], f"stage1.method={method}", f"seed={seed}")
+                res = common.train_run(ctx, cfg, f"acc-{method}-{part}-s{seed}")["results"]
+                variants = [m for m in res["methods"] if m.startswith("nmoe/")]
+                names[method] = variants + [b for b in BASELINES if b in res["methods"]]
+                for name, m in res["methods"].items():
+                    scores[(method, name, part)].append((m["personalized_acc"], m["global_acc"]))
+    rows, metrics = [], {}
+    for method in METHODS:
+        for name in names[method]:
+            cells = {}
+            for part in parts:
+                got = scores[(method, name, part)]
+                pm, ps = common.mean_std([p for p, _ in got])
+                gm, gs = common.mean_std([g for _, g in got])
+                cells[part] = {"personalized_mean": pm, "personalized_std": ps, "global_mean": gm, "global_std": gs,
+                               "seeds": len(got)}
+                for key, v in cells[part].items():
+                    if key != "seeds":
+                        metrics[f"{method}/{name}/{part}/{key}"] = v
+            rows.append({"stage1": method, "method": name, "cells": cells})
+    result = {"partitions": parts, "seeds": seeds, "stage1_methods": list(METHODS), "rows": rows,
+              "config": ctx.cfg().to_dict()}
+    return result, markdown(result), metrics
+
+
+def cell(c: dict, which: str) -> str:
+    return f"{common.pct(c[f'{which}_mean'])} ± {common.pct(c[f'{which}_std'])}"
+
+
+def markdown(res: dict) -> str:
+    cfg = res["config"]
+    out = [f"{cfg['num_clients']} clients on {cfg['data']['name']}, stage-1 rounds {cfg['stage1']['rounds']}, "
+           f"stage-3 rounds {cfg['stage3']['rounds']}, top-k {cfg['routing']['top_k']}; accuracy in %, mean ± std "
+           f"over seeds {res['seeds']}. Personalized: each client's own test split (its label mix); global: the "
+           "balanced test set. `nmoe/<gate>` is routed inference with that gate; `centralized_moe` pools the data "
+           "(not private, the upper bound).\n"]
+    for which in ("personalized", "global"):
+        out.append(f"## {which.capitalize()} accuracy\n")
+        rows = [[r["stage1"], r["method"], *(cell(r["cells"][p], which) for p in res["partitions"])] for r in res["rows"]]
+        out.append(common.table(["stage 1", "method", *(SHOWN[p] for p in res["partitions"])], rows))
+    return "\n".join(out)

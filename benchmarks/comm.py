@@ -1,0 +1,86 @@
+"""Communication: bytes per round of each stage and gate variant, partial vs full gate sync,
+bytes per routed sample vs the raw input, and what float16 latents cost in accuracy.
+
+Two runs that differ only in ``routing.fp16_latents``; the byte counts are the Coordinator's
+own (``results["bytes"]``, ``results["history"]["stage1"]``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks import common
+from training import federated
+from training.models import make_gate
+
+
+WHAT = {"rangate": "nothing (untrained)", "localgate": "nothing (no sync)", "rollgate": "one gate around the ring",
+        "fedgate": "gate body, up and down", "fullgate": "whole gate, up and down",
+        "protogate": "gate body + class prototypes and answers"}
+
+
+def run(ctx: common.Context) -> tuple[dict, str, dict]:
+    runs = {}
+    for i, (label, fp16) in enumerate((("fp16", "true"), ("fp32", "false"))):
+        common.say(f"comm: run {i + 1}/2: routing.fp16_latents={fp16}")
+        cfg = ctx.cfg(f"routing.fp16_latents={fp16}")
+        runs[label] = common.train_run(ctx, cfg, f"comm-{label}")["results"]
+    res, c = runs["fp16"], ctx.cfg()
+    b, hist, r3 = res["bytes"], res["history"]["stage1"], c.stage3.rounds
+    gate = make_gate(c.model, c.num_clients).state_dict()
+    stage1 = {"bytes_down_per_round": float(np.mean([h["bytes_down"] for h in hist])),
+              "bytes_up_per_round": float(np.mean([h["bytes_up"] for h in hist])), "rounds": len(hist), "total": b["stage1"]}
+    variants = {v: {"total": n, "per_round": n / r3} for v, n in b["stage3_variants"].items()}
+    sync = {"gate_bytes": federated.state_bytes(gate), "body_bytes": federated.state_bytes(gate, ("body.",)),
+            "fedgate_total": b["stage3_variants"].get("fedgate"), "fullgate_total": b["stage3_variants"].get("fullgate")}
+    if sync["fedgate_total"] and sync["fullgate_total"]:
+        sync["fedgate_over_fullgate"] = sync["fedgate_total"] / sync["fullgate_total"]
+    raw = b["raw_input_per_sample"]
+    routed = {lab: {v: {"bytes": n, "vs_raw": n / raw} for v, n in r["bytes"]["per_routed_sample_by_variant"].items()}
+              for lab, r in runs.items()}
+    acc = {name: {lab: {"personalized": r["methods"][name]["personalized_acc"], "global": r["methods"][name]["global_acc"]}
+                  for lab, r in runs.items()} for name in res["methods"] if name.startswith("nmoe/")}
+    result = {"stage1": stage1, "stage2_total": b["stage2"], "stage3_answers": b["stage3_answers"],
+              "stage3_rounds": r3, "stage3_variants": variants, "sync": sync, "raw_input_per_sample": raw,
+              "per_routed_sample": {lab: r["bytes"]["per_routed_sample"] for lab, r in runs.items()},
+              "routed": routed, "accuracy": acc, "clients": c.num_clients, "top_k": c.routing.top_k,
+              "latent_dim": c.model.latent_dim}
+    metrics = {"stage1/bytes_down_per_round": stage1["bytes_down_per_round"],
+               "stage1/bytes_up_per_round": stage1["bytes_up_per_round"], "stage3/answers": b["stage3_answers"],
+               **{f"stage3/{v}/per_round": x["per_round"] for v, x in variants.items()},
+               **{f"routed/{lab}/{v}": x["bytes"] for lab, d in routed.items() for v, x in d.items()},
+               **{f"accuracy/{lab}/{n}/{k}": x for n, d in acc.items() for lab, a in d.items() for k, x in a.items()},
+               "raw_input_per_sample": raw}
+    return result, markdown(result), metrics
+
+
+def markdown(r: dict) -> str:
+    s1, sync, n = r["stage1"], r["sync"], f"{{:,.0f}}".format
+    rows = [["stage 1 (F + helpers), down", "global weights to every client", n(s1["bytes_down_per_round"]), s1["rounds"],
+             n(s1["bytes_down_per_round"] * s1["rounds"])],
+            ["stage 1, up", "each client's weights", n(s1["bytes_up_per_round"]), s1["rounds"],
+             n(s1["bytes_up_per_round"] * s1["rounds"])],
+            ["stage 2 (experts)", "nothing", "0", "—", n(r["stage2_total"])],
+            ["stage 3, expert answers", "latents out, logits back, once", "—", 1, n(r["stage3_answers"])]]
+    rows += [[f"stage 3, {v}", WHAT.get(v, "gate sync"), n(x["per_round"]), r["stage3_rounds"], n(x["total"])]
+             for v, x in r["stage3_variants"].items()]
+    out = [f"{r['clients']} clients, latent d = {r['latent_dim']}, top-k {r['top_k']}. Bytes as the Coordinator counts "
+           "them (fp16 latents run).\n", "## Bytes per round\n",
+           common.table(["stage", "what travels", "bytes / round", "rounds", "total bytes"], rows)]
+    ratio = f"{sync['fedgate_over_fullgate']:.2f}" if "fedgate_over_fullgate" in sync else "—"
+    out += ["\n## FedGate's partial sync vs FullGate's full sync\n",
+            common.table(["", "fedgate (body only)", "fullgate (whole gate)", "fedgate / fullgate"],
+                         [["state synced per client", n(sync["body_bytes"]), n(sync["gate_bytes"]),
+                           f"{sync['body_bytes'] / sync['gate_bytes']:.2f}"],
+                          ["stage-3 total", n(sync["fedgate_total"] or 0), n(sync["fullgate_total"] or 0), ratio]])]
+    rows = [[v, f"{x['bytes']:.1f}", f"{r['routed']['fp32'].get(v, {}).get('bytes', float('nan')):.1f}",
+             f"{x['vs_raw']:.3f}"] for v, x in r["routed"]["fp16"].items()]
+    out += [f"\n## Bytes per routed sample (raw input: {n(r['raw_input_per_sample'])} B as float32)\n",
+            common.table(["gate", "fp16 latents", "fp32 latents", "fp16 / raw input"], rows)]
+    rows = [[name, common.pct(a["fp16"]["personalized"]), common.pct(a["fp32"]["personalized"]),
+             f"{100 * (a['fp16']['personalized'] - a['fp32']['personalized']):+.1f}", common.pct(a["fp16"]["global"]),
+             common.pct(a["fp32"]["global"]), f"{100 * (a['fp16']['global'] - a['fp32']['global']):+.1f}"]
+            for name, a in r["accuracy"].items()]
+    out += ["\n## Accuracy with fp16 vs fp32 latents (%)\n",
+            common.table(["method", "personalized fp16", "personalized fp32", "Δ", "global fp16", "global fp32", "Δ"], rows)]
+    return "\n".join(out)

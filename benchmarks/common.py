@@ -1,0 +1,182 @@
+"""Shared plumbing of the benchmark suites: configs, training runs on Ray, the machine, output.
+
+Every suite module has ``run(ctx) -> (result, markdown, metrics)``; ``finish`` writes
+``<out>/<suite>.md`` and ``<suite>.json`` and logs the metrics to an MLflow run in the
+experiment ``nmoe-bench``. Training runs go under ``<out>/runs/<name>-<config hash>``; a
+finished run with the same config is reused (``--fresh`` retrains) except where a suite
+measures time or memory, which always trains anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+QUICK_CONFIG = ROOT / "configs" / "smoke.yaml"
+EXPERIMENT = "nmoe-bench"
+
+
+def say(msg: str) -> None:
+    """Progress for a human: stderr, so ``--json`` keeps stdout clean."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Context:
+    suite: str
+    quick: bool = False
+    out: Path = ROOT / "benchmarks" / "results"
+    config: str | None = None  # None: configs/smoke.yaml with --quick, else configs/default.yaml
+    overrides: list[str] = field(default_factory=list)
+    tracking_uri: str | None = None  # resolved; None: no MLflow
+    fresh: bool = False
+    threads: int | None = None  # torch threads of in-process baselines (None: every core)
+    run: str | None = None  # serve: an existing finished run
+    requests: int | None = None
+
+    def cfg(self, *axis: str, quick_tweaks: tuple[str, ...] = ()):
+        """The experiment config: base file, the suite's quick tweaks, the user's --set, then the
+        suite's own axis (what the benchmark varies wins over --set)."""
+        from training.config import load_config
+
+        base = self.config or (QUICK_CONFIG if self.quick else DEFAULT_CONFIG)
+        tweaks = list(quick_tweaks) if self.quick else []
+        cfg = load_config(base, [*tweaks, *self.overrides, *axis])
+        cfg.data.root = str(Path(cfg.data.root).resolve())  # actors run in another directory
+        return cfg
+
+
+def config_key(cfg) -> str:
+    return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache: bool = True,
+              coordinator: type | None = None, collect: Callable | None = None) -> dict:
+    """One training run, started exactly as ``nmoe train`` starts it (untracked: the bench run
+    holds the numbers). Returns ``{"results", "dir", "wall", "cached", "extra"}``; ``collect(coord)``
+    runs on the live coordinator before it is shut down."""
+    import ray
+
+    from actors.coordinator import Coordinator
+
+    key = config_key(cfg)
+    run_dir = (ctx.out / "runs" / f"{name}-{key}").resolve()
+    if cache and not ctx.fresh and stop_after is None:  # any suite's finished run with this very config
+        for done in sorted((ctx.out / "runs").glob(f"*-{key}/results.json")):
+            results = json.loads(done.read_text())
+            say(f"{ctx.suite}: {name}: reusing the finished run {done.parent} (same config)")
+            return {"results": results, "dir": done.parent.resolve(), "wall": results["timings"].get("total"),
+                    "cached": True, "extra": None}
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    coord = ray.remote(coordinator or Coordinator).options(num_cpus=0, max_concurrency=2).remote(
+        cfg.to_dict(), str(run_dir), None, None)
+    try:
+        results = ray.get(coord.run.remote(stop_after))
+        wall = time.perf_counter() - t0
+        extra = collect(coord) if collect else None
+    finally:
+        try:
+            ray.get(coord.shutdown.remote())
+        except ray.exceptions.RayError:
+            pass
+        ray.kill(coord)
+    say(f"{ctx.suite}: {name}: {wall:.1f}s ({run_dir})")
+    return {"results": results, "dir": run_dir, "wall": wall, "cached": False, "extra": extra}
+
+
+# ------------------------------------------------------------------ the machine
+
+
+def machine() -> dict:
+    import ray
+    import torch
+
+    cpus = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
+    return {"cores": os.cpu_count(), "ray_cpus": cpus, "torch_threads": torch.get_num_threads(),
+            "gpu_available": torch.cuda.is_available(), "gpu_used": False, "torch": torch.__version__,
+            "ray": ray.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def machine_line(m: dict) -> str:
+    gpu = "none used (CPU only" + ("; a GPU is present)" if m["gpu_available"] else "; none present)")
+    return (f"Machine: {m['cores']} cores ({m['ray_cpus']:g} Ray CPUs), torch {m['torch']} with "
+            f"{m['torch_threads']} threads in the driver; each client actor uses max(1, floor(Ray CPUs / clients)) "
+            f"threads; GPU: {gpu}. Ray {m['ray']}, Python {m['python']}.")
+
+
+# ------------------------------------------------------------------ formatting and output
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for a single seed)."""
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def dumps(obj: Any, **kw) -> str:
+    return json.dumps(obj, default=_jsonable, **kw)
+
+
+def _metric_key(k: str) -> str:
+    return re.sub(r"[^\w./\- ]", "_", k)  # what MLflow accepts in a metric name
+
+
+def finish(ctx: Context, result: dict, body: str, metrics: dict[str, float]) -> dict:
+    """Write ``<suite>.md`` / ``<suite>.json`` and log the numbers to MLflow; returns the JSON."""
+    m = machine()
+    result = {"suite": ctx.suite, "quick": ctx.quick, **result, "machine": m}
+    title = f"# nmoe bench {ctx.suite}" + (" (--quick: tiny configs; the numbers show the machinery, not the method's quality)" if ctx.quick else "")
+    md = f"{title}\n\n{machine_line(m)}\n\n{body}"
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = ctx.out / f"{ctx.suite}.md", ctx.out / f"{ctx.suite}.json"
+    tracker = None
+    if ctx.tracking_uri:
+        from actors import tracking
+
+        uri = ctx.tracking_uri
+        root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else Path("mlartifacts")
+        params = {"suite": ctx.suite, "quick": ctx.quick, "config": ctx.config or "", "overrides": " ".join(ctx.overrides),
+                  **{f"machine.{k}": v for k, v in m.items()}}
+        run_id = tracking.start_run(uri, EXPERIMENT, f"{ctx.suite}-{time.strftime('%Y%m%d-%H%M%S')}", params, root)
+        tracker = tracking.Tracker(uri, run_id)
+        tracker.log({_metric_key(k): float(v) for k, v in metrics.items() if v is not None})
+        result["mlflow_run_id"] = run_id
+    result["files"] = {"markdown": str(md_path), "json": str(json_path)}
+    md_path.write_text(md)
+    json_path.write_text(dumps(result, indent=2))
+    if tracker is not None:
+        tracker.artifacts([md_path, json_path], "bench")
+        tracker.finish()
+    say(f"{ctx.suite}: wrote {md_path} and {json_path}" + (f"; mlflow run {result['mlflow_run_id']}" if tracker else ""))
+    return result

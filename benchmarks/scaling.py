@@ -1,0 +1,125 @@
+"""Scaling: 5, 10 and 20 clients (3 and 6 with --quick) on the same dataset (the total data is
+fixed and split over more clients): seconds per stage-1 round, bytes per round, and the peak
+resident memory of the Ray worker processes during the whole run; how each grows with N.
+
+Memory: every 0.5 s, the sum of the RSS of this Ray node's processes whose name or command
+line starts with ``ray::`` (the Coordinator, the clients, idle workers). RSS counts shared
+pages (torch's libraries, the object store's mapped memory) once per process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from benchmarks import common
+
+
+class RaySampler:
+    """Peak summed RSS of ``ray::`` processes, sampled in a thread."""
+
+    def __init__(self, every: float = 0.5):
+        import psutil  # ray ships it (ray/thirdparty_files) and puts it on sys.path
+
+        self.psutil, self.every = psutil, every
+        self.peak, self.peak_count, self.baseline, self._stop = 0, 0, 0, threading.Event()
+        self.session = None
+        try:
+            import ray
+
+            self.session = ray._private.worker._global_node.get_session_dir_path()
+        except Exception:  # no session dir known: count every ray:: process on the machine
+            pass
+
+    def _roots(self) -> list:
+        if not self.session:
+            return []
+        ps = self.psutil
+        return [p for p in ps.process_iter(["name", "cmdline"])
+                if (p.info["name"] or "").startswith("raylet") and self.session in " ".join(p.info["cmdline"] or [])]
+
+    def sample(self) -> tuple[int, int]:
+        ps, total, count = self.psutil, 0, 0
+        roots = self._roots()
+        procs = [c for r in roots for c in r.children(recursive=True)] if roots else list(ps.process_iter())
+        for p in procs:
+            try:
+                name, cmd = p.name(), p.cmdline()
+                if name.startswith("ray::") or (cmd and cmd[0].startswith("ray::")):
+                    total += p.memory_info().rss
+                    count += 1
+            except ps.Error:
+                continue
+        return total, count
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            total, count = self.sample()
+            if total > self.peak:
+                self.peak, self.peak_count = total, count
+
+    def __enter__(self) -> "RaySampler":
+        self.baseline, _ = self.sample()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def slope(ns: list[int], ys: list[float]) -> float | None:
+    """Exponent k of y ~ N^k (least squares on log-log)."""
+    if len(ns) < 2 or min(ys) <= 0:
+        return None
+    return float(np.polyfit(np.log(ns), np.log(ys), 1)[0])
+
+
+def run(ctx: common.Context) -> tuple[dict, str, dict]:
+    counts = (3, 6) if ctx.quick else (5, 10, 20)
+    rows = []
+    for k, n in enumerate(counts):
+        common.say(f"scaling: run {k + 1}/{len(counts)}: {n} clients")
+        cfg = ctx.cfg(f"num_clients={n}")
+        with RaySampler() as mem:
+            r = common.train_run(ctx, cfg, f"scale-n{n}", cache=False)
+        res = r["results"]
+        hist = res["history"]["stage1"]
+        b = res["bytes"]
+        rows.append({"clients": n, "stage1_seconds_per_round": float(np.mean([h["seconds"] for h in hist])),
+                     "stage1_bytes_per_round": float(np.mean([h["bytes_down"] + h["bytes_up"] for h in hist])),
+                     "stage3_fedgate_bytes_per_round": b["stage3_variants"].get("fedgate", 0) / cfg.stage3.rounds,
+                     "stage3_answers_bytes": b["stage3_answers"], "setup_seconds": res["timings"]["setup"],
+                     "wall_seconds": r["wall"], "peak_rss_mib": mem.peak / 2**20, "baseline_rss_mib": mem.baseline / 2**20,
+                     "ray_processes_at_peak": mem.peak_count})
+    keys = ("stage1_seconds_per_round", "stage1_bytes_per_round", "stage3_fedgate_bytes_per_round",
+            "stage3_answers_bytes", "setup_seconds", "wall_seconds", "peak_rss_mib")
+    growth = {key: slope(list(counts), [row[key] for row in rows]) for key in keys}
+    result = {"clients": list(counts), "rows": rows, "growth_exponent": growth, "config": ctx.cfg().to_dict()}
+    metrics = {f"n{row['clients']}/{k}": v for row in rows for k, v in row.items() if k != "clients"}
+    metrics.update({f"growth/{k}": v for k, v in growth.items() if v is not None})
+    return result, markdown(result), metrics
+
+
+def markdown(r: dict) -> str:
+    cfg, n = r["config"], f"{{:,.0f}}".format
+    rows = [[x["clients"], f"{x['stage1_seconds_per_round']:.2f}", n(x["stage1_bytes_per_round"]),
+             n(x["stage3_fedgate_bytes_per_round"]), n(x["stage3_answers_bytes"]), f"{x['setup_seconds']:.1f}",
+             f"{x['wall_seconds']:.1f}", f"{x['peak_rss_mib']:.0f}", x["ray_processes_at_peak"]] for x in r["rows"]]
+    g = r["growth_exponent"]
+    fmt = lambda k: "—" if g[k] is None else f"N^{g[k]:.2f}"  # noqa: E731
+    train = cfg["data"]["train_limit"] or "all"
+    return (f"{cfg['data']['name']} ({train} training samples split over N clients, {cfg['partition']['method']}), "
+            f"stage-1 rounds {cfg['stage1']['rounds']}, stage-3 rounds {cfg['stage3']['rounds']}. Peak RSS: the sum over "
+            "this node's `ray::` processes, sampled every 0.5 s over the whole run (shared pages counted per process).\n\n"
+            + common.table(["clients", "stage-1 s / round", "stage-1 bytes / round", "fedgate bytes / round",
+                            "stage-3 answers bytes", "setup s", "run wall s", "peak RSS MiB", "ray:: processes"], rows)
+            + "\n## Growth with N (least-squares exponent k of value ~ N^k)\n\n"
+            + common.table(["stage-1 s / round", "stage-1 bytes / round", "fedgate bytes / round", "answers bytes",
+                            "setup s", "run wall s", "peak RSS"],
+                           [[fmt(k) for k in ("stage1_seconds_per_round", "stage1_bytes_per_round",
+                                              "stage3_fedgate_bytes_per_round", "stage3_answers_bytes", "setup_seconds",
+                                              "wall_seconds", "peak_rss_mib")]]))

@@ -1,0 +1,120 @@
+"""``nmoe bench <suite> --quick``: every suite runs on the session's real Ray, writes its table and
+JSON, logs to MLflow, and the overhead suite's two paths give the same weights."""
+
+import json
+
+import pytest
+import torch
+
+from nmoe.cli import main
+from training import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bench(ray_session, data_root, tmp_path_factory):
+    """Run ``nmoe bench <suite> --quick --json`` in-process; runs share one --out (finished runs
+    with the same config are reused across suites) and one MLflow store."""
+    out = tmp_path_factory.mktemp("bench")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+
+    def call(capsys, suite: str, *extra: str) -> tuple[dict, str]:
+        capsys.readouterr()
+        rc = main(["bench", suite, "--quick", "--json", "--out", str(out), "--tracking-uri", uri,
+                   "--set", f"data.root={data_root}", *extra])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err[-3000:]
+        result = json.loads(captured.out)  # stdout is exactly one JSON object
+        assert result["suite"] == suite and result["quick"] is True
+        md = (out / f"{suite}.md").read_text()
+        assert json.loads((out / f"{suite}.json").read_text())["suite"] == suite
+        assert "Machine: " in md and "cores" in md and "GPU" in md
+        assert result["machine"]["gpu_used"] is False and result["machine"]["cores"] >= 1
+        return result, md
+
+    call.uri = uri
+    return call
+
+
+def _row(md: str, *first_cells: str) -> str:
+    head = "| " + " | ".join(first_cells) + " |"
+    lines = [ln for ln in md.splitlines() if ln.startswith(head)]
+    assert lines, f"no table row starting {head!r}"
+    return lines[0]
+
+
+def test_accuracy_table_has_every_method_and_partition(bench, capsys):
+    res, md = bench(capsys, "accuracy")
+    assert res["partitions"] == ["iid", "dirichlet0.5"] and len(res["seeds"]) == 1
+    names = {r["method"] for r in res["rows"] if r["stage1"] == "fedce"}
+    gates = {f"nmoe/{v}" for v in ("rangate", "rollgate", "fedgate", "localgate", "fullgate")}
+    assert gates | {"local_only", "fedavg_global", "centralized_moe"} <= names
+    assert {r["stage1"] for r in res["rows"]} == {"fedce", "fedsc"}
+    personalized, global_ = md.split("## Global accuracy")
+    for r in res["rows"]:
+        for part in res["partitions"]:
+            c = r["cells"][part]
+            assert 0.0 <= c["personalized_mean"] <= 1.0 and c["personalized_std"] == 0.0 and c["seeds"] == 1
+            assert f"{100 * c['personalized_mean']:.1f} ± 0.0" in _row(personalized, r["stage1"], r["method"])
+            assert f"{100 * c['global_mean']:.1f} ± 0.0" in _row(global_, r["stage1"], r["method"])
+
+
+def test_comm_bytes_and_fp16_vs_fp32(bench, capsys):
+    res, md = bench(capsys, "comm")  # its fp16 run is the accuracy suite's fedce/dirichlet run: reused
+    s1, sync, raw = res["stage1"], res["sync"], res["raw_input_per_sample"]
+    assert s1["bytes_down_per_round"] > 0 and s1["bytes_up_per_round"] == s1["bytes_down_per_round"]
+    assert f"{s1['bytes_down_per_round']:,.0f}" in _row(md, "stage 1 (F + helpers), down", "global weights to every client")
+    assert res["stage2_total"] == 0 and res["stage3_variants"]["rangate"]["total"] == 0
+    assert res["stage3_variants"]["localgate"]["total"] == 0
+    # FedGate syncs the gate body only: fewer bytes than FullGate's whole gate
+    assert sync["body_bytes"] < sync["gate_bytes"] and sync["fedgate_total"] < sync["fullgate_total"]
+    assert f"{sync['fedgate_total']:,.0f}" in _row(md, "stage-3 total")
+    fp16, fp32 = res["routed"]["fp16"]["fedgate"]["bytes"], res["routed"]["fp32"]["fedgate"]["bytes"]
+    assert 0 < fp16 < fp32 < raw  # latents, fp16 the smallest, never the raw input
+    assert f"{fp16:.1f} | {fp32:.1f}" in _row(md, "fedgate")
+    a = res["accuracy"]["nmoe/fedgate"]
+    assert set(a) == {"fp16", "fp32"} and f"{100 * a['fp32']['personalized']:.1f}" in _row(md, "nmoe/fedgate")
+
+
+def test_serve_runs_in_process_and_leaves_the_session_ray_up(bench, capsys, ray_session):
+    res, md = bench(capsys, "serve")  # serves the reused smoke-sized run
+    assert len(res["rows"]) == 6 and res["requests"] == 16
+    for r in res["rows"]:
+        assert r["p50_ms"] > 0 and r["samples_per_s"] > 0 and 0 < r["bytes_per_sample"] < res["raw_bytes_per_sample"]
+        assert f"{r['p50_ms']:.1f}" in _row(md, str(r["batch"]), str(r["concurrency"]))
+    assert ray_session.is_initialized()  # run_benchmark must not shut down the caller's Ray
+    assert ray_session.get(ray_session.remote(lambda: 7).remote()) == 7
+
+
+def test_overhead_paths_give_identical_weights_and_a_ratio(bench, capsys):
+    # One round, and the in-process path on 1 torch thread like each client actor (2 CPUs / 3
+    # clients -> 1 thread): convolutions sum in a thread-dependent order, so only equal thread
+    # counts can be compared bit for bit (with every core, (a) differs by float rounding).
+    res, md = bench(capsys, "overhead", "--threads", "1", "--set", "stage1.rounds=1")
+    assert res["ratio"] > 0 and res["inprocess"]["threads"] == 1 and res["ray"]["client_threads"] == 1
+    a = ckpt.load_torch(res["inprocess_state"])["state"]
+    b = ckpt.load_torch(ckpt.stage_file(res["run_dir"], "stage1"))["state"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert res["identical"] and res["max_abs_diff"] == 0.0 and "bit-identical" in md
+    assert f"ratio b/a = {res['ratio']:.2f}" in md
+    assert f"{res['ray']['setup']:.3f}" in _row(md, "setup")
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=bench.uri).get_run(res["mlflow_run_id"])
+    assert run.data.metrics["ratio"] == pytest.approx(res["ratio"])
+    assert MlflowClient(tracking_uri=bench.uri).get_experiment(run.info.experiment_id).name == "nmoe-bench"
+
+
+def test_scaling_grows_bytes_with_clients(bench, capsys):
+    res, md = bench(capsys, "scaling")
+    small, big = res["rows"]
+    assert (small["clients"], big["clients"]) == (3, 6)
+    assert big["stage1_bytes_per_round"] == 2 * small["stage1_bytes_per_round"]  # N uploads + N downloads
+    assert res["growth_exponent"]["stage1_bytes_per_round"] == pytest.approx(1.0)
+    for r in res["rows"]:
+        assert r["peak_rss_mib"] > 0 and r["ray_processes_at_peak"] >= r["clients"] + 1
+        row = _row(md, str(r["clients"]))
+        assert f"{r['stage1_seconds_per_round']:.2f}" in row and f"{r['peak_rss_mib']:.0f}" in row
