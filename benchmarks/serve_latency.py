@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training import checkpoint as ckpt  # noqa: E402
 from training import routing  # noqa: E402
 from training.data import denormalize, load_dataset, normalize  # noqa: E402
-from training.models import Stage1Model, make_expert, make_gate  # noqa: E402
 
 BATCHES, CONCURRENCY, TOP_K = (1, 32), (1, 8, 32), 2
 
@@ -42,17 +41,9 @@ def _pct(xs: list[float], q: float) -> float:
 def in_process(run: Path, pixels: np.ndarray, batch: int, repeats: int) -> dict:
     """The same routed forward (client 0, fedgate) with every module in this process."""
     t = ckpt.load_trained(run)
-    cfg, meta = t["config"], t["meta"]
-    model = Stage1Model(cfg.model, meta["channels"], meta["image_size"], meta["num_classes"])
-    model.load_state_dict(t["stage1"])
-    experts = []
-    for i in range(cfg.num_clients):
-        e = make_expert(cfg.model, meta["num_classes"])
-        e.load_state_dict(t["experts"][i])
-        experts.append(e.eval())
-    gate = make_gate(cfg.model, cfg.num_clients)
-    gate.load_state_dict(t["gates"]["fedgate"][0])
-    ext = model.extractor.eval()
+    cfg = t["config"]
+    m = ckpt.build_modules(t, "fedgate")
+    ext, experts, gate = m["extractor"], m["experts"], m["gates"][0]
     lat = []
     for r in range(repeats):
         x = torch.from_numpy(pixels[(r * batch) % (len(pixels) - batch) :][:batch])

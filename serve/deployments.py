@@ -25,7 +25,9 @@ def client_app_name(i: int) -> str:
     return f"{APP_PREFIX}{i}"
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+# predict and expert_forward share a replica: a low request cap would let two clients wait on
+# each other's expert calls until the peer timeout fires, so the cap is generous
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 class ClientDeployment:
     """Client i as a service: its own inputs in, routed predictions out; its expert for peers."""
 

@@ -14,7 +14,7 @@ from training import checkpoint as ckpt
 from training import federated, routing
 from training.config import GATE_VARIANTS, load_config
 from training.data import build_split, load_dataset
-from training.models import Stage1Model, make_expert, make_gate
+from training.models import Stage1Model, make_gate
 
 
 def test_smoke_run_reports_every_variant_and_baseline(smoke_run):
@@ -93,20 +93,13 @@ def _load_clients(ray, run, data_root):
 def test_routed_inference_through_actors_equals_the_in_process_mixture(ray_session, smoke_run, data_root):
     ray = ray_session
     cfg, ds, split, trained, clients = _load_clients(ray, smoke_run / "run", data_root)
-    model = Stage1Model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
-    model.load_state_dict(trained["stage1"])
-    model.eval()
-    experts = []
-    for i in range(cfg.num_clients):
-        e = make_expert(cfg.model, ds.num_classes)
-        e.load_state_dict(trained["experts"][i])
-        experts.append(e.eval())
+    modules = {v: ckpt.build_modules(trained, v) for v in ("fedgate", "rollgate")}
     x = ds.x_test[split.test[1][:40]]
     for variant in ("fedgate", "rollgate"):
-        gate = make_gate(cfg.model, cfg.num_clients)
-        gate.load_state_dict(trained["gates"][variant][1])
+        m = modules[variant]
+        gate, experts = m["gates"][1], m["experts"]
         with torch.no_grad():
-            h = model.extractor(x)
+            h = m["extractor"](x)
             idx, w = routing.noisy_topk(gate(h), cfg.routing.top_k)
         expected = routing.route_in_process(h, idx, w, experts, 1, cfg.routing.fp16_latents)
         got = ray.get(clients[1].route.remote(x, variant))

@@ -12,7 +12,6 @@ import torch
 from training import checkpoint as ckpt
 from training import routing
 from training.data import build_split, denormalize, load_dataset, normalize
-from training.models import Stage1Model, make_expert, make_gate
 
 JSON = {"Content-Type": "application/json"}
 
@@ -38,24 +37,17 @@ def served(ray_session, smoke_run):
 def reference(smoke_run):
     """The same trained weights in this process, and test pixels of client 0's own mix."""
     trained = ckpt.load_trained(smoke_run / "run")
-    cfg, meta = trained["config"], trained["meta"]
-    model = Stage1Model(cfg.model, meta["channels"], meta["image_size"], meta["num_classes"])
-    model.load_state_dict(trained["stage1"])
-    experts = []
-    for i in range(cfg.num_clients):
-        e = make_expert(cfg.model, meta["num_classes"])
-        e.load_state_dict(trained["experts"][i])
-        experts.append(e.eval())
+    cfg = trained["config"]
+    modules = ckpt.build_modules(trained, "fedgate")
     ds = load_dataset(cfg.data)
     split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
     pixels = denormalize(ds.x_test[split.test[0][:24]], ds.name).numpy()
-    return cfg, trained, model.extractor.eval(), experts, pixels
+    return cfg, modules, pixels
 
 
 def _offline(ref, client: int, pixels: np.ndarray, k: int):
-    cfg, trained, extractor, experts, _ = ref
-    gate = make_gate(cfg.model, cfg.num_clients)
-    gate.load_state_dict(trained["gates"]["fedgate"][client])
+    cfg, modules, _ = ref
+    extractor, experts, gate = modules["extractor"], modules["experts"], modules["gates"][client]
     with torch.no_grad():
         h = extractor(normalize(torch.from_numpy(pixels), cfg.data.name))
         idx, w = routing.noisy_topk(gate(h), k)

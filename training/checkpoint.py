@@ -85,3 +85,25 @@ def load_trained(run: Path) -> dict:
         "gates": load_torch(stage_file(run, "stage3"))["gates"],
         "meta": state.get("meta", {}),
     }
+
+
+def build_modules(trained: dict, variant: str | None = None) -> dict:
+    """Eval-mode modules from ``load_trained``: the extractor, ``experts[i]`` and ``gates[i]`` of ``variant``.
+
+    Keyed by client id (a client that left the run has none), for in-process reference routing.
+    """
+    from training.models import Stage1Model, make_expert, make_gate
+
+    cfg, meta = trained["config"], trained["meta"]
+    model = Stage1Model(cfg.model, meta["channels"], meta["image_size"], meta["num_classes"])
+    model.load_state_dict(trained["stage1"])
+    experts, gates = {}, {}
+    for i, state in trained["experts"].items():
+        experts[i] = make_expert(cfg.model, meta["num_classes"])
+        experts[i].load_state_dict(state)
+        experts[i].eval()
+    for i, state in trained["gates"].get(variant, {}).items() if variant else ():
+        gates[i] = make_gate(cfg.model, cfg.num_clients)
+        gates[i].load_state_dict(state)
+        gates[i].eval()
+    return {"extractor": model.extractor.eval(), "experts": experts, "gates": gates}
