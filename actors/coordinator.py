@@ -244,7 +244,6 @@ class Coordinator:
                 self._save_state()
         glob = ray.put({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)})
         self._gather({i: self.clients[i].set_global.remote(glob) for i in self.active}, "stage1", s1.rounds - 1)
-        self.global_model = model
 
     def stage2(self) -> None:
         self._restore("stage1", "stage2")
