@@ -233,6 +233,7 @@ class Coordinator:
             row = {"round": r, "loss": float(np.average([m["loss"] for m in metrics], weights=weights)),
                    "accuracy": float(np.average([m["accuracy"] for m in metrics], weights=weights)),
                    "bytes_down": down, "bytes_up": up, "seconds": time.perf_counter() - rt,
+                   "client_seconds": {str(i): m["seconds"] for i, (_, m) in results.items()},
                    "missing": len(self.clients) - len(results)}
             self.state["history"]["stage1"].append(row)
             self.tracker.log({f"stage1/{k}": v for k, v in row.items() if k != "round"}, step=r)

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -63,11 +63,9 @@ def config_key(cfg) -> str:
     return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 
-def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache: bool = True,
-              coordinator: type | None = None, collect: Callable | None = None) -> dict:
+def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache: bool = True) -> dict:
     """One training run, started exactly as ``nmoe train`` starts it (untracked: the bench run
-    holds the numbers). Returns ``{"results", "dir", "wall", "cached", "extra"}``; ``collect(coord)``
-    runs on the live coordinator before it is shut down."""
+    holds the numbers). Returns ``{"results", "dir", "wall", "cached"}``."""
     import ray
 
     from actors.coordinator import Coordinator
@@ -79,15 +77,14 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
             results = json.loads(done.read_text())
             say(f"{ctx.suite}: {name}: reusing the finished run {done.parent} (same config)")
             return {"results": results, "dir": done.parent.resolve(), "wall": results["timings"].get("total"),
-                    "cached": True, "extra": None}
+                    "cached": True}
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    coord = ray.remote(coordinator or Coordinator).options(num_cpus=0, max_concurrency=2).remote(
+    coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
         cfg.to_dict(), str(run_dir), None, None)
     try:
         results = ray.get(coord.run.remote(stop_after))
         wall = time.perf_counter() - t0
-        extra = collect(coord) if collect else None
     finally:
         try:
             ray.get(coord.shutdown.remote())
@@ -95,7 +92,7 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
             pass
         ray.kill(coord)
     say(f"{ctx.suite}: {name}: {wall:.1f}s ({run_dir})")
-    return {"results": results, "dir": run_dir, "wall": wall, "cached": False, "extra": extra}
+    return {"results": results, "dir": run_dir, "wall": wall, "cached": False}
 
 
 # ------------------------------------------------------------------ the machine

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
 import ray
 import torch
 
-from actors.coordinator import Coordinator, stage1_prefixes
+from actors.coordinator import stage1_prefixes
 from benchmarks import common
 from training import checkpoint as ckpt
 from training import federated, local
@@ -26,22 +25,6 @@ from training.data import build_split, load_dataset
 from training.models import Stage1Model
 
 QUICK = ("stage1.rounds=2",)
-
-
-class TimedCoordinator(Coordinator):
-    """The Coordinator unchanged, plus a record of every client's own compute seconds per stage-1 round."""
-
-    def _gather(self, refs, stage, *args, **kwargs):
-        out = super()._gather(refs, stage, *args, **kwargs)
-        if stage == "stage1" and out and all(isinstance(v, tuple) for v in out.values()):
-            self.__dict__.setdefault("compute_log", []).append({i: v[1]["seconds"] for i, v in out.items()})
-        return out
-
-    def compute_seconds(self) -> list[dict]:
-        return self.__dict__.get("compute_log", [])
-
-
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import benchmarks/
 
 
 def in_process(cfg, threads: int | None = None) -> dict:
@@ -93,14 +76,14 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     cfg = ctx.cfg(quick_tweaks=QUICK)
     # (b) first: whatever Ray still does after starting up then counts against Ray, not against (a)
     common.say(f"overhead: (b) Coordinator + Client actors, {cfg.num_clients} clients x {cfg.stage1.rounds} stage-1 rounds")
-    b = common.train_run(ctx, cfg, "overhead", stop_after="stage1", cache=False, coordinator=TimedCoordinator,
-                         collect=lambda c: ray.get(c.compute_seconds.remote()))
+    b = common.train_run(ctx, cfg, "overhead", stop_after="stage1", cache=False)
     time.sleep(1.0)  # let the killed actors' processes exit
     common.say("overhead: (a) the same work in this process")
     a = in_process(cfg, ctx.threads)
     common.say(f"overhead: (a) {a['wall']:.1f}s")
     res, run_dir = b["results"], b["dir"]
-    hist, timings, compute = res["history"]["stage1"], res["timings"], b["extra"]
+    hist, timings = res["history"]["stage1"], res["timings"]
+    compute = [h["client_seconds"] for h in hist]  # each client's own training seconds, per round
     b_state = ckpt.load_torch(ckpt.stage_file(run_dir, "stage1"))["state"]
     diff = max_abs_diff(a["state"], b_state)
     ckpt.save_torch(run_dir / "inprocess_stage1.pt", {"round": cfg.stage1.rounds - 1, "state": a["state"]})

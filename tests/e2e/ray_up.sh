@@ -76,9 +76,18 @@ print(*(s.getsockname()[1] for s in socks))
 EOF
 )
 mkdir -p "$E2E/home" "$E2E/tmp" "$E2E/local" /run/sshd
-# the venv's interpreter may live under /root (pyenv): the namespace's /root shows it, read-only
+# the venv and its interpreter may live under /root (pyenv) or /tmp (a clone there), which the
+# namespace replaces: it shows each of them at its own path, read-only
 BASE_PY=$("$VENV/bin/python" -c 'import sys; print(sys.base_prefix)')
-case $BASE_PY in /root/*) mkdir -p "$E2E/home${BASE_PY#/root}" ;; *) BASE_PY= ;; esac
+EXPOSE=()
+for path in "$BASE_PY" "$(cd "$VENV" && pwd -P)"; do
+  case $path in
+    /root/*) EXPOSE+=("$path" "$E2E/home${path#/root}") ;;
+    /tmp/*) EXPOSE+=("$path" "$E2E/tmp${path#/tmp}") ;;
+    *) continue ;;
+  esac
+  mkdir -p "${EXPOSE[-1]}"
+done
 chmod 700 "$E2E/home"; chmod 1777 "$E2E/tmp"
 ssh-keygen -q -t ed25519 -N '' -C nmoe-e2e -f "$E2E/id_ed25519"
 ssh-keygen -q -t ed25519 -N '' -C nmoe-e2e-host -f "$E2E/host_ed25519"
@@ -104,10 +113,11 @@ PrintMotd no
 EOF
 /usr/sbin/sshd -t -f "$E2E/sshd_config" || die "sshd config"
 unshare --pid --fork --kill-child --mount-proc --propagation private \
-  bash -c 'if [ -n "$2" ]; then mount -o bind,ro "$2" "$1/home${2#/root}"; fi &&
-           mount --rbind "$1/home" /root && mount --bind "$1/tmp" /tmp &&
-           exec /usr/sbin/sshd -D -f "$1/sshd_config" -E "$1/sshd.log"' \
-  _ "$E2E" "$BASE_PY" &
+  bash -c 'e2e=$1; shift
+           while [ $# -ge 2 ]; do mount -o bind,ro "$1" "$2" || exit 1; shift 2; done
+           mount --rbind "$e2e/home" /root && mount --rbind "$e2e/tmp" /tmp &&
+           exec /usr/sbin/sshd -D -f "$e2e/sshd_config" -E "$e2e/sshd.log"' \
+  _ "$E2E" "${EXPOSE[@]}" &
 NS_PID=$!
 for _ in $(seq 100); do nc -z 127.0.0.1 "$SSH_PORT" 2>/dev/null && break; sleep 0.2; done
 nc -z 127.0.0.1 "$SSH_PORT" || die "sshd did not listen on 127.0.0.1:$SSH_PORT"
