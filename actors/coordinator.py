@@ -236,7 +236,7 @@ class Coordinator:
                    "client_seconds": {str(i): m["seconds"] for i, (_, m) in results.items()},
                    "missing": len(self.clients) - len(results)}
             self.state["history"]["stage1"].append(row)
-            self.tracker.log({f"stage1/{k}": v for k, v in row.items() if k != "round"}, step=r)
+            self.tracker.log({f"stage1/{k}": v for k, v in row.items() if k not in ("round", "client_seconds")}, step=r)
             self.state["stage1_round"] = r
             if (r + 1) % cfg.cluster.checkpoint_every == 0 or r + 1 == s1.rounds:
                 ckpt.save_torch(ckpt.stage_file(self.out, "stage1"), {"round": r, "state": model.state_dict()})
