@@ -10,14 +10,12 @@ model and (b)'s ``checkpoints/stage1.pt``.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
-import ray
 import torch
 
-from actors.coordinator import stage1_prefixes
+from actors.coordinator import client_resources, stage1_prefixes
 from benchmarks import common
 from training import checkpoint as ckpt
 from training import federated, local
@@ -87,8 +85,7 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     b_state = ckpt.load_torch(ckpt.stage_file(run_dir, "stage1"))["state"]
     diff = max_abs_diff(a["state"], b_state)
     ckpt.save_torch(run_dir / "inprocess_stage1.pt", {"round": cfg.stage1.rounds - 1, "state": a["state"]})
-    cpus = ray.cluster_resources().get("CPU", 1)
-    client_threads = max(1, int(cfg.cluster.cpus_per_client or max(0.01, math.floor(100 * cpus / cfg.num_clients) / 100)))
+    _, client_threads = client_resources(cfg)  # the threads the Coordinator gave each client
     A = {"wall": a["wall"], "setup": a["setup"], "rounds": sum(r["seconds"] for r in a["rounds"]),
          "compute": sum(r["compute"] for r in a["rounds"]), "aggregate": sum(r["aggregate"] for r in a["rounds"]),
          "threads": a["threads"], "per_round": a["rounds"]}
