@@ -42,7 +42,8 @@ class Client:
         self.model = Stage1Model(self.cfg.model, self.x.shape[1], self.x.shape[2], self.num_classes)
         torch.manual_seed(self.cfg.seed * 1000 + 17 * client_id + 1)
         self.expert = make_expert(self.cfg.model, self.num_classes).eval()
-        self.gates = {v: make_gate(self.cfg.model, n).eval() for v in self.cfg.stage3.variants if v != "rangate"}
+        self.gates = {v: make_gate(self.cfg.model, n, v, self.num_classes).eval()
+                      for v in self.cfg.stage3.variants if v != "rangate"}
         self.peers: list = []
         self.available: torch.Tensor | None = None  # bool [N]: experts that can answer (None: all)
         self.stage = "init"  # the last stage whose weights this actor holds
@@ -171,6 +172,20 @@ class Client:
         answers, cost = self._ask_every_expert(h)
         self._proto = (h, y, answers)
         return cost
+
+    def class_moments(self) -> dict:
+        """ClassGate: this client's label counts, per-class latent sums and latent Gram matrix; no sample."""
+        return prototypes.class_moments(self._latents("train"), self.y, self.num_classes)
+
+    def set_class_router(self, shared: dict) -> None:
+        """ClassGate: install the network's class posterior and the experts' competence, plus this
+        client's own label prior and expert. Nothing is trained."""
+        s = self.cfg.stage3
+        prior = prototypes.label_log_prior(torch.bincount(self.y, minlength=self.num_classes))
+        self.gates["classgate"].configure(shared["weight"], shared["bias"], prior, shared["competence"], self.id,
+                                          self.expert.state_dict(), s.classgate_own_expert, s.classgate_prior,
+                                          s.classgate_own_bias, s.classgate_temperature)
+        self.stage = "stage3"
 
     def fit_gate(self, variant: str, incoming: dict | None, round_: int) -> tuple[dict, dict]:
         """Stage 3, one round of ``variant``: merge what was synced in, train on the cached answers.

@@ -261,7 +261,7 @@ class Coordinator:
         """One variant's gate rounds; returns the bytes its synchronisation cost."""
         cfg = self.cfg
         rounds, sent = cfg.stage3.rounds, 0
-        if variant == "rangate":
+        if variant in ("rangate", "classgate"):  # nothing to train (classgate: see _share_class_moments)
             return 0
         if variant == "rollgate":  # one gate travels the ring; each client trains it in turn
             state = None
@@ -308,6 +308,19 @@ class Coordinator:
         costs = self._gather({i: self.clients[i].set_prototypes.remote(ref) for i in self.active}, "stage3/protogate")
         return size + size * len(self.active) + sum(c["bytes_out"] + c["bytes_in"] for c in costs.values())
 
+    def _share_class_moments(self) -> int:
+        """ClassGate's one step: class moments up; the network's class posterior (a linear
+        discriminant) and every expert's per-class competence down. Returns its bytes."""
+        self._say("stage3", "classgate: pooling class moments")
+        moments = self._gather({i: self.clients[i].class_moments.remote() for i in self.active}, "stage3/classgate")
+        weight, bias = prototypes.class_posterior(list(moments.values()))
+        counts = torch.zeros(self.cfg.num_clients, len(bias))
+        for i, m in moments.items():
+            counts[i] = m["counts"].float()
+        shared = {"weight": weight, "bias": bias, "competence": prototypes.expert_competence(counts)}
+        self._gather({i: self.clients[i].set_class_router.remote(shared) for i in self.active}, "stage3/classgate")
+        return sum(prototypes.stats_bytes(m) for m in moments.values()) + prototypes.stats_bytes(shared) * len(self.active)
+
     def stage3(self) -> None:
         self._restore("stage2", "stage3")
         t0 = time.perf_counter()
@@ -315,7 +328,8 @@ class Coordinator:
         answered = self._gather({i: self.clients[i].collect_answers.remote() for i in self.active}, "stage3")
         self.state["bytes"]["stage3_answers"] = sum(a["bytes_out"] + a["bytes_in"] for a in answered.values())
         for v in self.cfg.stage3.variants:
-            exchange = self._share_prototypes() if v == "protogate" else 0
+            share = {"protogate": self._share_prototypes, "classgate": self._share_class_moments}.get(v)
+            exchange = share() if share else 0
             self.state["bytes"]["stage3_variants"][v] = exchange + self._train_gates(v)
         self.state["bytes"]["stage3"] = self.state["bytes"]["stage3_answers"] + sum(self.state["bytes"]["stage3_variants"].values())
         states = self._gather({i: self.clients[i].get_state.remote() for i in self.active}, "stage3")

@@ -43,12 +43,20 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
                 names[method] = variants + [b for b in BASELINES if b in res["methods"]]
                 for name, m in res["methods"].items():
                     scores[(method, name, part)].append((m["personalized_acc"], m["global_acc"]))
+                if k < total:  # a long suite leaves a readable table after every run
+                    common.write_partial(ctx, *summarize(ctx, scores, names, parts, seeds)[:2], f"{k} of {total} runs")
+    return summarize(ctx, scores, names, parts, seeds)
+
+
+def summarize(ctx: common.Context, scores: dict, names: dict, parts: list[str], seeds: list[int]) -> tuple[dict, str, dict]:
     rows, metrics = [], {}
-    for method in METHODS:
+    for method in names:
         for name in names[method]:
             cells = {}
             for part in parts:
-                got = scores[(method, name, part)]
+                got = scores.get((method, name, part))
+                if not got:
+                    continue
                 pm, ps = common.mean_std([p for p, _ in got])
                 gm, gs = common.mean_std([g for _, g in got])
                 cells[part] = {"personalized_mean": pm, "personalized_std": ps, "global_mean": gm, "global_std": gs,
@@ -62,8 +70,11 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     return result, markdown(result), metrics
 
 
-def cell(c: dict, which: str) -> str:
-    return f"{common.pct(c[f'{which}_mean'])} ± {common.pct(c[f'{which}_std'])}"
+def cell(c: dict | None, which: str) -> str:
+    if c is None:
+        return "not run yet"
+    n = "" if c["seeds"] > 1 else " (1 seed)"
+    return f"{common.pct(c[f'{which}_mean'])} ± {common.pct(c[f'{which}_std'])}{n}"
 
 
 def markdown(res: dict) -> str:
@@ -75,6 +86,6 @@ def markdown(res: dict) -> str:
            "(not private, the upper bound).\n"]
     for which in ("personalized", "global"):
         out.append(f"## {which.capitalize()} accuracy\n")
-        rows = [[r["stage1"], r["method"], *(cell(r["cells"][p], which) for p in res["partitions"])] for r in res["rows"]]
+        rows = [[r["stage1"], r["method"], *(cell(r["cells"].get(p), which) for p in res["partitions"])] for r in res["rows"]]
         out.append(common.table(["stage 1", "method", *(SHOWN[p] for p in res["partitions"])], rows))
     return "\n".join(out)

@@ -149,6 +149,15 @@ def _metric_key(k: str) -> str:
     return re.sub(r"[^\w./\- ]", "_", k)  # what MLflow accepts in a metric name
 
 
+def write_partial(ctx: Context, result: dict, body: str, progress: str) -> None:
+    """The table so far of a suite still running (no MLflow run): ``finish`` overwrites it."""
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    note = f"**Partial: {progress} finished; the suite is still running or was stopped.**"
+    (ctx.out / f"{ctx.suite}.md").write_text(f"# nmoe bench {ctx.suite}\n\n{note}\n\n{body}")
+    (ctx.out / f"{ctx.suite}.json").write_text(dumps({"suite": ctx.suite, "quick": ctx.quick, "partial": progress,
+                                                      **result}, indent=2))
+
+
 def finish(ctx: Context, result: dict, body: str, metrics: dict[str, float]) -> dict:
     """Write ``<suite>.md`` / ``<suite>.json`` and log the numbers to MLflow; returns the JSON."""
     m = machine()

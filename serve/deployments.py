@@ -48,7 +48,7 @@ class ClientDeployment:
         self.expert.eval()
         self.gate = None
         if variant != "rangate":
-            self.gate = make_gate(self.cfg.model, self.n)
+            self.gate = make_gate(self.cfg.model, self.n, variant, meta["num_classes"])
             self.gate.load_state_dict(weights["gate"])
             self.gate.eval()
         self.num_classes = meta["num_classes"]

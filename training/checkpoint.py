@@ -103,7 +103,7 @@ def build_modules(trained: dict, variant: str | None = None) -> dict:
         experts[i].load_state_dict(state)
         experts[i].eval()
     for i, state in trained["gates"].get(variant, {}).items() if variant else ():
-        gates[i] = make_gate(cfg.model, cfg.num_clients)
+        gates[i] = make_gate(cfg.model, cfg.num_clients, variant, meta["num_classes"])
         gates[i].load_state_dict(state)
         gates[i].eval()
     return {"extractor": model.extractor.eval(), "experts": experts, "gates": gates}

@@ -56,6 +56,45 @@ class Gate(nn.Module):
         return self.head(self.body(h))
 
 
+class ClassGate(nn.Module):
+    """G_i of ClassGate: route each input to the experts that hold most of its likely class.
+
+    Nothing here is trained by gradient: ``configure`` installs what the network shares.
+    p(c | h) is the network's class posterior (a linear discriminant fitted on every client's
+    class moments, see ``training/prototypes.py``) tilted by this client's label prior and
+    blended with the own expert's answer; expert j scores ``log sum_c p(c | h) competence[j, c]``
+    (its stock of class c relative to the best-stocked expert), the own expert gets a bonus
+    (the default for inputs that look like this client's own), all over a temperature.
+    """
+
+    def __init__(self, latent_dim: int, num_classes: int, num_experts: int, expert_hidden: int):
+        super().__init__()
+        self.register_buffer("class_weight", torch.zeros(latent_dim, num_classes))
+        self.register_buffer("class_bias", torch.zeros(num_classes))
+        self.register_buffer("log_prior", torch.zeros(num_classes))
+        self.register_buffer("competence", torch.ones(num_experts, num_classes))
+        self.register_buffer("own_bonus", torch.zeros(num_experts))
+        self.register_buffer("settings", torch.tensor([0.0, 0.0, 1.0]))  # own-expert weight, prior power, temperature
+        self.expert = Expert(latent_dim, expert_hidden, num_classes)  # a frozen copy of the own expert
+
+    def configure(self, class_weight: torch.Tensor, class_bias: torch.Tensor, log_prior: torch.Tensor,
+                  competence: torch.Tensor, own: int, expert_state: dict, own_expert: float, prior: float,
+                  own_bias: float, temperature: float) -> None:
+        self.class_weight.copy_(class_weight)
+        self.class_bias.copy_(class_bias)
+        self.log_prior.copy_(log_prior)
+        self.competence.copy_(competence)
+        self.own_bonus.zero_()[own] = own_bias
+        self.settings.copy_(torch.tensor([own_expert, prior, temperature]))
+        self.expert.load_state_dict(expert_state)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        own_expert, prior, temperature = self.settings.tolist()
+        p = (h @ self.class_weight + self.class_bias + prior * self.log_prior).softmax(-1)
+        p = (1 - own_expert) * p + own_expert * self.expert(h).softmax(-1)
+        return ((p @ self.competence.T).clamp_min(1e-6).log() + self.own_bonus) / temperature
+
+
 class ProjectionHead(nn.Module):
     """SimCLR projection d -> 128 -> proj_dim, used by fedsc in stage 1 only."""
 
@@ -84,5 +123,8 @@ def make_expert(cfg: ModelConfig, num_classes: int) -> Expert:
     return Expert(cfg.latent_dim, cfg.expert_hidden, num_classes)
 
 
-def make_gate(cfg: ModelConfig, num_experts: int) -> Gate:
+def make_gate(cfg: ModelConfig, num_experts: int, variant: str = "fedgate", num_classes: int = 0) -> nn.Module:
+    """The gate module of a stage-3 variant (ClassGate has its own; every other variant a ``Gate``)."""
+    if variant == "classgate":
+        return ClassGate(cfg.latent_dim, num_classes, num_experts, cfg.expert_hidden)
     return Gate(cfg.latent_dim, cfg.gate_hidden, num_experts)

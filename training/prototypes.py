@@ -1,4 +1,4 @@
-"""Class prototypes for ProtoGate: per-class latent statistics a client may share.
+"""Per-class latent statistics a client may share: ProtoGate's prototypes, ClassGate's moments.
 
 A client shares, per class it holds, the count, the mean and the per-dimension standard
 deviation of its latents h = F(x) (C x (2d + 1) numbers). It reveals the client's label
@@ -6,6 +6,13 @@ mix and a blurred average of its latent features per class, never a sample. Peer
 synthetic latents from these Gaussians so their gates see what the rest of the network's
 inputs look like (gates trained on one client's data alone learn to keep everything
 local).
+
+ClassGate shares moments instead: label counts, per-class latent sums and the Gram matrix of
+all its latents (C + C d + d^2 numbers). Pooled over the network they give each class's mean
+and one shared within-class covariance, i.e. a linear discriminant p(c | h) that no client's
+label skew biases, and each expert's competence per class. They reveal the label mix, the
+class-mean latents and the second moments of the client's latents, never a sample (a client
+with fewer than d samples reveals the subspace its latents span).
 """
 
 from __future__ import annotations
@@ -41,3 +48,40 @@ def sample_latents(stats: dict[str, torch.Tensor], n: int, gen: torch.Generator)
     labels = torch.multinomial(counts / counts.sum(), n, replacement=True, generator=gen)
     noise = torch.randn(n, stats["mean"].shape[1], generator=gen)
     return (stats["mean"][labels] + noise * stats["std"][labels]).clamp_min(0), labels
+
+
+def class_moments(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """``{"counts": [C], "sums": [C, d], "gram": [d, d]}`` in float64 (sums add up exactly across clients)."""
+    h = h.double()
+    onehot = torch.nn.functional.one_hot(y, num_classes).double()
+    return {"counts": onehot.sum(0), "sums": onehot.T @ h, "gram": h.T @ h}
+
+
+def class_posterior(moments: list[dict[str, torch.Tensor]], shrinkage: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's linear discriminant from pooled moments: ``(weight [d, C], bias [C])`` so that
+    ``softmax(h @ weight + bias)`` is p(c | h) under a uniform class prior.
+
+    Class means from the pooled sums, one within-class covariance from the pooled Gram matrix
+    (shrunk toward its mean variance so it inverts); a class nobody holds gets no mass.
+    """
+    counts = sum(m["counts"] for m in moments)
+    sums = sum(m["sums"] for m in moments)
+    gram = sum(m["gram"] for m in moments)
+    held = counts > 0
+    mean = sums / counts.clamp_min(1).unsqueeze(1)
+    cov = (gram - (mean.T * counts) @ mean) / max(float(counts.sum()) - int(held.sum()), 1.0)
+    cov = cov + shrinkage * cov.diagonal().mean().clamp_min(1e-8) * torch.eye(len(cov), dtype=cov.dtype)
+    inv_mean = torch.linalg.solve(cov, mean.T)  # [d, C]
+    bias = (-0.5 * (mean * inv_mean.T).sum(1)).masked_fill(~held, -1e4)
+    return inv_mean.float(), bias.float()
+
+
+def expert_competence(counts: torch.Tensor) -> torch.Tensor:
+    """``[N, C]``: each expert's training count of class c over the largest count of c in the network."""
+    return counts / counts.max(0, keepdim=True).values.clamp_min(1)
+
+
+def label_log_prior(counts: torch.Tensor) -> torch.Tensor:
+    """A client's label prior, add-one smoothed so absent classes stay possible."""
+    counts = counts.float()
+    return ((counts + 1) / (counts.sum() + len(counts))).log()
