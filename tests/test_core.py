@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import federated, routing
+from training import federated, prototypes, routing
 from training.config import DataConfig, Stage1Config, Stage2Config, load_config
 from training.losses import nt_xent, stage1_loss
-from training.models import Gate, Stage1Model, make_expert
+from training.models import ClassGate, Expert, Gate, Stage1Model, make_expert
 
 
 def test_importing_training_does_not_import_ray():
@@ -110,6 +110,53 @@ def test_partial_sync_averages_body_and_leaves_head_untouched():
     assert torch.allclose(merged["body.0.weight"], expected, atol=1e-6)
     assert federated.state_bytes(states[0], ("body.",)) == (8 * 4 + 4) * 4
     assert federated.state_bytes(states[0]) == ((8 * 4 + 4) + (4 * 3 + 3)) * 4
+
+
+def _gaussian_classes(counts: list[int], gen: torch.Generator, d: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents of class c around 5 * e_c (unit noise), ``counts[c]`` of each class."""
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)]).long()
+    return 5 * F.one_hot(y, d).float() + torch.randn(len(y), d, generator=gen), y
+
+
+def test_class_moments_add_up_to_the_moments_of_the_pooled_latents():
+    gen = torch.Generator().manual_seed(0)
+    parts = [_gaussian_classes(c, gen) for c in ([50, 0, 5], [0, 40, 10])]
+    pooled = prototypes.class_moments(torch.cat([h for h, _ in parts]), torch.cat([y for _, y in parts]), 3)
+    summed = [prototypes.class_moments(h, y, 3) for h, y in parts]
+    for key in ("counts", "sums", "gram"):
+        assert torch.allclose(summed[0][key] + summed[1][key], pooled[key])
+
+
+def test_class_posterior_is_not_biased_by_how_the_labels_are_split():
+    """Two clients that each hold (almost) only one class still give a discriminant that is
+    right on every class: the means and the shared covariance pool, the label skew does not."""
+    gen = torch.Generator().manual_seed(1)
+    moments = [prototypes.class_moments(*_gaussian_classes(c, gen), 3) for c in ([300, 2, 0], [0, 5, 300], [0, 300, 0])]
+    weight, bias = prototypes.class_posterior(moments)
+    h, y = _gaussian_classes([200, 200, 200], gen)
+    assert ((h @ weight + bias).argmax(1) == y).float().mean() > 0.95
+    # a class nobody holds gets no mass
+    weight, bias = prototypes.class_posterior(moments[:1])
+    assert (h @ weight + bias).softmax(1)[:, 2].max() < 1e-6
+
+
+def test_classgate_sends_each_class_to_the_expert_that_holds_it_and_keeps_its_own():
+    gen = torch.Generator().manual_seed(2)
+    counts = torch.tensor([[400.0, 0, 10], [0, 400, 10], [20, 20, 400]])  # expert j holds class j
+    moments = [prototypes.class_moments(*_gaussian_classes(c.long().tolist(), gen), 3) for c in counts]
+    weight, bias = prototypes.class_posterior(moments)
+    gate = ClassGate(6, 3, 3, 8)
+    expert = Expert(6, 8, 3)
+    gate.configure(weight, bias, prototypes.label_log_prior(counts[0]), prototypes.expert_competence(counts), 0,
+                   expert.state_dict(), own_expert=0.0, prior=1.0, own_bias=1.0, temperature=0.3)
+    h, y = _gaussian_classes([100, 100, 100], gen)
+    with torch.no_grad():
+        first = gate(h).argmax(1)
+    assert (first[y == 1] == 1).float().mean() > 0.9 and (first[y == 2] == 2).float().mean() > 0.9
+    assert (first[y == 0] == 0).all()  # its own class stays home
+    clone = ClassGate(6, 3, 3, 8)
+    clone.load_state_dict(gate.state_dict())  # everything it routes by travels in the state dict
+    assert torch.equal(clone(h), gate(h))
 
 
 def test_local_loops_on_digits_lower_the_loss_and_beat_chance():

@@ -51,6 +51,11 @@ def test_stage_bytes_follow_the_formulas(smoke_run):
     rows = [s + (n - 1) * int(cfg.stage3.proto_ratio * s / (n - 1)) for s in sizes]
     answers = sum((n - 1) * r * (d * 2 + c * 4) for r in rows)
     assert per_variant["protogate"] == n * one + n * n * one + answers + per_variant["fedgate"]
+    # classgate: float64 moments up (counts, per-class sums, Gram), the float32 discriminant and
+    # the experts' competence down to each client; nothing per round
+    up = (c + c * d + d * d) * 8
+    down = (d * c + c + n * c) * 4
+    assert per_variant["classgate"] == n * up + n * down
     # each sample routed to k experts; at most k-1 of them remote... bytes per sample bounded by k remote calls
     k, d = cfg.routing.top_k, cfg.model.latent_dim
     assert 0 < res["bytes"]["per_routed_sample"] <= k * (d * 2 + 10 * 4)
@@ -93,9 +98,10 @@ def _load_clients(ray, run, data_root):
 def test_routed_inference_through_actors_equals_the_in_process_mixture(ray_session, smoke_run, data_root):
     ray = ray_session
     cfg, ds, split, trained, clients = _load_clients(ray, smoke_run / "run", data_root)
-    modules = {v: ckpt.build_modules(trained, v) for v in ("fedgate", "rollgate")}
+    variants = ("fedgate", "rollgate", "classgate")
+    modules = {v: ckpt.build_modules(trained, v) for v in variants}
     x = ds.x_test[split.test[1][:40]]
-    for variant in ("fedgate", "rollgate"):
+    for variant in variants:
         m = modules[variant]
         gate, experts = m["gates"][1], m["experts"]
         with torch.no_grad():
@@ -146,6 +152,7 @@ def test_no_client_method_returns_a_raw_sample(ray_session, smoke_run, data_root
         ray.get(c.fit_expert.remote()),
         ray.get(c.collect_answers.remote()),
         ray.get(c.fit_gate.remote("fedgate", None, 0)),
+        ray.get(c.class_moments.remote()),
         ray.get(c.evaluate.remote("fedgate")),
         ray.get(c.evaluate_baselines.remote()),
         ray.get(c.get_state.remote()),
