@@ -16,7 +16,19 @@ from training.models import make_gate
 
 WHAT = {"rangate": "nothing (untrained)", "localgate": "nothing (no sync)", "rollgate": "one gate around the ring",
         "fedgate": "gate body, up and down", "fullgate": "whole gate, up and down",
-        "protogate": "gate body + class prototypes and answers"}
+        "protogate": "gate body; once: class prototypes, answers on drawn latents",
+        "classgate": "once: class moments up, discriminant and competence down"}
+
+
+def split_bytes(variant: str, total: int, rounds: int, clients: int, gate: dict) -> dict:
+    """A variant's stage-3 bytes as ``{"per_round", "one_off", "total"}``: the gate sync repeats
+    every round (up from and down to every client), an exchange (prototypes, moments) happens once."""
+    synced = {"fedgate": ("body.",), "protogate": ("body.",), "fullgate": None}
+    if variant in synced:
+        per_round = 2 * clients * federated.state_bytes(gate, synced[variant])
+    else:
+        per_round = total / rounds if variant == "rollgate" else 0
+    return {"per_round": per_round, "one_off": total - per_round * rounds, "total": total}
 
 
 def run(ctx: common.Context) -> tuple[dict, str, dict]:
@@ -30,7 +42,7 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     gate = make_gate(c.model, c.num_clients).state_dict()
     stage1 = {"bytes_down_per_round": float(np.mean([h["bytes_down"] for h in hist])),
               "bytes_up_per_round": float(np.mean([h["bytes_up"] for h in hist])), "rounds": len(hist), "total": b["stage1"]}
-    variants = {v: {"total": n, "per_round": n / r3} for v, n in b["stage3_variants"].items()}
+    variants = {v: split_bytes(v, n, r3, c.num_clients, gate) for v, n in b["stage3_variants"].items()}
     sync = {"gate_bytes": federated.state_bytes(gate), "body_bytes": federated.state_bytes(gate, ("body.",)),
             "fedgate_total": b["stage3_variants"].get("fedgate"), "fullgate_total": b["stage3_variants"].get("fullgate")}
     if sync["fedgate_total"] and sync["fullgate_total"]:
@@ -64,9 +76,13 @@ def markdown(r: dict) -> str:
             ["stage 3, expert answers", "latents out, logits back, once", "—", 1, n(r["stage3_answers"])]]
     rows += [[f"stage 3, {v}", WHAT.get(v, "gate sync"), n(x["per_round"]), r["stage3_rounds"], n(x["total"])]
              for v, x in r["stage3_variants"].items()]
+    one_off = {v: x["one_off"] for v, x in r["stage3_variants"].items() if x["one_off"]}
     out = [f"{r['clients']} clients, latent d = {r['latent_dim']}, top-k {r['top_k']}. Bytes as the Coordinator counts "
            "them (fp16 latents run).\n", "## Bytes per round\n",
            common.table(["stage", "what travels", "bytes / round", "rounds", "total bytes"], rows)]
+    if one_off:
+        out.append("One-off exchanges inside those totals: " + ", ".join(f"{v} {n(x)} B" for v, x in one_off.items())
+                   + " (stage-3 totals do not include the shared expert answers row above).\n")
     ratio = f"{sync['fedgate_over_fullgate']:.2f}" if "fedgate_over_fullgate" in sync else "—"
     out += ["\n## FedGate's partial sync vs FullGate's full sync\n",
             common.table(["", "fedgate (body only)", "fullgate (whole gate)", "fedgate / fullgate"],

@@ -70,6 +70,11 @@ def test_comm_bytes_and_fp16_vs_fp32(bench, capsys):
     # FedGate syncs the gate body only: fewer bytes than FullGate's whole gate
     assert sync["body_bytes"] < sync["gate_bytes"] and sync["fedgate_total"] < sync["fullgate_total"]
     assert f"{sync['fedgate_total']:,.0f}" in _row(md, "stage-3 total")
+    # exchanges happen once: ClassGate has no rounds, ProtoGate's rounds cost what FedGate's do
+    v = res["stage3_variants"]
+    assert v["classgate"]["per_round"] == 0 and v["classgate"]["one_off"] == v["classgate"]["total"] > 0
+    assert v["protogate"]["per_round"] == v["fedgate"]["per_round"] and v["protogate"]["one_off"] > 0
+    assert v["fedgate"]["one_off"] == 0 and v["fullgate"]["one_off"] == 0
     fp16, fp32 = res["routed"]["fp16"]["fedgate"]["bytes"], res["routed"]["fp32"]["fedgate"]["bytes"]
     assert 0 < fp16 < fp32 < raw  # latents, fp16 the smallest, never the raw input
     assert f"{fp16:.1f} | {fp32:.1f}" in _row(md, "fedgate")
