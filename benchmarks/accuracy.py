@@ -88,4 +88,29 @@ def markdown(res: dict) -> str:
         out.append(f"## {which.capitalize()} accuracy\n")
         rows = [[r["stage1"], r["method"], *(cell(r["cells"].get(p), which) for p in res["partitions"])] for r in res["rows"]]
         out.append(common.table(["stage 1", "method", *(SHOWN[p] for p in res["partitions"])], rows))
+    out.append("## Personal and networked at once?\n\nPer cell: personalized minus local_only's, then global minus "
+               "the better of fedavg_global and centralized_moe (means, points). The goal: at least −0.5 and −2.\n")
+    out.append(common.table(["stage 1", "method", *(SHOWN[p] for p in res["partitions"])], gaps(res)))
     return "\n".join(out)
+
+
+def gaps(res: dict) -> list[list[str]]:
+    """Each NMoE variant against a personal model on its own data and the federation on everyone's."""
+    by = {(r["stage1"], r["method"]): r["cells"] for r in res["rows"]}
+    rows = []
+    for r in res["rows"]:
+        if not r["method"].startswith("nmoe/"):
+            continue
+        cells = []
+        for p in res["partitions"]:
+            own, local = r["cells"].get(p), by.get((r["stage1"], "local_only"), {}).get(p)
+            fed = [by.get((r["stage1"], b), {}).get(p) for b in ("fedavg_global", "centralized_moe")]
+            fed = [c["global_mean"] for c in fed if c]
+            if not (own and local and fed):
+                cells.append("—")
+                continue
+            dp, dg = own["personalized_mean"] - local["personalized_mean"], own["global_mean"] - max(fed)
+            ok = "**met**" if dp >= -0.005 and dg >= -0.02 else ""
+            cells.append(f"{100 * dp:+.1f} / {100 * dg:+.1f} {ok}".strip())
+        rows.append([r["stage1"], r["method"], *cells])
+    return rows
