@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = ("accuracy", "overhead", "comm", "scaling", "serve")
-MODULES = {"serve": "serving"}  # benchmarks/serve.py would shadow the serve package for scripts in benchmarks/
+SUITES = ("accuracy", "overhead", "comm", "scaling", "serve", "classgate")
+# benchmarks/serve.py would shadow the serve package for scripts in benchmarks/
+MODULES = {"serve": "serving", "classgate": "classgate_sweep"}
 
 
 def add_parser(sub, config_args) -> None:
-    p = sub.add_parser("bench", help="benchmarks: accuracy, overhead, comm, scaling, serve (tables under --out)")
+    p = sub.add_parser("bench", help="benchmarks: accuracy, overhead, comm, scaling, serve, classgate (tables under --out)")
     p.add_argument("suite", choices=SUITES, help="which benchmark to run")
     p.add_argument("--quick", action="store_true", help="tiny configs (configs/smoke.yaml-sized): minutes, not hours")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout (the rest goes to stderr)")
@@ -24,7 +25,7 @@ def add_parser(sub, config_args) -> None:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--fresh", action="store_true", help="retrain even where a finished run with the same config exists under OUT/runs")
     p.add_argument("--threads", type=int, default=None, help="overhead: torch threads of the in-process path (default: every core)")
-    p.add_argument("--run", default=None, help="serve: benchmark this finished run instead of training one")
+    p.add_argument("--run", default=None, help="serve, classgate: benchmark this finished run instead of training one")
     p.add_argument("--requests", type=int, default=None, help="serve: requests per (batch, concurrency) cell (default 200; 16 with --quick)")
     p.set_defaults(func=run)
 

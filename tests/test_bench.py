@@ -123,3 +123,15 @@ def test_scaling_grows_bytes_with_clients(bench, capsys):
         assert r["peak_rss_mib"] > 0 and r["ray_processes_at_peak"] >= r["clients"] + 1
         row = _row(md, str(r["clients"]))
         assert f"{r['stage1_seconds_per_round']:.2f}" in row and f"{r['peak_rss_mib']:.0f}" in row
+
+
+def test_classgate_sweep_reproduces_the_trained_point_in_process(bench, capsys):
+    res, md = bench(capsys, "classgate")  # its run is the accuracy suite's dirichlet run: reused
+    sweep = next(iter(res["sweeps"].values()))
+    assert len(sweep["points"]) == 12
+    trained = next(p for p in sweep["points"] if p["prior"] == 1.0 and p["own_bias"] == 1.0)
+    routed = sweep["baselines"]["nmoe/classgate"]  # what the Client actors measured in the run
+    assert trained["personalized"] == pytest.approx(routed["personalized"], abs=1e-6)
+    assert trained["global"] == pytest.approx(routed["global"], abs=1e-6)
+    assert f"{100 * trained['global']:.1f}" in _row(md, "1", "1")
+    assert "local_only" in md and "centralized_moe" in md
