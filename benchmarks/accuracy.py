@@ -32,9 +32,9 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     scores: dict = defaultdict(list)  # (stage1 method, method, partition) -> [(personalized, global)]
     names: dict[str, list[str]] = {}
     total, k = len(METHODS) * len(parts) * len(seeds), 0
-    for method in METHODS:
-        for part in parts:
-            for seed in seeds:
+    for seed in seeds:  # seeds outermost: a suite stopped early still has every cell
+        for method in METHODS:
+            for part in parts:
                 k += 1
                 common.say(f"accuracy: run {k}/{total}: stage1={method} partition={part} seed={seed}")
                 cfg = ctx.cfg(*PARTITIONS[part], f"stage1.method={method}", f"seed={seed}")
