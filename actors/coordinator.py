@@ -324,9 +324,11 @@ class Coordinator:
     def stage3(self) -> None:
         self._restore("stage2", "stage3")
         t0 = time.perf_counter()
-        self._say("stage3", "collecting expert answers")
-        answered = self._gather({i: self.clients[i].collect_answers.remote() for i in self.active}, "stage3")
-        self.state["bytes"]["stage3_answers"] = sum(a["bytes_out"] + a["bytes_in"] for a in answered.values())
+        self.state["bytes"]["stage3_answers"] = 0
+        if set(self.cfg.stage3.variants) - {"rangate", "classgate"}:  # the gates that train on the experts' answers
+            self._say("stage3", "collecting expert answers")
+            answered = self._gather({i: self.clients[i].collect_answers.remote() for i in self.active}, "stage3")
+            self.state["bytes"]["stage3_answers"] = sum(a["bytes_out"] + a["bytes_in"] for a in answered.values())
         for v in self.cfg.stage3.variants:
             share = {"protogate": self._share_prototypes, "classgate": self._share_class_moments}.get(v)
             exchange = share() if share else 0

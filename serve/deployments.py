@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from ray import serve
 
+from training import checkpoint as ckpt
 from training import routing
 from training.data import normalize
-from training.models import Stage1Model, make_expert, make_gate
 
 APP_PREFIX = "nmoe-client-"
 
@@ -40,17 +40,9 @@ class ClientDeployment:
         self.cfg = from_dict(cfg)
         self.dataset = meta["dataset"]
         self.n = self.cfg.num_clients
-        model = Stage1Model(self.cfg.model, meta["channels"], meta["image_size"], meta["num_classes"])
-        model.load_state_dict(weights["stage1"])
-        self.extractor = model.extractor.eval()
-        self.expert = make_expert(self.cfg.model, meta["num_classes"])
-        self.expert.load_state_dict(weights["expert"])
-        self.expert.eval()
-        self.gate = None
-        if variant != "rangate":
-            self.gate = make_gate(self.cfg.model, self.n, variant, meta["num_classes"])
-            self.gate.load_state_dict(weights["gate"])
-            self.gate.eval()
+        self.extractor = ckpt.load_extractor(self.cfg, meta, weights["stage1"])
+        self.expert = ckpt.load_expert(self.cfg, meta, weights["expert"])
+        self.gate = None if variant == "rangate" else ckpt.load_gate(self.cfg, meta, variant, weights["gate"])
         self.num_classes = meta["num_classes"]
         self._peers: dict[int, object] = {}
 

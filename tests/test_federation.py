@@ -210,6 +210,20 @@ def test_resume_after_stage1_does_not_rerun_stage1(ray_session, data_root, tmp_p
     assert set(res["methods"]) == {"nmoe/localgate", "local_only", "fedavg_global", "centralized_moe"}
 
 
+def test_classgate_alone_sends_its_moments_and_no_expert_answers(ray_session, data_root, tmp_path):
+    from nmoe.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(SMOKE), "--set", f"data.root={data_root}", "--set", "stage3.variants=[classgate]",
+                 "--no-tracking", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    b, cfg = res["bytes"], load_config(SMOKE)
+    c, d, n = 10, cfg.model.latent_dim, cfg.num_clients
+    assert b["stage3_answers"] == 0  # nothing to train, so nobody asks every expert
+    assert b["stage3"] == b["stage3_variants"]["classgate"] == n * (c + c * d + d * d) * 8 + n * (d * c + c + n * c) * 4
+    assert set(res["methods"]) == {"nmoe/classgate", "local_only", "fedavg_global", "centralized_moe"}
+
+
 def _cli(*args, cwd):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     return subprocess.run([sys.executable, "-m", "nmoe", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)

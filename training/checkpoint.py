@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from training.config import ConfigError, ExperimentConfig, from_dict
+from training.models import Stage1Model, make_expert, make_gate
 
 
 class RunFolderError(ValueError):
@@ -87,23 +88,32 @@ def load_trained(run: Path) -> dict:
     }
 
 
+def load_extractor(cfg, meta: dict, stage1: dict) -> torch.nn.Module:
+    """Eval-mode F from the stage-1 weights (F and its helpers)."""
+    model = Stage1Model(cfg.model, meta["channels"], meta["image_size"], meta["num_classes"])
+    model.load_state_dict(stage1)
+    return model.extractor.eval()
+
+
+def load_expert(cfg, meta: dict, state: dict) -> torch.nn.Module:
+    expert = make_expert(cfg.model, meta["num_classes"])
+    expert.load_state_dict(state)
+    return expert.eval()
+
+
+def load_gate(cfg, meta: dict, variant: str, state: dict) -> torch.nn.Module:
+    gate = make_gate(cfg.model, cfg.num_clients, variant, meta["num_classes"])
+    gate.load_state_dict(state)
+    return gate.eval()
+
+
 def build_modules(trained: dict, variant: str | None = None) -> dict:
     """Eval-mode modules from ``load_trained``: the extractor, ``experts[i]`` and ``gates[i]`` of ``variant``.
 
     Keyed by client id (a client that left the run has none), for in-process reference routing.
     """
-    from training.models import Stage1Model, make_expert, make_gate
-
     cfg, meta = trained["config"], trained["meta"]
-    model = Stage1Model(cfg.model, meta["channels"], meta["image_size"], meta["num_classes"])
-    model.load_state_dict(trained["stage1"])
-    experts, gates = {}, {}
-    for i, state in trained["experts"].items():
-        experts[i] = make_expert(cfg.model, meta["num_classes"])
-        experts[i].load_state_dict(state)
-        experts[i].eval()
-    for i, state in trained["gates"].get(variant, {}).items() if variant else ():
-        gates[i] = make_gate(cfg.model, cfg.num_clients, variant, meta["num_classes"])
-        gates[i].load_state_dict(state)
-        gates[i].eval()
-    return {"extractor": model.extractor.eval(), "experts": experts, "gates": gates}
+    return {"extractor": load_extractor(cfg, meta, trained["stage1"]),
+            "experts": {i: load_expert(cfg, meta, s) for i, s in trained["experts"].items()},
+            "gates": {i: load_gate(cfg, meta, variant, s) for i, s in trained["gates"].get(variant, {}).items()}
+            if variant else {}}
