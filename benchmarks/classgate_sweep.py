@@ -73,8 +73,10 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
         runs = {"run": Path(ctx.run).resolve()}
     else:
         parts = ["dirichlet0.5"] if ctx.quick else ["dirichlet0.5", "dirichlet0.1"]
-        runs = {p: common.train_run(ctx, ctx.cfg(*PARTITIONS[p]), f"acc-fedce-{p}-s{ctx.cfg().seed}")["dir"]
-                for p in parts}
+        runs = {}
+        for p in parts:  # named like the accuracy suite's runs, which it reuses
+            cfg = ctx.cfg(*PARTITIONS[p])
+            runs[p] = common.train_run(ctx, cfg, f"acc-{cfg.stage1.method}-{p}-s{cfg.seed}")["dir"]
     sweeps = {}
     for label, run_dir in runs.items():
         common.say(f"classgate: re-scoring {run_dir} at {len(PRIOR) * len(OWN_BIAS)} settings")
