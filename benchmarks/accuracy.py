@@ -2,7 +2,8 @@
 
 One Coordinator run per (stage-1 method, partition, seed) yields every gate variant and the
 baselines (``results["methods"]``). Each cell: personalized and global accuracy, mean +- std
-over seeds (3 seeds; 1 with --quick).
+over seeds (3 seeds; 1 with --quick). ``--finished-only`` tabulates the runs already finished
+(a suite stopped early, or several machines sharing one --out) without training.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from benchmarks import common
+from training.checkpoint import RunFolderError
 
 METHODS = ("fedce", "fedsc")
 PARTITIONS = {  # label -> overrides
@@ -36,8 +38,10 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
         for method in METHODS:
             for part in parts:
                 k += 1
-                common.say(f"accuracy: run {k}/{total}: stage1={method} partition={part} seed={seed}")
                 cfg = ctx.cfg(*PARTITIONS[part], f"stage1.method={method}", f"seed={seed}")
+                if ctx.finished_only and common.finished_run(ctx, cfg) is None:
+                    continue
+                common.say(f"accuracy: run {k}/{total}: stage1={method} partition={part} seed={seed}")
                 res = common.train_run(ctx, cfg, f"acc-{method}-{part}-s{seed}")["results"]
                 variants = [m for m in res["methods"] if m.startswith("nmoe/")]
                 names[method] = variants + [b for b in BASELINES if b in res["methods"]]
@@ -45,6 +49,8 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
                     scores[(method, name, part)].append((m["personalized_acc"], m["global_acc"]))
                 if k < total:  # a long suite leaves a readable table after every run
                     common.write_partial(ctx, *summarize(ctx, scores, names, parts, seeds)[:2], f"{k} of {total} runs")
+    if not scores:
+        raise RunFolderError(f"--finished-only: no finished accuracy run under {ctx.out / 'runs'}")
     return summarize(ctx, scores, names, parts, seeds)
 
 

@@ -43,6 +43,7 @@ class Context:
     overrides: list[str] = field(default_factory=list)
     tracking_uri: str | None = None  # resolved; None: no MLflow
     fresh: bool = False
+    finished_only: bool = False  # accuracy: tabulate the finished runs under <out>/runs, train nothing
     threads: int | None = None  # torch threads of in-process baselines (None: every core)
     run: str | None = None  # serve: an existing finished run
     requests: int | None = None
@@ -63,6 +64,13 @@ def config_key(cfg) -> str:
     return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 
+def finished_run(ctx: Context, cfg) -> Path | None:
+    """Any suite's finished run of this very config under ``<out>/runs``, or None."""
+    for done in sorted((ctx.out / "runs").glob(f"*-{config_key(cfg)}/results.json")):
+        return done.parent.resolve()
+    return None
+
+
 def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache: bool = True) -> dict:
     """One training run, started exactly as ``nmoe train`` starts it (untracked: the bench run
     holds the numbers). Returns ``{"results", "dir", "wall", "cached"}``."""
@@ -72,12 +80,12 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
 
     key = config_key(cfg)
     run_dir = (ctx.out / "runs" / f"{name}-{key}").resolve()
-    if cache and not ctx.fresh and stop_after is None:  # any suite's finished run with this very config
-        for done in sorted((ctx.out / "runs").glob(f"*-{key}/results.json")):
-            results = json.loads(done.read_text())
-            say(f"{ctx.suite}: {name}: reusing the finished run {done.parent} (same config)")
-            return {"results": results, "dir": done.parent.resolve(), "wall": results["timings"].get("total"),
-                    "cached": True}
+    if cache and not ctx.fresh and stop_after is None:
+        done = finished_run(ctx, cfg)
+        if done is not None:
+            results = json.loads((done / "results.json").read_text())
+            say(f"{ctx.suite}: {name}: reusing the finished run {done} (same config)")
+            return {"results": results, "dir": done, "wall": results["timings"].get("total"), "cached": True}
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(

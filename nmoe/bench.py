@@ -24,6 +24,8 @@ def add_parser(sub, config_args) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the config's, sqlite:///mlflow.db)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--fresh", action="store_true", help="retrain even where a finished run with the same config exists under OUT/runs")
+    p.add_argument("--finished-only", action="store_true",
+                   help="accuracy: tabulate the runs already finished under OUT/runs, train nothing")
     p.add_argument("--threads", type=int, default=None, help="overhead: torch threads of the in-process path (default: every core)")
     p.add_argument("--run", default=None, help="serve, classgate: benchmark this finished run instead of training one")
     p.add_argument("--requests", type=int, default=None, help="serve: requests per (batch, concurrency) cell (default 200; 16 with --quick)")
@@ -49,7 +51,8 @@ def run(args) -> int:
     if args.run and not (Path(args.run) / "state.json").is_file():
         raise UserError(f"--run {args.run}: not an NMoE run folder (train one with nmoe train --out DIR)")
     ctx = common.Context(suite=args.suite, quick=args.quick, out=Path(args.out).resolve(), config=args.config,
-                         overrides=list(args.overrides), fresh=args.fresh, threads=args.threads, run=args.run,
+                         overrides=list(args.overrides), fresh=args.fresh, finished_only=args.finished_only,
+                         threads=args.threads, run=args.run,
                          requests=args.requests)
     base = ctx.cfg()  # fail early on a bad config
     if not args.no_tracking and base.tracking.enabled:

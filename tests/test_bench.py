@@ -60,6 +60,14 @@ def test_accuracy_table_has_every_method_and_partition(bench, capsys):
             assert f"{100 * c['global_mean']:.1f} ± 0.0" in _row(global_, r["stage1"], r["method"])
 
 
+def test_accuracy_finished_only_tabulates_the_finished_runs_without_training(bench, capsys, tmp_path):
+    res, _ = bench(capsys, "accuracy")  # the runs of the test above, reused
+    again, md = bench(capsys, "accuracy", "--finished-only")
+    assert again["rows"] == res["rows"] and "Partial" not in md
+    rc = main(["bench", "accuracy", "--quick", "--finished-only", "--out", str(tmp_path), "--no-tracking"])
+    assert rc != 0 and "no finished accuracy run" in capsys.readouterr().err
+
+
 def test_comm_bytes_and_fp16_vs_fp32(bench, capsys):
     res, md = bench(capsys, "comm")  # its fp16 run is the accuracy suite's fedce/dirichlet run: reused
     s1, sync, raw = res["stage1"], res["sync"], res["raw_input_per_sample"]
