@@ -76,10 +76,10 @@ def summarize(ctx: common.Context, scores: dict, names: dict, parts: list[str], 
     return result, markdown(result), metrics
 
 
-def cell(c: dict | None, which: str) -> str:
+def cell(c: dict | None, which: str, seeds: int) -> str:
     if c is None:
         return "not run yet"
-    n = "" if c["seeds"] > 1 else " (1 seed)"
+    n = "" if c["seeds"] == seeds else f" ({c['seeds']} of {seeds} seeds)"
     return f"{common.pct(c[f'{which}_mean'])} ± {common.pct(c[f'{which}_std'])}{n}"
 
 
@@ -92,7 +92,7 @@ def markdown(res: dict) -> str:
            "(not private, the upper bound).\n"]
     for which in ("personalized", "global"):
         out.append(f"## {which.capitalize()} accuracy\n")
-        rows = [[r["stage1"], r["method"], *(cell(r["cells"].get(p), which) for p in res["partitions"])] for r in res["rows"]]
+        rows = [[r["stage1"], r["method"], *(cell(r["cells"].get(p), which, len(res["seeds"])) for p in res["partitions"])] for r in res["rows"]]
         out.append(common.table(["stage 1", "method", *(SHOWN[p] for p in res["partitions"])], rows))
     out.append("## Personal and networked at once?\n\nPer cell: personalized minus local_only's, then global minus "
                "the better of fedavg_global and centralized_moe (means, points). The goal: at least −0.5 and −2.\n")
