@@ -64,7 +64,7 @@ def parse_inputs(inputs: list, channels: int, size: int, max_batch: int) -> np.n
     return x
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, graceful_shutdown_timeout_s=5)
 @serve.ingress(app)
 class Api:
     def __init__(self, meta: dict, variant: str, top_k: int, max_batch: int = 256):

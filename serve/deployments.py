@@ -26,8 +26,9 @@ def client_app_name(i: int) -> str:
 
 
 # predict and expert_forward share a replica: a low request cap would let two clients wait on
-# each other's expert calls until the peer timeout fires, so the cap is generous
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+# each other's expert calls until the peer timeout fires, so the cap is generous; a request
+# takes milliseconds, so replicas need not wait Serve's default 20 s to drain on shutdown
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, graceful_shutdown_timeout_s=5)
 class ClientDeployment:
     """Client i as a service: its own inputs in, routed predictions out; its expert for peers."""
 

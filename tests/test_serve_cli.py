@@ -31,7 +31,7 @@ def test_nmoe_serve_answers_then_stops_cleanly_on_ctrl_c(smoke_run, tmp_path):
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=90) == 0
+        assert proc.wait(timeout=150) == 0  # generous: CI shares 2 cores with the session's Serve
         reader.join(timeout=10)
         assert "shutting down Serve" in "".join(lines)
     finally:
