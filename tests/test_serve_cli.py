@@ -1,4 +1,9 @@
-"""`nmoe serve` as a user runs it: its own process, loopback, Ctrl-C shuts Serve down cleanly."""
+"""`nmoe serve` as a user runs it: its own process, loopback, Ctrl-C shuts Serve down cleanly.
+
+Runs with NMOE_SERVE_CLI=1 (`.ci/run` runs it on its own): alone it takes about a minute, but
+after the rest of the suite on 2 cores its second Ray instance has been seen not to finish
+shutting down within minutes.
+"""
 
 import os
 import signal
@@ -9,8 +14,10 @@ import threading
 import time
 
 import httpx
+import pytest
 
 
+@pytest.mark.skipif(os.environ.get("NMOE_SERVE_CLI") != "1", reason="set NMOE_SERVE_CLI=1 (run on its own: a second Ray)")
 def test_nmoe_serve_answers_then_stops_cleanly_on_ctrl_c(smoke_run, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,7 +38,7 @@ def test_nmoe_serve_answers_then_stops_cleanly_on_ctrl_c(smoke_run, tmp_path):
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=150) == 0  # generous: CI shares 2 cores with the session's Serve
+        assert proc.wait(timeout=90) == 0
         reader.join(timeout=10)
         assert "shutting down Serve" in "".join(lines)
     finally:
