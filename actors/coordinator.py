@@ -32,6 +32,9 @@ from training.data import build_split, load_dataset
 from training.models import Stage1Model, make_expert, make_gate
 
 
+UNTRAINED_GATES = ("rangate", "classgate")  # no gate rounds, no need for every expert's answers
+
+
 class PlacementError(RuntimeError):
     """The cluster cannot hold the clients as configured."""
 
@@ -261,7 +264,7 @@ class Coordinator:
         """One variant's gate rounds; returns the bytes its synchronisation cost."""
         cfg = self.cfg
         rounds, sent = cfg.stage3.rounds, 0
-        if variant in ("rangate", "classgate"):  # nothing to train (classgate: see _share_class_moments)
+        if variant in UNTRAINED_GATES:  # classgate: see _share_class_moments
             return 0
         if variant == "rollgate":  # one gate travels the ring; each client trains it in turn
             state = None
@@ -275,9 +278,7 @@ class Coordinator:
                         sent += federated.state_bytes(state)
             self._gather({i: self.clients[i].sync_gate.remote(variant, state) for i in self.active}, "stage3/rollgate", rounds - 1)
             return sent + federated.state_bytes(state) * len(self.active)
-        # localgate: no sync; fedgate: FedAvg of body.*, head.* stays local; fullgate: FedAvg of all
-        # protogate: synced like fedgate, trained on its own + prototype-drawn latents
-        include = {"localgate": None, "fedgate": ("body.",), "protogate": ("body.",), "fullgate": ()}[variant]
+        include = federated.GATE_SYNC[variant]  # None: no sync; (): the whole gate
         shared = None
         for r in range(rounds):
             self._say("stage3", f"{variant} round {r + 1}/{rounds}", r + 1, rounds)
@@ -325,7 +326,7 @@ class Coordinator:
         self._restore("stage2", "stage3")
         t0 = time.perf_counter()
         self.state["bytes"]["stage3_answers"] = 0
-        if set(self.cfg.stage3.variants) - {"rangate", "classgate"}:  # the gates that train on the experts' answers
+        if set(self.cfg.stage3.variants) - set(UNTRAINED_GATES):  # some gate trains on the experts' answers
             self._say("stage3", "collecting expert answers")
             answered = self._gather({i: self.clients[i].collect_answers.remote() for i in self.active}, "stage3")
             self.state["bytes"]["stage3_answers"] = sum(a["bytes_out"] + a["bytes_in"] for a in answered.values())

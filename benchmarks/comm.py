@@ -23,9 +23,9 @@ WHAT = {"rangate": "nothing (untrained)", "localgate": "nothing (no sync)", "rol
 def split_bytes(variant: str, total: int, rounds: int, clients: int, gate: dict) -> dict:
     """A variant's stage-3 bytes as ``{"per_round", "one_off", "total"}``: the gate sync repeats
     every round (up from and down to every client), an exchange (prototypes, moments) happens once."""
-    synced = {"fedgate": ("body.",), "protogate": ("body.",), "fullgate": None}
-    if variant in synced:
-        per_round = 2 * clients * federated.state_bytes(gate, synced[variant])
+    synced = federated.GATE_SYNC.get(variant)
+    if synced is not None:
+        per_round = 2 * clients * federated.state_bytes(gate, synced or None)
     else:
         per_round = total / rounds if variant == "rollgate" else 0
     return {"per_round": per_round, "one_off": total - per_round * rounds, "total": total}

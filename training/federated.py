@@ -18,6 +18,12 @@ def _selected(key: str, include: Sequence[str] | None) -> bool:
     return include is None or any(key.startswith(p) for p in include)
 
 
+# What each federated gate variant averages every stage-3 round: FedGate averages the gate body
+# (head.* stays local; ProtoGate syncs like it), FullGate the whole gate (()), LocalGate nothing.
+GATE_SYNC: dict[str, tuple[str, ...] | None] = {"localgate": None, "fedgate": ("body.",), "protogate": ("body.",),
+                                                "fullgate": ()}
+
+
 def fedavg(states: Sequence[State], weights: Sequence[float], include: Sequence[str] | None = None) -> State:
     """Weighted average of the tensors whose key starts with one of ``include`` (all if None).
 
