@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import urllib.error
@@ -69,8 +70,25 @@ def serve_cmd(args) -> int:
         pass
     finally:
         console.print("shutting down Serve")
-        launch.shutdown()
+        import ray
+
+        if not _within(SHUTDOWN_TIMEOUT_S, launch.shutdown):
+            console.print(f"Serve did not stop within {SHUTDOWN_TIMEOUT_S:.0f} s; stopping Ray under it")
+        if not _within(SHUTDOWN_TIMEOUT_S, ray.shutdown):  # a local Ray stops; a cluster is only left
+            console.print(f"Ray did not stop within {SHUTDOWN_TIMEOUT_S:.0f} s; exiting anyway")
+            os._exit(1)
     return 0
+
+
+SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def _within(seconds: float, fn) -> bool:
+    """Run fn in a daemon thread; False if it has not returned after `seconds` (it is then abandoned)."""
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive()
 
 
 def _load_input(args, health: dict) -> np.ndarray:
