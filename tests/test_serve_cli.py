@@ -1,8 +1,7 @@
-"""`nmoe serve` as a user runs it: its own process, loopback, Ctrl-C shuts Serve down cleanly.
+"""`nmoe serve` as a user runs it: its own process (a second local Ray), loopback, Ctrl-C stops it.
 
-Runs with NMOE_SERVE_CLI=1 (`.ci/run` runs it on its own): alone it takes about a minute, but
-after the rest of the suite on 2 cores its second Ray instance has been seen not to finish
-shutting down within minutes.
+Its shutdown is bounded (30 s for Serve, then 30 s for Ray): on 2 loaded cores Serve's own
+shutdown has been seen to hang for minutes.
 """
 
 import os
@@ -14,10 +13,8 @@ import threading
 import time
 
 import httpx
-import pytest
 
 
-@pytest.mark.skipif(os.environ.get("NMOE_SERVE_CLI") != "1", reason="set NMOE_SERVE_CLI=1 (run on its own: a second Ray)")
 def test_nmoe_serve_answers_then_stops_cleanly_on_ctrl_c(smoke_run, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
