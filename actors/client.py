@@ -182,9 +182,10 @@ class Client:
         client's own label prior and expert. Nothing is trained."""
         s = self.cfg.stage3
         prior = prototypes.label_log_prior(torch.bincount(self.y, minlength=self.num_classes))
-        self.gates["classgate"].configure(shared["weight"], shared["bias"], prior, shared["competence"], self.id,
-                                          self.expert.state_dict(), s.classgate_own_expert, s.classgate_prior,
-                                          s.classgate_own_bias, s.classgate_temperature)
+        self.gates["classgate"].configure(shared["weight"], shared["bias"], prior, shared["competence"],
+                                          shared["expert_log_prior"], self.id, self.expert.state_dict(),
+                                          s.classgate_own_expert, s.classgate_prior, s.classgate_own_bias,
+                                          s.classgate_temperature, s.classgate_prior_cap)
         self.stage = "stage3"
 
     def fit_gate(self, variant: str, incoming: dict | None, round_: int) -> tuple[dict, dict]:
@@ -236,7 +237,8 @@ class Client:
         if self.id in plan:
             answers[self.id] = self.expert_forward(h[plan[self.id][0]])
         out, back = routing.routed_bytes(plan, self.id, h.shape[1], self.num_classes, fp16)
-        return {"logits": routing.combine(w, plan, answers), "experts": idx, "weights": w,
+        readout = routing.readout_of(self.gates.get(variant))
+        return {"logits": routing.combine(w, plan, answers, readout), "experts": idx, "weights": w,
                 "bytes_out": out, "bytes_in": back}
 
     def route(self, x: torch.Tensor, variant: str, top_k: int | None = None) -> dict:

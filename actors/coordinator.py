@@ -311,14 +311,15 @@ class Coordinator:
 
     def _share_class_moments(self) -> int:
         """ClassGate's one step: class moments up; the network's class posterior (a linear
-        discriminant) and every expert's per-class competence down. Returns its bytes."""
+        discriminant), every expert's per-class competence and label prior down. Returns its bytes."""
         self._say("stage3", "classgate: pooling class moments")
         moments = self._gather({i: self.clients[i].class_moments.remote() for i in self.active}, "stage3/classgate")
         weight, bias = prototypes.class_posterior(list(moments.values()))
         counts = torch.zeros(self.cfg.num_clients, len(bias))
         for i, m in moments.items():
             counts[i] = m["counts"].float()
-        shared = {"weight": weight, "bias": bias, "competence": prototypes.expert_competence(counts)}
+        shared = {"weight": weight, "bias": bias, "competence": prototypes.expert_competence(counts),
+                  "expert_log_prior": prototypes.label_log_prior(counts)}
         self._gather({i: self.clients[i].set_class_router.remote(shared) for i in self.active}, "stage3/classgate")
         return sum(prototypes.stats_bytes(m) for m in moments.values()) + prototypes.stats_bytes(shared) * len(self.active)
 

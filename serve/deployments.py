@@ -106,7 +106,7 @@ class ClientDeployment:
         if self.id in plan:
             with torch.no_grad():
                 answers[self.id] = self.expert(h[plan[self.id][0]])
-        logits = routing.combine(w, plan, answers)
+        logits = routing.combine(w, plan, answers, routing.readout_of(self.gate))
         return {
             "predictions": logits.argmax(1).tolist(),
             "probabilities": torch.softmax(logits, 1).tolist(),

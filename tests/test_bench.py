@@ -136,10 +136,12 @@ def test_scaling_grows_bytes_with_clients(bench, capsys):
 def test_classgate_sweep_reproduces_the_trained_point_in_process(bench, capsys):
     res, md = bench(capsys, "classgate")  # its run is the accuracy suite's dirichlet run: reused
     sweep = next(iter(res["sweeps"].values()))
-    assert len(sweep["points"]) == 12
-    trained = next(p for p in sweep["points"] if p["prior"] == 1.0 and p["own_bias"] == 1.0)
+    assert len(sweep["points"]) == 14
+    trained = next(p for p in sweep["points"] if p["prior"] == 1.0 and p["prior_cap"] == 2.0)
     routed = sweep["baselines"]["nmoe/classgate"]  # what the Client actors measured in the run
     assert trained["personalized"] == pytest.approx(routed["personalized"], abs=1e-6)
     assert trained["global"] == pytest.approx(routed["global"], abs=1e-6)
-    assert f"{100 * trained['global']:.1f}" in _row(md, "1", "1")
+    assert f"{100 * trained['global']:.1f}" in _row(md, "1", "2")
+    pooled = {p["prior_cap"]: p for p in sweep["pooled_reference"]}  # the non-private reference, same caps
+    assert len(pooled) == 7 and f"{100 * pooled[2.0]['global']:.1f}" in _row(md, "pooled p(c | h) (not private)", "2")
     assert "local_only" in md and "centralized_moe" in md

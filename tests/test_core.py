@@ -147,16 +147,52 @@ def test_classgate_sends_each_class_to_the_expert_that_holds_it_and_keeps_its_ow
     weight, bias = prototypes.class_posterior(moments)
     gate = ClassGate(6, 3, 3, 8)
     expert = Expert(6, 8, 3)
-    gate.configure(weight, bias, prototypes.label_log_prior(counts[0]), prototypes.expert_competence(counts), 0,
-                   expert.state_dict(), own_expert=0.0, prior=1.0, own_bias=1.0, temperature=0.3)
+    gate.configure(weight, bias, prototypes.label_log_prior(counts[0]), prototypes.expert_competence(counts),
+                   prototypes.label_log_prior(counts), 0, expert.state_dict(), own_expert=0.0, prior=1.0, own_bias=1.0,
+                   temperature=0.3, prior_cap=2.0)
     h, y = _gaussian_classes([100, 100, 100], gen)
     with torch.no_grad():
         first = gate(h).argmax(1)
     assert (first[y == 1] == 1).float().mean() > 0.9 and (first[y == 2] == 2).float().mean() > 0.9
     assert (first[y == 0] == 0).all()  # its own class stays home
     clone = ClassGate(6, 3, 3, 8)
-    clone.load_state_dict(gate.state_dict())  # everything it routes by travels in the state dict
+    clone.load_state_dict(gate.state_dict())  # everything it routes and reads out by travels in the state dict
     assert torch.equal(clone(h), gate(h))
+    assert all(torch.equal(a, b) for a, b in zip(clone.readout(), gate.readout()))
+
+
+def test_class_readout_undoes_the_answering_experts_label_skew():
+    """An expert that is Bayes-right under its own label mix (balanced log-probabilities plus
+    its log prior) answers the balanced class once its prior is taken out."""
+    counts = torch.tensor([[900.0, 90, 10], [10, 90, 900]])
+    log_prior = prototypes.label_log_prior(counts)
+    balanced = torch.tensor([[-2.0, -0.3, -2.0]] * 2)  # log p(c | h) under balanced labels: class 1
+    plan = routing.dispatch_plan(torch.tensor([[0], [1]]))  # row 0 asks expert 0, row 1 expert 1
+    answers = {j: balanced[[j]] + log_prior[j] for j in range(2)}
+    w = torch.ones(2, 1)
+    assert routing.combine(w, plan, answers).argmax(1).tolist() == [0, 2]  # the plain answer follows the skew
+    readout = routing.ClassReadout(prototypes.expert_competence(counts), log_prior, torch.zeros(3))
+    out = routing.combine(w, plan, answers, readout)
+    assert out.argmax(1).tolist() == [1, 1]
+    assert torch.allclose(out, balanced.log_softmax(1), atol=1e-5)
+
+
+def test_class_readout_never_picks_an_unheld_class_and_caps_the_own_prior():
+    counts = torch.tensor([[990.0, 10, 0], [0, 500, 500]])  # client 0: class 0 mostly, 1 rarely, 2 never
+    log_prior = prototypes.label_log_prior(counts)
+    plan = routing.dispatch_plan(torch.tensor([[0]] * 3))  # only expert 0 answers
+    evidence = torch.tensor([[0.0, 0.0, 9.0], [0.0, 3.0, 0.0], [0.0, 1.0, 0.0]])  # class 2; class 1 by 3 nats, by 1 nat
+    answers = {0: evidence + log_prior[0]}
+
+    def readout(cap: float) -> routing.ClassReadout:
+        tilt = prototypes.own_prior_tilt(log_prior[0], 1.0, cap)
+        return routing.ClassReadout(prototypes.expert_competence(counts), log_prior, tilt)
+
+    out = routing.combine(torch.ones(3, 1), plan, answers, readout(2.0))
+    assert out.argmax(1).tolist() == [0, 1, 0]  # class 2 is nobody's here; 3 nats beat the 2-nat tilt, 1 does not
+    assert out[0, 2] < routing.UNHELD_SCORE + 1
+    uncapped = routing.combine(torch.ones(3, 1), plan, answers, readout(10.0))
+    assert uncapped.argmax(1).tolist() == [0, 0, 0]  # the own prior (4.5 nats) would override both
 
 
 def test_local_loops_on_digits_lower_the_loss_and_beat_chance():

@@ -52,9 +52,9 @@ def test_stage_bytes_follow_the_formulas(smoke_run):
     answers = sum((n - 1) * r * (d * 2 + c * 4) for r in rows)
     assert per_variant["protogate"] == n * one + n * n * one + answers + per_variant["fedgate"]
     # classgate: float64 moments up (counts, per-class sums, Gram), the float32 discriminant and
-    # the experts' competence down to each client; nothing per round
+    # the experts' competence and label priors down to each client; nothing per round
     up = (c + c * d + d * d) * 8
-    down = (d * c + c + n * c) * 4
+    down = (d * c + c + 2 * n * c) * 4
     assert per_variant["classgate"] == n * up + n * down
     # each sample routed to k experts; at most k-1 of them remote... bytes per sample bounded by k remote calls
     k, d = cfg.routing.top_k, cfg.model.latent_dim
@@ -220,7 +220,7 @@ def test_classgate_alone_sends_its_moments_and_no_expert_answers(ray_session, da
     b, cfg = res["bytes"], load_config(SMOKE)
     c, d, n = 10, cfg.model.latent_dim, cfg.num_clients
     assert b["stage3_answers"] == 0  # nothing to train, so nobody asks every expert
-    assert b["stage3"] == b["stage3_variants"]["classgate"] == n * (c + c * d + d * d) * 8 + n * (d * c + c + n * c) * 4
+    assert b["stage3"] == b["stage3_variants"]["classgate"] == n * (c + c * d + d * d) * 8 + n * (d * c + c + 2 * n * c) * 4
     assert set(res["methods"]) == {"nmoe/classgate", "local_only", "fedavg_global", "centralized_moe"}
 
 

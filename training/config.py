@@ -79,10 +79,11 @@ class Stage3Config:
     batch_size: int = 64
     lr: float = 0.01
     proto_ratio: float = 1.0  # protogate: synthetic latents from peers' class prototypes per own sample
-    classgate_own_expert: float = 0.2  # classgate: weight of the own expert's answer in p(class | h)
-    classgate_prior: float = 1.0  # classgate: power of the own label prior in p(class | h)
-    classgate_own_bias: float = 1.0  # classgate: score bonus of the own expert ("is this input mine?")
-    classgate_temperature: float = 0.3  # classgate: temperature of the expert scores
+    classgate_own_expert: float = 0.0  # classgate: weight of the own expert's answer in p(class | h)
+    classgate_prior: float = 1.0  # classgate: power of the own label prior (routing and readout)
+    classgate_prior_cap: float = 2.0  # classgate: the readout's own prior is floored this many nats below its top
+    classgate_own_bias: float = 0.0  # classgate: score bonus of the own expert ("is this input mine?")
+    classgate_temperature: float = 0.3  # classgate: temperature of the expert scores (route weights)
 
 
 @dataclass
@@ -230,6 +231,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.stage3.proto_ratio >= 0, "stage3.proto_ratio", "must be >= 0")
     _check(0 <= cfg.stage3.classgate_own_expert <= 1, "stage3.classgate_own_expert", "must be between 0 and 1")
     _check(cfg.stage3.classgate_prior >= 0, "stage3.classgate_prior", "must be >= 0")
+    _check(cfg.stage3.classgate_prior_cap >= 0, "stage3.classgate_prior_cap", "must be >= 0")
     _check(cfg.stage3.classgate_temperature > 0, "stage3.classgate_temperature", "must be > 0")
     for i, v in enumerate(cfg.stage3.variants):
         _check(v in GATE_VARIANTS, f"stage3.variants[{i}]", f"unknown gate variant {v!r} (one of {', '.join(GATE_VARIANTS)})")

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from training.config import ModelConfig
+from training.prototypes import own_prior_tilt
+from training.routing import ClassReadout
 
 
 class FeatureExtractor(nn.Module):
@@ -62,9 +64,10 @@ class ClassGate(nn.Module):
     Nothing here is trained by gradient: ``configure`` installs what the network shares.
     p(c | h) is the network's class posterior (a linear discriminant fitted on every client's
     class moments, see ``training/prototypes.py``) tilted by this client's label prior and
-    blended with the own expert's answer; expert j scores ``log sum_c p(c | h) competence[j, c]``
-    (its stock of class c relative to the best-stocked expert), the own expert gets a bonus
-    (the default for inputs that look like this client's own), all over a temperature.
+    optionally blended with the own expert's answer; expert j scores
+    ``log sum_c p(c | h) competence[j, c]`` (its stock of class c relative to the best-stocked
+    expert), plus an optional bonus for the own expert, over a temperature. The chosen experts'
+    answers are then combined per class (``readout``, ``training.routing.combine_by_class``).
     """
 
     def __init__(self, latent_dim: int, num_classes: int, num_experts: int, expert_hidden: int):
@@ -73,26 +76,35 @@ class ClassGate(nn.Module):
         self.register_buffer("class_bias", torch.zeros(num_classes))
         self.register_buffer("log_prior", torch.zeros(num_classes))
         self.register_buffer("competence", torch.ones(num_experts, num_classes))
+        self.register_buffer("expert_log_prior", torch.zeros(num_experts, num_classes))
         self.register_buffer("own_bonus", torch.zeros(num_experts))
-        self.register_buffer("settings", torch.tensor([0.0, 0.0, 1.0]))  # own-expert weight, prior power, temperature
+        # own-expert weight, prior power, temperature, cap (nats) of the own prior in the readout
+        self.register_buffer("settings", torch.tensor([0.0, 0.0, 1.0, 0.0]))
         self.expert = Expert(latent_dim, expert_hidden, num_classes)  # a frozen copy of the own expert
 
     def configure(self, class_weight: torch.Tensor, class_bias: torch.Tensor, log_prior: torch.Tensor,
-                  competence: torch.Tensor, own: int, expert_state: dict, own_expert: float, prior: float,
-                  own_bias: float, temperature: float) -> None:
+                  competence: torch.Tensor, expert_log_prior: torch.Tensor, own: int, expert_state: dict,
+                  own_expert: float, prior: float, own_bias: float, temperature: float, prior_cap: float) -> None:
         self.class_weight.copy_(class_weight)
         self.class_bias.copy_(class_bias)
         self.log_prior.copy_(log_prior)
         self.competence.copy_(competence)
+        self.expert_log_prior.copy_(expert_log_prior)
         self.own_bonus.zero_()[own] = own_bias
-        self.settings.copy_(torch.tensor([own_expert, prior, temperature]))
+        self.settings.copy_(torch.tensor([own_expert, prior, temperature, prior_cap]))
         self.expert.load_state_dict(expert_state)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        own_expert, prior, temperature = self.settings.tolist()
+        own_expert, prior, temperature, _ = self.settings.tolist()
         p = (h @ self.class_weight + self.class_bias + prior * self.log_prior).softmax(-1)
-        p = (1 - own_expert) * p + own_expert * self.expert(h).softmax(-1)
+        if own_expert > 0:
+            p = (1 - own_expert) * p + own_expert * self.expert(h).softmax(-1)
         return ((p @ self.competence.T).clamp_min(1e-6).log() + self.own_bonus) / temperature
+
+    def readout(self) -> ClassReadout:
+        """The per-class vote of the chosen experts, tilted by the own label prior (capped)."""
+        _, prior, _, cap = self.settings.tolist()
+        return ClassReadout(self.competence, self.expert_log_prior, own_prior_tilt(self.log_prior, prior, cap))
 
 
 class ProjectionHead(nn.Module):

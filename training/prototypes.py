@@ -82,6 +82,14 @@ def expert_competence(counts: torch.Tensor) -> torch.Tensor:
 
 
 def label_log_prior(counts: torch.Tensor) -> torch.Tensor:
-    """A client's label prior, add-one smoothed so absent classes stay possible."""
+    """A client's label prior (or each row's, for [N, C] counts), add-one smoothed so absent
+    classes stay possible."""
     counts = counts.float()
-    return ((counts + 1) / (counts.sum() + len(counts))).log()
+    return ((counts + 1) / (counts.sum(-1, keepdim=True) + counts.shape[-1])).log()
+
+
+def own_prior_tilt(log_prior: torch.Tensor, power: float, cap: float) -> torch.Tensor:
+    """The own label prior as a readout tilt: its log raised to ``power`` and floored ``cap``
+    nats below its largest class, so a confident answer for a class this client rarely sees
+    can still win (an uncapped prior of an absent class would veto it)."""
+    return power * torch.maximum(log_prior, log_prior.max() - cap)

@@ -1,11 +1,14 @@
 """Routing math, once for the whole project: top-k gating, dispatch plan, combine, bytes.
 
 The routed output of client i is ``y = sum_{j in topk(G_i(h))} w_j * E_j(h)`` with ``w`` the
-softmax over the k chosen gate logits. ``actors/`` and ``serve/`` route through these
-functions; nothing else re-implements them.
+softmax over the k chosen gate logits, or, for a gate that brings a ``ClassReadout``
+(ClassGate), a per-class committee of the chosen experts (``combine_by_class``).
+``actors/`` and ``serve/`` route through these functions; nothing else re-implements them.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -56,13 +59,59 @@ def dispatch_plan(idx: torch.Tensor) -> Plan:
     return plan
 
 
-def combine(weights: torch.Tensor, plan: Plan, answers: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Weighted sum of the experts' answers; ``answers[j]`` holds expert j's logits for ``plan[j]``'s rows."""
+class ClassReadout(NamedTuple):
+    """How ClassGate combines answers: ``competence`` [N, C] (expert j's stock of class c
+    relative to the best-stocked expert), ``expert_log_prior`` [N, C] (each expert's training
+    label prior, log) and ``own_log_prior`` [C] (the tilt toward this client's own label mix)."""
+
+    competence: torch.Tensor
+    expert_log_prior: torch.Tensor
+    own_log_prior: torch.Tensor
+
+
+def readout_of(gate) -> ClassReadout | None:
+    """The gate's own way of combining answers (ClassGate's), or None for the weighted sum."""
+    return gate.readout() if hasattr(gate, "readout") else None
+
+
+def combine(weights: torch.Tensor, plan: Plan, answers: dict[int, torch.Tensor],
+            readout: ClassReadout | None = None) -> torch.Tensor:
+    """Weighted sum of the experts' answers; ``answers[j]`` holds expert j's logits for ``plan[j]``'s rows.
+
+    With a ``readout`` the chosen experts vote per class instead (``combine_by_class``).
+    """
+    if readout is not None:
+        return combine_by_class(weights.shape[0], plan, answers, readout)
     first = next(iter(answers.values()))
     out = torch.zeros(weights.shape[0], first.shape[1], dtype=torch.float32)
     for j, (rows, slots) in plan.items():
         out.index_add_(0, rows, answers[j].float() * weights[rows, slots].unsqueeze(1))
     return out
+
+
+UNHELD_SCORE = -30.0  # log-probability of a class none of the chosen experts holds
+
+
+def combine_by_class(batch: int, plan: Plan, answers: dict[int, torch.Tensor], readout: ClassReadout) -> torch.Tensor:
+    """Per class c, the chosen experts' balanced log-probabilities averaged with weights
+    ``competence[j, c]``, plus the own log prior.
+
+    Each expert was trained on its own client's label mix, so its logits carry that prior;
+    subtracting it (logit adjustment) leaves an estimate of p(c | h) under balanced labels on
+    the classes it knows. Weighting by competence lets the expert that holds class c speak for
+    c, and a class no chosen expert holds never wins. The own prior then tilts the vote toward
+    this client's label mix (capped, see ``ClassGate.readout``).
+    """
+    num_classes = readout.competence.shape[1]
+    votes = torch.zeros(batch, num_classes)
+    stock = torch.zeros(batch, num_classes)
+    for j, (rows, _) in plan.items():
+        balanced = (answers[j].float() - readout.expert_log_prior[j]).log_softmax(-1)
+        votes.index_add_(0, rows, balanced * readout.competence[j])
+        stock.index_add_(0, rows, readout.competence[j].expand(len(rows), -1))
+    held = stock > 0
+    score = torch.where(held, votes / stock.clamp_min(1e-12), torch.full_like(votes, UNHELD_SCORE))
+    return score + readout.own_log_prior
 
 
 def mixture(all_logits: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -88,7 +137,7 @@ def routed_bytes(plan: Plan, local_expert: int, latent_dim: int, num_classes: in
 
 
 def route_in_process(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts, local_expert: int,
-                     fp16: bool) -> torch.Tensor:
+                     fp16: bool, readout: ClassReadout | None = None) -> torch.Tensor:
     """The routed output computed in one process, with every expert at hand.
 
     Remote experts see the latents as they would arrive (float16 when ``fp16``), so this is
@@ -102,4 +151,4 @@ def route_in_process(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, 
             if fp16 and j != local_expert:
                 hj = hj.half().float()
             answers[j] = experts[j](hj)
-    return combine(weights, plan, answers)
+    return combine(weights, plan, answers, readout)
