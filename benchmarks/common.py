@@ -4,7 +4,8 @@ Every suite module has ``run(ctx) -> (result, markdown, metrics)``; ``finish`` w
 ``<out>/<suite>.md`` and ``<suite>.json`` and logs the metrics to an MLflow run in the
 experiment ``nmoe-bench``. Training runs go under ``<out>/runs/<name>-<config hash>``; a
 finished run with the same config is reused (``--fresh`` retrains) except where a suite
-measures time or memory, which always trains anew.
+measures time or memory, which always trains anew; a finished run that differs only in
+``stage3`` lends its stage-1 and stage-2 checkpoints, so changing a gate re-runs stage 3 only.
 """
 
 from __future__ import annotations
@@ -71,6 +72,43 @@ def finished_run(ctx: Context, cfg) -> Path | None:
     return None
 
 
+def _all_but_stage3(cfg) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k != "stage3"}
+
+
+def stage12_donor(ctx: Context, cfg) -> Path | None:
+    """A finished run under ``<out>/runs`` whose config differs from ``cfg`` in ``stage3`` only."""
+    from training import checkpoint as ckpt
+    from training.config import ConfigError
+
+    want = _all_but_stage3(cfg)
+    for done in sorted((ctx.out / "runs").glob("*/results.json")):
+        try:
+            if _all_but_stage3(ckpt.load_run_config(done.parent)) == want:
+                return done.parent.resolve()
+        except (ConfigError, ckpt.RunFolderError):
+            continue
+    return None
+
+
+def seed_from_stage2(donor: Path, run_dir: Path, cfg) -> None:
+    """Start ``run_dir`` (config ``cfg``) as a run resumed after stage 2: the donor's checkpoints
+    and history of stages 1-2 (the coordinator then runs stage 3 and the evaluation)."""
+    from training import checkpoint as ckpt
+
+    ckpt.save_config(run_dir, cfg)
+    for stage in ("stage1", "stage2"):
+        dest = ckpt.stage_file(run_dir, stage)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ckpt.stage_file(donor, stage), dest)
+    state = ckpt.load_state(donor)
+    state["completed"] = ["stage1", "stage2"]
+    state["history"]["stage3"] = {}
+    state["bytes"].update({"stage3": 0, "stage3_variants": {}, "stage3_answers": 0})
+    state["timings"] = {k: v for k, v in state["timings"].items() if k in ("stage1", "stage2")}
+    ckpt.save_json(run_dir / "state.json", state)
+
+
 def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache: bool = True) -> dict:
     """One training run, started exactly as ``nmoe train`` starts it (untracked: the bench run
     holds the numbers). Returns ``{"results", "dir", "wall", "cached"}``."""
@@ -87,9 +125,13 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
             say(f"{ctx.suite}: {name}: reusing the finished run {done} (same config)")
             return {"results": results, "dir": done, "wall": results["timings"].get("total"), "cached": True}
     shutil.rmtree(run_dir, ignore_errors=True)
+    donor = stage12_donor(ctx, cfg) if cache and not ctx.fresh and stop_after is None else None
+    if donor is not None:
+        say(f"{ctx.suite}: {name}: stages 1-2 from {donor} (differs in stage3 only)")
+        seed_from_stage2(donor, run_dir, cfg)
     t0 = time.perf_counter()
     coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
-        cfg.to_dict(), str(run_dir), None, None)
+        cfg.to_dict(), str(run_dir), None, None, resume=donor is not None)
     try:
         results = ray.get(coord.run.remote(stop_after))
         wall = time.perf_counter() - t0

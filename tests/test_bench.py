@@ -33,7 +33,7 @@ def bench(ray_session, data_root, tmp_path_factory):
         assert result["machine"]["gpu_used"] is False and result["machine"]["cores"] >= 1
         return result, md
 
-    call.uri = uri
+    call.uri, call.out = uri, out
     return call
 
 
@@ -66,6 +66,24 @@ def test_accuracy_finished_only_tabulates_the_finished_runs_without_training(ben
     assert again["rows"] == res["rows"] and "Partial" not in md
     rc = main(["bench", "accuracy", "--quick", "--finished-only", "--out", str(tmp_path), "--no-tracking"])
     assert rc != 0 and "no finished accuracy run" in capsys.readouterr().err
+
+
+def test_a_stage3_change_retrains_stage_3_only_on_the_finished_stages_1_and_2(bench, capsys):
+    import hashlib
+
+    def stage1_files() -> dict:
+        return {p.parents[1].name: hashlib.sha1(p.read_bytes()).hexdigest() for p in (bench.out / "runs").glob("*/checkpoints/stage1.pt")}
+
+    res, _ = bench(capsys, "accuracy")  # reused
+    before = stage1_files()
+    again, _ = bench(capsys, "accuracy", "--set", "stage3.classgate_prior_cap=0.5")
+    after = stage1_files()
+    new = set(after) - set(before)
+    assert len(new) == len(res["partitions"]) * 2  # one new run per (stage 1 method, partition)
+    assert {after[r] for r in new} <= set(before.values())  # each holds a finished run's stage 1
+    for r0, r1 in zip(res["rows"], again["rows"]):  # stages 1-2 unchanged: so are the baselines
+        if r0["method"] in ("local_only", "fedavg_global"):
+            assert r0["cells"] == r1["cells"]
 
 
 def test_comm_bytes_and_fp16_vs_fp32(bench, capsys):
