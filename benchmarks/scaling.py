@@ -3,9 +3,11 @@ fixed and split over more clients): seconds per stage-1 round, bytes per round, 
 resident memory of the Ray worker processes during the run; how each grows with N. Each run
 stops after stage 3: evaluation (and its centralized baseline) says nothing about scaling.
 
-Memory: every 0.5 s, the sum of the RSS of this Ray node's processes whose name or command
-line starts with ``ray::`` (the Coordinator, the clients, idle workers). RSS counts shared
-pages (torch's libraries, the object store's mapped memory) once per process.
+Memory: every 0.5 s, the sums of the RSS and of the PSS of this Ray node's processes whose
+name or command line starts with ``ray::`` (the Coordinator, the clients, idle workers). RSS
+counts shared pages (torch's libraries, the object store's mapped memory) once per process,
+so its sum overstates; PSS splits each shared page among the processes that map it, so its
+sum is what the processes really occupy.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from benchmarks import common
 
 
 class RaySampler:
-    """Peak summed RSS of ``ray::`` processes, sampled in a thread."""
+    """Peak summed RSS and PSS of ``ray::`` processes, sampled in a thread."""
 
     def __init__(self, every: float = 0.5):
         import psutil  # ray ships it (ray/thirdparty_files) and puts it on sys.path
 
         self.psutil, self.every = psutil, every
-        self.peak, self.peak_count, self.baseline, self._stop = 0, 0, 0, threading.Event()
+        self.peak, self.peak_pss, self.peak_count, self.baseline, self._stop = 0, 0, 0, 0, threading.Event()
         self.session = None
         try:
             import ray
@@ -41,28 +43,32 @@ class RaySampler:
         return [p for p in ps.process_iter(["name", "cmdline"])
                 if (p.info["name"] or "").startswith("raylet") and self.session in " ".join(p.info["cmdline"] or [])]
 
-    def sample(self) -> tuple[int, int]:
-        ps, total, count = self.psutil, 0, 0
+    def sample(self) -> tuple[int, int, int]:
+        """``(sum of RSS, sum of PSS, processes)``; PSS falls back to RSS where the kernel hides it."""
+        ps, total, pss, count = self.psutil, 0, 0, 0
         roots = self._roots()
         procs = [c for r in roots for c in r.children(recursive=True)] if roots else list(ps.process_iter())
         for p in procs:
             try:
                 name, cmd = p.name(), p.cmdline()
                 if name.startswith("ray::") or (cmd and cmd[0].startswith("ray::")):
-                    total += p.memory_info().rss
+                    full = p.memory_full_info()
+                    total += full.rss
+                    pss += getattr(full, "pss", full.rss)
                     count += 1
             except ps.Error:
                 continue
-        return total, count
+        return total, pss, count
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
-            total, count = self.sample()
+            total, pss, count = self.sample()
             if total > self.peak:
                 self.peak, self.peak_count = total, count
+            self.peak_pss = max(self.peak_pss, pss)
 
     def __enter__(self) -> "RaySampler":
-        self.baseline, _ = self.sample()
+        self.baseline, _, _ = self.sample()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
@@ -94,10 +100,11 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
                      "stage1_bytes_per_round": float(np.mean([h["bytes_down"] + h["bytes_up"] for h in hist])),
                      "stage3_fedgate_bytes_per_round": b["stage3_variants"].get("fedgate", 0) / cfg.stage3.rounds,
                      "stage3_answers_bytes": b["stage3_answers"], "setup_seconds": res["timings"]["setup"],
-                     "wall_seconds": r["wall"], "peak_rss_mib": mem.peak / 2**20, "baseline_rss_mib": mem.baseline / 2**20,
+                     "wall_seconds": r["wall"], "peak_rss_mib": mem.peak / 2**20,
+                     "peak_pss_mib": mem.peak_pss / 2**20, "baseline_rss_mib": mem.baseline / 2**20,
                      "ray_processes_at_peak": mem.peak_count})
     keys = ("stage1_seconds_per_round", "stage1_bytes_per_round", "stage3_fedgate_bytes_per_round",
-            "stage3_answers_bytes", "setup_seconds", "wall_seconds", "peak_rss_mib")
+            "stage3_answers_bytes", "setup_seconds", "wall_seconds", "peak_rss_mib", "peak_pss_mib")
     growth = {key: slope(list(counts), [row[key] for row in rows]) for key in keys}
     result = {"clients": list(counts), "rows": rows, "growth_exponent": growth, "config": ctx.cfg().to_dict()}
     metrics = {f"n{row['clients']}/{k}": v for row in rows for k, v in row.items() if k != "clients"}
@@ -109,18 +116,20 @@ def markdown(r: dict) -> str:
     cfg, n = r["config"], f"{{:,.0f}}".format
     rows = [[x["clients"], f"{x['stage1_seconds_per_round']:.2f}", n(x["stage1_bytes_per_round"]),
              n(x["stage3_fedgate_bytes_per_round"]), n(x["stage3_answers_bytes"]), f"{x['setup_seconds']:.1f}",
-             f"{x['wall_seconds']:.1f}", f"{x['peak_rss_mib']:.0f}", x["ray_processes_at_peak"]] for x in r["rows"]]
+             f"{x['wall_seconds']:.1f}", f"{x['peak_pss_mib']:.0f}", f"{x['peak_rss_mib']:.0f}", x["ray_processes_at_peak"]]
+            for x in r["rows"]]
     g = r["growth_exponent"]
     fmt = lambda k: "—" if g[k] is None else f"N^{g[k]:.2f}"  # noqa: E731
     train = cfg["data"]["train_limit"] or "all"
     return (f"{cfg['data']['name']} ({train} training samples split over N clients, {cfg['partition']['method']}), "
-            f"stage-1 rounds {cfg['stage1']['rounds']}, stage-3 rounds {cfg['stage3']['rounds']}. Peak RSS: the sum over "
-            "this node's `ray::` processes, sampled every 0.5 s over the whole run (shared pages counted per process).\n\n"
+            f"stage-1 rounds {cfg['stage1']['rounds']}, stage-3 rounds {cfg['stage3']['rounds']}. Peak PSS / RSS: the sums over "
+            "this node's `ray::` processes, sampled every 0.5 s over the whole run (PSS shares each shared page among its "
+            "processes; RSS counts it once per process).\n\n"
             + common.table(["clients", "stage-1 s / round", "stage-1 bytes / round", "fedgate bytes / round",
-                            "stage-3 answers bytes", "setup s", "wall to stage 3 s", "peak RSS MiB", "ray:: processes"], rows)
+                            "stage-3 answers bytes", "setup s", "wall to stage 3 s", "peak PSS MiB", "peak RSS MiB", "ray:: processes"], rows)
             + "\n## Growth with N (least-squares exponent k of value ~ N^k)\n\n"
             + common.table(["stage-1 s / round", "stage-1 bytes / round", "fedgate bytes / round", "answers bytes",
-                            "setup s", "wall to stage 3", "peak RSS"],
+                            "setup s", "wall to stage 3", "peak PSS", "peak RSS"],
                            [[fmt(k) for k in ("stage1_seconds_per_round", "stage1_bytes_per_round",
                                               "stage3_fedgate_bytes_per_round", "stage3_answers_bytes", "setup_seconds",
-                                              "wall_seconds", "peak_rss_mib")]]))
+                                              "wall_seconds", "peak_pss_mib", "peak_rss_mib")]]))

@@ -146,9 +146,10 @@ def test_scaling_grows_bytes_with_clients(bench, capsys):
     assert big["stage1_bytes_per_round"] == 2 * small["stage1_bytes_per_round"]  # N uploads + N downloads
     assert res["growth_exponent"]["stage1_bytes_per_round"] == pytest.approx(1.0)
     for r in res["rows"]:
-        assert r["peak_rss_mib"] > 0 and r["ray_processes_at_peak"] >= r["clients"] + 1
+        assert 0 < r["peak_pss_mib"] < r["peak_rss_mib"] and r["ray_processes_at_peak"] >= r["clients"] + 1
         row = _row(md, str(r["clients"]))
         assert f"{r['stage1_seconds_per_round']:.2f}" in row and f"{r['peak_rss_mib']:.0f}" in row
+        assert f"{r['peak_pss_mib']:.0f}" in row
 
 
 def test_classgate_sweep_reproduces_the_trained_point_in_process(bench, capsys):
