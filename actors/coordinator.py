@@ -385,7 +385,9 @@ class Coordinator:
         base = list(self._gather({i: self.clients[i].evaluate_baselines.remote() for i in self.active}, "evaluate").values())
         for name in ("local_only", "fedavg_global"):
             methods[name] = self._summary([b[name] for b in base])
-        methods["centralized_moe"] = self.centralized_moe()
+        if "centralized_moe" not in self.state:  # stages 1-2 decide it: computed once per run, kept in state.json
+            self.state["centralized_moe"] = self.centralized_moe()
+        methods["centralized_moe"] = self.state["centralized_moe"]
         flat = {f"final/{m.replace('/', '_')}/{k}": v[k] for m, v in methods.items() for k in ("personalized_acc", "global_acc")}
         self.tracker.log(flat)
         return {"methods": methods, "routing": usage, "per_routed_sample": routed}

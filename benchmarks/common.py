@@ -92,8 +92,9 @@ def stage12_donor(ctx: Context, cfg) -> Path | None:
 
 
 def seed_from_stage2(donor: Path, run_dir: Path, cfg) -> None:
-    """Start ``run_dir`` (config ``cfg``) as a run resumed after stage 2: the donor's checkpoints
-    and history of stages 1-2 (the coordinator then runs stage 3 and the evaluation)."""
+    """Start ``run_dir`` (config ``cfg``) as a run resumed after stage 2: the donor's checkpoints,
+    history of stages 1-2 and centralized baseline (the coordinator then runs stage 3 and the
+    evaluation)."""
     from training import checkpoint as ckpt
 
     ckpt.save_config(run_dir, cfg)
@@ -106,6 +107,8 @@ def seed_from_stage2(donor: Path, run_dir: Path, cfg) -> None:
     state["history"]["stage3"] = {}
     state["bytes"].update({"stage3": 0, "stage3_variants": {}, "stage3_answers": 0})
     state["timings"] = {k: v for k, v in state["timings"].items() if k in ("stage1", "stage2")}
+    done = json.loads((donor / "results.json").read_text())["methods"]
+    state.setdefault("centralized_moe", done["centralized_moe"])  # decided by stages 1-2 alone
     ckpt.save_json(run_dir / "state.json", state)
 
 
