@@ -95,7 +95,7 @@ def _load_clients(ray, run, data_root):
     return cfg, ds, split, trained, clients
 
 
-def test_routed_inference_through_actors_equals_the_in_process_mixture(ray_session, smoke_run, data_root):
+def test_routed_inference_through_actors_equals_the_in_process_reference(ray_session, smoke_run, data_root):
     ray = ray_session
     cfg, ds, split, trained, clients = _load_clients(ray, smoke_run / "run", data_root)
     variants = ("fedgate", "rollgate", "classgate")
@@ -107,7 +107,7 @@ def test_routed_inference_through_actors_equals_the_in_process_mixture(ray_sessi
         with torch.no_grad():
             h = m["extractor"](x)
             idx, w = routing.noisy_topk(gate(h), cfg.routing.top_k)
-        expected = routing.route_in_process(h, idx, w, experts, 1, cfg.routing.fp16_latents)
+        expected = routing.route_in_process(h, idx, w, experts, 1, cfg.routing.fp16_latents, routing.readout_of(gate))
         got = ray.get(clients[1].route.remote(x, variant))
         assert torch.equal(got["experts"], idx)
         assert torch.allclose(got["logits"], expected, atol=1e-5)
