@@ -1,10 +1,10 @@
 """ClassGate's trade-off: a finished run's ClassGate re-scored over a grid of its knobs.
 
 ClassGate trains nothing, so its knobs (the power of the own label prior, and the cap on how
-far that prior may tilt the readout) can be changed after the fact: this suite loads a run's checkpoints, rewrites every
-client's ClassGate settings and re-evaluates routed inference in one process
-(``training.routing.route_in_process``, the reference the actor path is tested against) on
-each client's own test split and on the balanced test set. Each row is one point of the
+far that prior may tilt the readout) can be changed after the fact: this suite loads a run's
+checkpoints, rewrites every client's ClassGate settings and re-evaluates routed inference in
+one process (``training.routing.route_in_process``, the reference the actor path is tested
+against) on each client's own test split and on the balanced test set. Each row is one point of the
 personalized-vs-global frontier, beside the run's local_only, fedavg_global and
 centralized_moe. The points are scored on the test sets themselves: read them as the
 frontier, not as a tuned result. Runs: the config at Dirichlet 0.5 and 0.1 (reusing the

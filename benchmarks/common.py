@@ -107,8 +107,9 @@ def seed_from_stage2(donor: Path, run_dir: Path, cfg) -> None:
     state["history"]["stage3"] = {}
     state["bytes"].update({"stage3": 0, "stage3_variants": {}, "stage3_answers": 0})
     state["timings"] = {k: v for k, v in state["timings"].items() if k in ("stage1", "stage2")}
-    done = json.loads((donor / "results.json").read_text())["methods"]
-    state.setdefault("centralized_moe", done["centralized_moe"])  # decided by stages 1-2 alone
+    done = json.loads((donor / "results.json").read_text()).get("methods", {})
+    if "centralized_moe" in done:  # decided by stages 1-2 alone
+        state.setdefault("centralized_moe", done["centralized_moe"])
     ckpt.save_json(run_dir / "state.json", state)
 
 
