@@ -17,7 +17,7 @@ from training.models import make_gate
 WHAT = {"rangate": "nothing (untrained)", "localgate": "nothing (no sync)", "rollgate": "one gate around the ring",
         "fedgate": "gate body, up and down", "fullgate": "whole gate, up and down",
         "protogate": "gate body; once: class prototypes, answers on drawn latents",
-        "classgate": "once: class moments up, discriminant and competence down"}
+        "classgate": "once: class moments up; discriminant, competence and label priors down"}
 
 
 def split_bytes(variant: str, total: int, rounds: int, clients: int, gate: dict) -> dict:
