@@ -50,7 +50,8 @@ def sweep(run_dir: Path) -> dict:
         glob = (mods["extractor"](ds.x_test[split.global_test]), ds.y_test[split.global_test])
         own = {i: (mods["extractor"](ds.x_test[split.test[i]]), ds.y_test[split.test[i]]) for i in mods["gates"]}
     available = torch.tensor([i in experts for i in range(cfg.num_clients)])
-    pooled = pooled_reference(cfg, mods["extractor"], ds, split, own, glob)
+    pooled = pooled_reference(cfg, mods["extractor"], ds, split, own, glob,
+                              {i: g.log_prior for i, g in mods["gates"].items()})
     points = []
     for prior in PRIOR:
         for cap in PRIOR_CAP:
@@ -74,11 +75,13 @@ def sweep(run_dir: Path) -> dict:
                         "own_expert": s.classgate_own_expert}}
 
 
-def pooled_reference(cfg, extractor, ds, split, own: dict, glob: tuple) -> list[dict]:
+def pooled_reference(cfg, extractor, ds, split, own: dict, glob: tuple, log_prior: dict) -> list[dict]:
     """The non-private reference: an expert trained on all clients' train latents pooled, its
-    log-probabilities plus each client's capped own prior (power 1), for every cap."""
+    log-probabilities plus each client's capped own prior (``log_prior``, the one its ClassGate
+    holds; power 1), for every cap."""
     h = torch.cat([local.compute_latents(extractor, ds.x_train[t]) for t in split.train])
     y = torch.cat([ds.y_train[t] for t in split.train])
+    torch.manual_seed(cfg.seed)  # the expert's initial weights: the same reference on every re-run
     expert = make_expert(cfg.model, ds.num_classes)
     local.fit_expert(expert, h, y, cfg.stage2, seed=cfg.seed)
     with torch.no_grad():
@@ -88,8 +91,7 @@ def pooled_reference(cfg, extractor, ds, split, own: dict, glob: tuple) -> list[
     for cap in PRIOR_CAP:
         acc = {"personalized": [], "global": []}
         for i, (_, y_i) in own.items():
-            counts = torch.bincount(ds.y_train[split.train[i]], minlength=ds.num_classes)
-            tilt = prototypes.own_prior_tilt(prototypes.label_log_prior(counts), 1.0, cap)
+            tilt = prototypes.own_prior_tilt(log_prior[i], 1.0, cap)
             acc["personalized"].append(float(((answer[i] + tilt).argmax(1) == y_i).float().mean()))
             acc["global"].append(float(((answer_glob + tilt).argmax(1) == glob[1]).float().mean()))
         points.append({"prior_cap": cap, **{m: float(np.mean(v)) for m, v in acc.items()}})
