@@ -13,7 +13,11 @@ from collections import defaultdict
 from benchmarks import common
 from training.checkpoint import RunFolderError
 
-METHODS = ("fedce", "fedsc")
+METHODS = {  # stage-1 recipe -> overrides
+    "fedce": ("stage1.method=fedce",),
+    "fedsc": ("stage1.method=fedsc",),
+    "fedce+la": ("stage1.method=fedce", "stage1.logit_adjust=1"),  # logit-adjusted CE (label skew)
+}
 PARTITIONS = {  # label -> overrides
     "iid": ("partition.method=iid",),
     "dirichlet0.5": ("partition.method=dirichlet", "partition.alpha=0.5"),
@@ -38,11 +42,11 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
         for method in METHODS:
             for part in parts:
                 k += 1
-                cfg = ctx.cfg(*PARTITIONS[part], f"stage1.method={method}", f"seed={seed}")
+                cfg = ctx.cfg(*PARTITIONS[part], *METHODS[method], f"seed={seed}")
                 if ctx.finished_only and common.finished_run(ctx, cfg) is None:
                     continue
                 common.say(f"accuracy: run {k}/{total}: stage1={method} partition={part} seed={seed}")
-                res = common.train_run(ctx, cfg, f"acc-{method}-{part}-s{seed}")["results"]
+                res = common.train_run(ctx, cfg, f"acc-{method.replace('+', '-')}-{part}-s{seed}")["results"]
                 variants = [m for m in res["methods"] if m.startswith("nmoe/")]
                 names[method] = variants + [b for b in BASELINES if b in res["methods"]]
                 for name, m in res["methods"].items():

@@ -65,30 +65,31 @@ def config_key(cfg) -> str:
     return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 
+def _finished(ctx: Context):
+    """``(run dir, config dict)`` of every finished run under ``<out>/runs``. Configs are
+    compared as loaded, not by the hash in the folder name, so a run made before a config
+    field was added still matches a config holding that field's default."""
+    from training import checkpoint as ckpt
+    from training.config import ConfigError
+
+    for done in sorted((ctx.out / "runs").glob("*/results.json")):
+        try:
+            yield done.parent.resolve(), ckpt.load_run_config(done.parent).to_dict()
+        except (ConfigError, ckpt.RunFolderError):
+            continue
+
+
 def finished_run(ctx: Context, cfg) -> Path | None:
     """Any suite's finished run of this very config under ``<out>/runs``, or None."""
-    for done in sorted((ctx.out / "runs").glob(f"*-{config_key(cfg)}/results.json")):
-        return done.parent.resolve()
-    return None
-
-
-def _all_but_stage3(cfg) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k != "stage3"}
+    want = cfg.to_dict()
+    return next((run for run, have in _finished(ctx) if have == want), None)
 
 
 def stage12_donor(ctx: Context, cfg) -> Path | None:
     """A finished run under ``<out>/runs`` whose config differs from ``cfg`` in ``stage3`` only."""
-    from training import checkpoint as ckpt
-    from training.config import ConfigError
-
-    want = _all_but_stage3(cfg)
-    for done in sorted((ctx.out / "runs").glob("*/results.json")):
-        try:
-            if _all_but_stage3(ckpt.load_run_config(done.parent)) == want:
-                return done.parent.resolve()
-        except (ConfigError, ckpt.RunFolderError):
-            continue
-    return None
+    want = {k: v for k, v in cfg.to_dict().items() if k != "stage3"}
+    return next((run for run, have in _finished(ctx) if {k: v for k, v in have.items() if k != "stage3"} == want),
+                None)
 
 
 def seed_from_stage2(donor: Path, run_dir: Path, cfg) -> None:

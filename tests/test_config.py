@@ -29,6 +29,7 @@ def test_overrides_set_nested_fields_with_typed_values():
         ("stage3.variants=[fedgate, bestgate]", "stage3.variants[1]"),
         ("routing.top_k=11", "routing.top_k"),
         ("stage1.method=fedxx", "stage1.method"),
+        ("stage1.logit_adjust=-1", "stage1.logit_adjust"),
         ("model=3", "model"),
         ("bogus=1", "bogus"),
     ],

@@ -212,3 +212,27 @@ def test_local_loops_on_digits_lower_the_loss_and_beat_chance():
     expert = make_expert(cfg.model, ds.num_classes)
     _, m = local.fit_expert(expert, local.compute_latents(model.extractor, ds.x_train), ds.y_train, Stage2Config(epochs=3), seed=0)
     assert m["accuracy"] > 0.5 and m["samples"] == len(ds.y_train) and m["seconds"] > 0
+
+
+def test_logit_adjusted_stage1_learns_balanced_answers_from_a_skewed_client():
+    """One client, 90% of its digits a single class: plain CE learns that prior and calls many
+    other digits by it; logit-adjusted CE learns the balanced p(c | x) and rarely does."""
+    from training import local
+    from training.data import load_dataset
+
+    ds = load_dataset(DataConfig(name="digits"))
+    gen = torch.Generator().manual_seed(0)
+    major = (ds.y_train == 0).nonzero().squeeze(1)
+    minor = (ds.y_train != 0).nonzero().squeeze(1)
+    keep = torch.cat([major, minor[torch.randperm(len(minor), generator=gen)[: len(major) // 9]]])
+    cfg = load_config(None, ["model.latent_dim=32", "model.channels=[8,16]"])
+    called_major = {}
+    for tau in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = Stage1Model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
+        s1 = Stage1Config(local_epochs=15, batch_size=16, lr=0.05, logit_adjust=tau)
+        local.fit_stage1(model, ds.x_train[keep], ds.y_train[keep], s1, seed=0)
+        pred = model.classifier(local.compute_latents(model.extractor, ds.x_test)).argmax(1)
+        rest = ds.y_test != 0
+        called_major[tau] = float((pred[ds.y_test != 0] == 0).float().mean())
+    assert called_major[0.0] > 0.05 and called_major[1.0] < called_major[0.0] / 3, called_major

@@ -62,6 +62,7 @@ class Stage1Config:
     lr: float = 0.05
     sc_lambda: float = 0.5  # weight of NT-Xent in fedsc
     temperature: float = 0.5
+    logit_adjust: float = 0.0  # tau: the CE term sees logits + tau * log(own label prior) (label-skew fix)
 
 
 @dataclass
@@ -225,6 +226,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.stage1.rounds >= 1, "stage1.rounds", "must be >= 1")
     _check(cfg.stage1.local_epochs >= 1, "stage1.local_epochs", "must be >= 1")
     _check(cfg.stage1.temperature > 0, "stage1.temperature", "must be > 0")
+    _check(cfg.stage1.logit_adjust >= 0, "stage1.logit_adjust", "must be >= 0")
     _check(cfg.stage2.epochs >= 1, "stage2.epochs", "must be >= 1")
     _check(cfg.stage3.rounds >= 1, "stage3.rounds", "must be >= 1")
     _check(cfg.stage3.local_epochs >= 1, "stage3.local_epochs", "must be >= 1")
