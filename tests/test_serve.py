@@ -22,23 +22,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", params=["fedgate", "classgate"])
+def variant(request) -> str:
+    """Every served test runs on a learned gate (weighted sum) and on ClassGate (per-class readout)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def served(ray_session, smoke_run):
+def served(ray_session, smoke_run, variant):
     from serve import launch
 
     run = smoke_run / "run"
-    url = launch.deploy(run, "fedgate", "127.0.0.1", _free_port(), max_batch=64)
+    url = launch.deploy(run, variant, "127.0.0.1", _free_port(), max_batch=64)
     with httpx.Client(base_url=url, timeout=60) as http:
         yield run, http
     launch.shutdown()
 
 
 @pytest.fixture(scope="module")
-def reference(smoke_run):
+def reference(smoke_run, variant):
     """The same trained weights in this process, and test pixels of client 0's own mix."""
     trained = ckpt.load_trained(smoke_run / "run")
     cfg = trained["config"]
-    modules = ckpt.build_modules(trained, "fedgate")
+    modules = ckpt.build_modules(trained, variant)
     ds = load_dataset(cfg.data)
     split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
     pixels = denormalize(ds.x_test[split.test[0][:24]], ds.name).numpy()
@@ -51,7 +57,7 @@ def _offline(ref, client: int, pixels: np.ndarray, k: int):
     with torch.no_grad():
         h = extractor(normalize(torch.from_numpy(pixels), cfg.data.name))
         idx, w = routing.noisy_topk(gate(h), k)
-    logits = routing.route_in_process(h, idx, w, experts, client, cfg.routing.fp16_latents)
+    logits = routing.route_in_process(h, idx, w, experts, client, cfg.routing.fp16_latents, routing.readout_of(gate))
     return idx, torch.softmax(logits, 1)
 
 
