@@ -58,7 +58,7 @@ def sweep(run_dir: Path) -> dict:
             acc = {"personalized": [], "global": []}
             for i, trained_gate in mods["gates"].items():
                 gate = copy.deepcopy(trained_gate)
-                gate.settings[1], gate.settings[3] = prior, cap
+                gate.tune(prior=prior, prior_cap=cap)
                 for which, (h, y) in (("personalized", own[i]), ("global", glob)):
                     with torch.no_grad():
                         idx, w = routing.noisy_topk(gate(h), k, available=available)

@@ -159,6 +159,10 @@ def test_classgate_sends_each_class_to_the_expert_that_holds_it_and_keeps_its_ow
     clone.load_state_dict(gate.state_dict())  # everything it routes and reads out by travels in the state dict
     assert torch.equal(clone(h), gate(h))
     assert all(torch.equal(a, b) for a, b in zip(clone.readout(), gate.readout()))
+    clone.tune(prior_cap=0.0)  # a zero cap flattens the readout's own prior; routing is untouched
+    assert clone.readout().own_log_prior.unique().numel() == 1 and torch.equal(clone(h), gate(h))
+    with pytest.raises(ValueError, match="prior_kap"):
+        clone.tune(prior_kap=1.0)
 
 
 def test_class_readout_undoes_the_answering_experts_label_skew():

@@ -70,6 +70,9 @@ class ClassGate(nn.Module):
     answers are then combined per class (``readout``, ``training.routing.combine_by_class``).
     """
 
+    # the knobs kept in the ``settings`` buffer (saved with the gate), in order
+    SETTINGS = ("own_expert", "prior", "temperature", "prior_cap")
+
     def __init__(self, latent_dim: int, num_classes: int, num_experts: int, expert_hidden: int):
         super().__init__()
         self.register_buffer("class_weight", torch.zeros(latent_dim, num_classes))
@@ -78,8 +81,7 @@ class ClassGate(nn.Module):
         self.register_buffer("competence", torch.ones(num_experts, num_classes))
         self.register_buffer("expert_log_prior", torch.zeros(num_experts, num_classes))
         self.register_buffer("own_bonus", torch.zeros(num_experts))
-        # own-expert weight, prior power, temperature, cap (nats) of the own prior in the readout
-        self.register_buffer("settings", torch.tensor([0.0, 0.0, 1.0, 0.0]))
+        self.register_buffer("settings", torch.tensor([0.0, 0.0, 1.0, 0.0]))  # see SETTINGS
         self.expert = Expert(latent_dim, expert_hidden, num_classes)  # a frozen copy of the own expert
 
     def configure(self, class_weight: torch.Tensor, class_bias: torch.Tensor, log_prior: torch.Tensor,
@@ -91,8 +93,15 @@ class ClassGate(nn.Module):
         self.competence.copy_(competence)
         self.expert_log_prior.copy_(expert_log_prior)
         self.own_bonus.zero_()[own] = own_bias
-        self.settings.copy_(torch.tensor([own_expert, prior, temperature, prior_cap]))
+        self.tune(own_expert=own_expert, prior=prior, temperature=temperature, prior_cap=prior_cap)
         self.expert.load_state_dict(expert_state)
+
+    def tune(self, **values: float) -> None:
+        """Change some of the ``SETTINGS`` (nothing is retrained: ClassGate learns no weights)."""
+        for name, value in values.items():
+            if name not in self.SETTINGS:
+                raise ValueError(f"unknown ClassGate setting {name!r} (one of {', '.join(self.SETTINGS)})")
+            self.settings[self.SETTINGS.index(name)] = value
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         own_expert, prior, temperature, _ = self.settings.tolist()
