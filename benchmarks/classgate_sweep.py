@@ -10,7 +10,9 @@ centralized_moe. The points are scored on the test sets themselves: read them as
 frontier, not as a tuned result. Runs: the config at Dirichlet 0.5 and 0.1 (reusing the
 accuracy suite's seed runs), or ``--run DIR``.
 
-Beside it, a reference that is NOT private: one classifier trained on every client's latents
+Beside it, ClassGate with the expert that holds most of each input's true class always among
+the chosen (a diagnostic that reads the label: how much routing loses), and a reference
+that is NOT private: one classifier trained on every client's latents
 pooled (a balanced p(c | h) as good as F allows), tilted by each client's own label prior
 with the same cap. It is where the frontier of any "balanced posterior x own prior" rule on
 this F lies, so it tells a routing problem from a feature problem.
@@ -52,27 +54,41 @@ def sweep(run_dir: Path) -> dict:
     available = torch.tensor([i in experts for i in range(cfg.num_clients)])
     pooled = pooled_reference(cfg, mods["extractor"], ds, split, own, glob,
                               {i: g.log_prior for i, g in mods["gates"].items()})
-    points = []
+    points, true_expert = [], []
     for prior in PRIOR:
         for cap in PRIOR_CAP:
-            acc = {"personalized": [], "global": []}
+            acc = {"personalized": [], "global": [], "true/personalized": [], "true/global": []}
             for i, trained_gate in mods["gates"].items():
                 gate = copy.deepcopy(trained_gate)
                 gate.tune(prior=prior, prior_cap=cap)
                 for which, (h, y) in (("personalized", own[i]), ("global", glob)):
                     with torch.no_grad():
                         idx, w = routing.noisy_topk(gate(h), k, available=available)
-                    logits = routing.route_in_process(h, idx, w, experts, i, fp16, gate.readout())
-                    acc[which].append(float((logits.argmax(1) == y).float().mean()))
-            points.append({"prior": prior, "prior_cap": cap, **{m: float(np.mean(v)) for m, v in acc.items()}})
+                    for key, chosen in ((which, idx), (f"true/{which}", with_true_expert(idx, y, gate.competence))):
+                        logits = routing.route_in_process(h, chosen, w, experts, i, fp16, gate.readout())
+                        acc[key].append(float((logits.argmax(1) == y).float().mean()))
+            points.append({"prior": prior, "prior_cap": cap, **{m: float(np.mean(acc[m])) for m in ("personalized", "global")}})
+            if prior == 1.0:
+                true_expert.append({"prior_cap": cap, **{m: float(np.mean(acc[f"true/{m}"])) for m in ("personalized", "global")}})
     done = run_dir / "results.json"
     results = json.loads(done.read_text()) if done.is_file() else {}
     base = {m: {"personalized": r["personalized_acc"], "global": r["global_acc"]}
             for m, r in results.get("methods", {}).items()}
     s = cfg.stage3
-    return {"run": str(run_dir), "points": points, "pooled_reference": pooled, "baselines": base,
+    return {"run": str(run_dir), "points": points, "pooled_reference": pooled, "true_expert_routing": true_expert,
+            "baselines": base,
             "trained": {"prior": s.classgate_prior, "prior_cap": s.classgate_prior_cap, "own_bias": s.classgate_own_bias,
                         "own_expert": s.classgate_own_expert}}
+
+
+def with_true_expert(idx: torch.Tensor, y: torch.Tensor, competence: torch.Tensor) -> torch.Tensor:
+    """The gate's choices with the last one replaced, where missing, by the expert holding most
+    of the input's TRUE class: a diagnostic (it reads the label) that separates what routing
+    loses from what the readout loses."""
+    best = competence.argmax(0)[y]  # competence [N, C]: the best-stocked expert of each class
+    chosen = idx.clone()
+    chosen[:, -1] = torch.where((idx == best.unsqueeze(1)).any(1), idx[:, -1], best)
+    return chosen
 
 
 def pooled_reference(cfg, extractor, ds, split, own: dict, glob: tuple, log_prior: dict) -> list[dict]:
@@ -135,6 +151,9 @@ def markdown(sweeps: dict) -> str:
                  "yes" if meets(p) else ""] for p in sw["points"]]
         rows += [["pooled p(c | h) (not private)", f"{p['prior_cap']:g}", common.pct(p["personalized"]),
                   common.pct(p["global"]), "yes" if meets(p) else ""] for p in sw["pooled_reference"]]
+        rows += [["ClassGate, true class's expert always chosen (diagnostic: reads the label)", f"{p['prior_cap']:g}",
+                  common.pct(p["personalized"]), common.pct(p["global"]), "yes" if meets(p) else ""]
+                 for p in sw.get("true_expert_routing", [])]
         rows += [[m, "", common.pct(base[m]["personalized"]), common.pct(base[m]["global"]), ""]
                  for m in ("local_only", "fedavg_global", "centralized_moe") if m in base]
         out.append(common.table(["ClassGate prior power", "prior cap (nats)", "personalized %", "global %", "meets the goal"], rows))

@@ -50,7 +50,7 @@ def test_accuracy_table_has_every_method_and_partition(bench, capsys):
     names = {r["method"] for r in res["rows"] if r["stage1"] == "fedce"}
     gates = {f"nmoe/{v}" for v in ("rangate", "rollgate", "fedgate", "localgate", "fullgate")}
     assert gates | {"local_only", "fedavg_global", "centralized_moe"} <= names
-    assert {r["stage1"] for r in res["rows"]} == {"fedce", "fedsc"}
+    assert {r["stage1"] for r in res["rows"]} == {"fedce", "fedsc", "fedce+la"}
     personalized, global_ = md.split("## Global accuracy")
     for r in res["rows"]:
         for part in res["partitions"]:
@@ -79,7 +79,7 @@ def test_a_stage3_change_retrains_stage_3_only_on_the_finished_stages_1_and_2(be
     again, _ = bench(capsys, "accuracy", "--set", "stage3.classgate_prior_cap=0.5")
     after = stage1_files()
     new = set(after) - set(before)
-    assert len(new) == len(res["partitions"]) * 2  # one new run per (stage 1 method, partition)
+    assert len(new) == len(res["partitions"]) * len(res["stage1_methods"])  # one per (stage-1 recipe, partition)
     assert {after[r] for r in new} <= set(before.values())  # each holds a finished run's stage 1
     for r0, r1 in zip(res["rows"], again["rows"]):  # stages 1-2 unchanged: so are the baselines
         if r0["method"] in ("local_only", "fedavg_global", "centralized_moe"):
@@ -164,3 +164,13 @@ def test_classgate_sweep_reproduces_the_trained_point_in_process(bench, capsys):
     pooled = {p["prior_cap"]: p for p in sweep["pooled_reference"]}  # the non-private reference, same caps
     assert len(pooled) == 7 and f"{100 * pooled[2.0]['global']:.1f}" in _row(md, "pooled p(c | h) (not private)", "2")
     assert "local_only" in md and "centralized_moe" in md
+    true = {p["prior_cap"]: p for p in sweep["true_expert_routing"]}  # routing told the label: a diagnostic
+    assert len(true) == 7 and f"{100 * true[2.0]['global']:.1f}" in _row(md, "ClassGate, true class's expert always chosen (diagnostic: reads the label)", "2")
+
+
+def test_true_expert_diagnostic_replaces_the_last_choice_only_when_the_holder_is_missing():
+    from benchmarks.classgate_sweep import with_true_expert
+
+    competence = torch.tensor([[1.0, 0.1, 0.0], [0.2, 1.0, 0.1], [0.0, 0.3, 1.0]])  # expert j holds class j
+    idx = torch.tensor([[0, 1], [2, 0], [1, 0]])
+    assert with_true_expert(idx, torch.tensor([2, 0, 2]), competence).tolist() == [[0, 2], [2, 0], [1, 2]]
