@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -39,6 +41,8 @@ def add_parsers(sub) -> None:
 
 
 def serve_cmd(args) -> int:
+    """Serve until Ctrl-C or SIGTERM, then stop Serve and Ray within bounded time and exit the
+    process: it returns only by raising ``UserError`` (a bad run folder, port or address)."""
     from actors.cluster import ClusterError, connect
     from actors.tracking import resolve_uri
     from serve import launch
@@ -69,6 +73,9 @@ def serve_cmd(args) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        # the last word on a hung shutdown: faulthandler's own thread (it needs no GIL) prints
+        # every thread's stack and exits if the bounded steps below have not finished by then
+        faulthandler.dump_traceback_later(2 * SHUTDOWN_TIMEOUT_S + 15, exit=True)
         console.print("shutting down Serve")
         import ray
 
@@ -77,7 +84,12 @@ def serve_cmd(args) -> int:
         if not _within(SHUTDOWN_TIMEOUT_S, ray.shutdown):  # a local Ray stops; a cluster is only left
             console.print(f"Ray did not stop within {SHUTDOWN_TIMEOUT_S:.0f} s; exiting anyway")
             os._exit(1)
-    return 0
+    # stopped cleanly: exit now rather than wait at interpreter exit for threads Serve or Ray
+    # may have left behind (seen once on a loaded machine: Ctrl-C took over 90 s)
+    console.print("stopped")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 SHUTDOWN_TIMEOUT_S = 30.0
