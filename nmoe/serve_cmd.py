@@ -58,7 +58,8 @@ def serve_cmd(args) -> int:
         raise UserError(str(exc)) from None
     console = Console(soft_wrap=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):  # explicit: a shell's background job inherits SIGINT ignored
+        signal.signal(sig, lambda *_: stop.set())
     try:
         run = Path(args.run) if args.run else launch.run_from_mlflow(args.mlflow_run, resolve_uri(args.tracking_uri))
         url = launch.deploy(run, args.variant, args.host, args.port, args.max_batch)
@@ -85,7 +86,7 @@ def serve_cmd(args) -> int:
             console.print(f"Ray did not stop within {SHUTDOWN_TIMEOUT_S:.0f} s; exiting anyway")
             os._exit(1)
     # stopped cleanly: exit now rather than wait at interpreter exit for threads Serve or Ray
-    # may have left behind (seen once on a loaded machine: Ctrl-C took over 90 s)
+    # may have left behind
     console.print("stopped")
     sys.stdout.flush()
     sys.stderr.flush()
