@@ -71,8 +71,6 @@ def serve_cmd(args) -> int:
             pass
     except RunFolderError as exc:
         raise UserError(str(exc)) from None
-    except KeyboardInterrupt:
-        pass
     finally:
         # the last word on a hung shutdown: faulthandler's own thread (it needs no GIL) prints
         # every thread's stack and exits if the bounded steps below have not finished by then
