@@ -64,7 +64,10 @@ def sweep(run_dir: Path) -> dict:
                 for which, (h, y) in (("personalized", own[i]), ("global", glob)):
                     with torch.no_grad():
                         idx, w = routing.noisy_topk(gate(h), k, available=available)
-                    for key, chosen in ((which, idx), (f"true/{which}", with_true_expert(idx, y, gate.competence))):
+                    routes = [(which, idx)]
+                    if prior == 1.0:  # the diagnostic is reported at prior power 1 only
+                        routes.append((f"true/{which}", with_true_expert(idx, y, gate.competence)))
+                    for key, chosen in routes:
                         logits = routing.route_in_process(h, chosen, w, experts, i, fp16, gate.readout())
                         acc[key].append(float((logits.argmax(1) == y).float().mean()))
             points.append({"prior": prior, "prior_cap": cap, **{m: float(np.mean(acc[m])) for m in ("personalized", "global")}})

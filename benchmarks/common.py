@@ -85,11 +85,14 @@ def finished_run(ctx: Context, cfg) -> Path | None:
     return next((run for run, have in _finished(ctx) if have == want), None)
 
 
+def _without_stage3(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "stage3"}
+
+
 def stage12_donor(ctx: Context, cfg) -> Path | None:
     """A finished run under ``<out>/runs`` whose config differs from ``cfg`` in ``stage3`` only."""
-    want = {k: v for k, v in cfg.to_dict().items() if k != "stage3"}
-    return next((run for run, have in _finished(ctx) if {k: v for k, v in have.items() if k != "stage3"} == want),
-                None)
+    want = _without_stage3(cfg.to_dict())
+    return next((run for run, have in _finished(ctx) if _without_stage3(have) == want), None)
 
 
 def seed_from_stage2(donor: Path, run_dir: Path, cfg) -> None:
