@@ -15,10 +15,11 @@ import numpy as np
 import ray
 import torch
 
-from training import federated, local, prototypes, routing
+from training import federated, gates, local, routing, seeds
 from training.config import ExperimentConfig, from_dict
 from training.data import label_counts, load_dataset
-from training.models import Stage1Model, make_expert, make_gate
+from training.gates import ClientView
+from training.models import Stage1Model, make_expert
 
 STAGE_ORDER = ("init", "stage1", "stage2", "stage3")
 
@@ -37,19 +38,22 @@ class Client:
         self.x_global, self.y_global = ds.x_test[global_idx], ds.y_test[global_idx]
         self.num_classes = ds.num_classes
         del ds
-        n = self.cfg.num_clients
         torch.manual_seed(self.cfg.seed)  # same initial F everywhere; stage 1 overwrites it anyway
         self.model = Stage1Model(self.cfg.model, self.x.shape[1], self.x.shape[2], self.num_classes)
-        torch.manual_seed(self.cfg.seed * 1000 + 17 * client_id + 1)
+        torch.manual_seed(seeds.expert_init(self.cfg.seed, client_id))
         self.expert = make_expert(self.cfg.model, self.num_classes).eval()
-        self.gates = {v: make_gate(self.cfg.model, n, v, self.num_classes).eval()
-                      for v in self.cfg.stage3.variants if v != "rangate"}
+        # one instance per variant: a variant may keep this client's state (ProtoGate's synthetic latents)
+        self.variants = {v: gates.get(v) for v in self.cfg.stage3.variants}
+        self.gates = {}
+        for v, spec in self.variants.items():  # built in config order: each draws its initial weights in turn
+            gate = spec.make_gate(self.cfg, self.num_classes)
+            if gate is not None:
+                self.gates[v] = gate.eval()
         self.peers: list = []
         self.available: torch.Tensor | None = None  # bool [N]: experts that can answer (None: all)
         self.stage = "init"  # the last stage whose weights this actor holds
         self._h: dict[str, torch.Tensor] = {}
         self._answers: torch.Tensor | None = None
-        self._proto: tuple | None = None  # protogate: (latents, labels, answers) incl. synthetic ones
         self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
 
     # ----------------------------------------------------------------- bookkeeping
@@ -96,7 +100,7 @@ class Client:
         """Stage 1, one round: start from the global F (+ helpers), train locally, send weights back."""
         self.model.load_state_dict(federated.partial_sync(self.model.state_dict(), global_state))
         state, metrics = local.fit_stage1(self.model, self.x, self.y, self.cfg.stage1,
-                                          seed=self.cfg.seed * 1000 + round_ * 100 + self.id)
+                                          seed=seeds.client_round(self.cfg.seed, round_, self.id))
         self.stage = "stage1"
         self._h.clear()
         return {k: state[k] for k in global_state}, metrics
@@ -115,10 +119,10 @@ class Client:
 
     def fit_expert(self) -> dict:
         """Stage 2: F frozen, the expert learns this client's data. Nothing travels."""
-        torch.manual_seed(self.cfg.seed * 1000 + 17 * self.id + 1)
+        torch.manual_seed(seeds.expert_init(self.cfg.seed, self.id))
         self.expert = make_expert(self.cfg.model, self.num_classes)
         _, metrics = local.fit_expert(self.expert, self._latents("train"), self.y, self.cfg.stage2,
-                                      seed=self.cfg.seed * 1000 + self.id)
+                                      seed=seeds.expert_fit(self.cfg.seed, self.id))
         self.stage = "stage2"
         return metrics
 
@@ -155,56 +159,30 @@ class Client:
         self._answers, cost = self._ask_every_expert(self._latents("train"))
         return cost
 
-    def class_prototypes(self) -> dict:
-        """ProtoGate: this client's per-class latent statistics (counts, mean, std); no sample."""
-        return prototypes.class_stats(self._latents("train"), self.y, self.num_classes)
-
-    def set_prototypes(self, stats: dict[int, dict]) -> dict:
-        """ProtoGate: draw synthetic latents from the peers' class prototypes and cache every
-        expert's answers on them, so the gate also learns where the rest of the network's
-        inputs should go. Returns the bytes the answers cost."""
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + 31 * self.id + 7)
-        peers = [j for j in stats if j != self.id]
-        n_each = int(self.cfg.stage3.proto_ratio * len(self.y) / max(1, len(peers)))
-        drawn = [prototypes.sample_latents(stats[j], n_each, gen) for j in peers]
-        h = torch.cat([self._latents("train"), *(d[0] for d in drawn)])
-        y = torch.cat([self.y, *(d[1] for d in drawn)])
-        answers, cost = self._ask_every_expert(h)
-        self._proto = (h, y, answers)
-        return cost
-
-    def class_moments(self) -> dict:
-        """ClassGate: this client's label counts, per-class latent sums and latent Gram matrix; no sample."""
-        return prototypes.class_moments(self._latents("train"), self.y, self.num_classes)
-
-    def set_class_router(self, shared: dict) -> None:
-        """ClassGate: install the network's class posterior and the experts' competence, plus this
-        client's own label prior and expert. Nothing is trained."""
-        s = self.cfg.stage3
-        prior = prototypes.label_log_prior(torch.bincount(self.y, minlength=self.num_classes))
-        self.gates["classgate"].configure(shared["weight"], shared["bias"], prior, shared["competence"],
-                                          shared["expert_log_prior"], self.id, self.expert.state_dict(),
-                                          s.classgate_own_expert, s.classgate_prior, s.classgate_own_bias,
-                                          s.classgate_temperature, s.classgate_prior_cap)
-        self.stage = "stage3"
-
-    def fit_gate(self, variant: str, incoming: dict | None, round_: int) -> tuple[dict, dict]:
-        """Stage 3, one round of ``variant``: merge what was synced in, train on the cached answers.
-
-        ProtoGate trains on its own latents plus the synthetic ones drawn from peers' prototypes.
-        """
+    def _cached_answers(self) -> torch.Tensor:
         if self._answers is None:
             self.collect_answers()
-        gate = self.gates[variant]
-        if incoming:
-            gate.load_state_dict(federated.partial_sync(gate.state_dict(), incoming))
-        h, y, answers = self._latents("train"), self.y, self._answers
-        if variant == "protogate" and self._proto is not None:  # None after a restart: own data only
-            h, y, answers = self._proto
-        r = self.cfg.routing
-        state, metrics = local.fit_gate(gate, h, answers, y, self.cfg.stage3,
-                                        r.top_k, r.noise_std, seed=self.cfg.seed * 1000 + round_ * 100 + self.id,
-                                        available=self.available)
+        return self._answers
+
+    def _view(self) -> ClientView:
+        """This client as a gate variant sees it (``training.gates.ClientView``)."""
+        return ClientView(self.id, self.cfg, self.num_classes, lambda: self._latents("train"), self.y, self.expert,
+                          self._cached_answers, self._ask_every_expert, self.available)
+
+    def exchange_stats(self, variant: str) -> dict:
+        """A variant's one-off exchange, client side: statistics of the own latents, never a sample."""
+        return self.variants[variant].client_stats(self._view())
+
+    def install_exchange(self, variant: str, shared) -> dict:
+        """A variant's one-off exchange, back on the client: returns the bytes using it cost."""
+        cost = self.variants[variant].install(self._view(), self.gates.get(variant), shared)
+        self.stage = "stage3"
+        return cost
+
+    def fit_gate(self, variant: str, incoming: dict | None, round_: int) -> tuple[dict, dict]:
+        """Stage 3, one round of ``variant``: merge what was synced in, train its gate locally."""
+        state, metrics = self.variants[variant].fit(self._view(), self.gates[variant], incoming,
+                                                    seeds.client_round(self.cfg.seed, round_, self.id))
         self.stage = "stage3"
         return state, metrics
 
@@ -216,12 +194,8 @@ class Client:
     # ----------------------------------------------------------------- inference
 
     def choose(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        k = top_k or self.cfg.routing.top_k
-        if variant == "rangate":
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.id)
-            return routing.random_routing(len(h), len(self.peers), k, gen, available=self.available)
-        with torch.no_grad():
-            return routing.noisy_topk(self.gates[variant](h), k, available=self.available)
+        return self.variants[variant].choose(self.gates.get(variant), h, top_k or self.cfg.routing.top_k,
+                                             self.available, len(self.peers), seeds.routing(self.cfg.seed, self.id))
 
     def route_latents(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
         """Routed inference on latents: dispatch through the object store, combine, count bytes."""
@@ -237,7 +211,7 @@ class Client:
         if self.id in plan:
             answers[self.id] = self.expert_forward(h[plan[self.id][0]])
         out, back = routing.routed_bytes(plan, self.id, h.shape[1], self.num_classes, fp16)
-        readout = routing.readout_of(self.gates.get(variant))
+        readout = self.variants[variant].readout(self.gates.get(variant))
         return {"logits": routing.combine(w, plan, answers, readout), "experts": idx, "weights": w,
                 "bytes_out": out, "bytes_in": back}
 

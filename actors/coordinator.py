@@ -26,22 +26,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.client import STAGE_ORDER, Client
 from actors.tracking import Tracker
 from training import checkpoint as ckpt
-from training import federated, local, prototypes
-from training.config import STAGES, from_dict
+from training import federated, gates, local, objectives, seeds
+from training.config import PAPER_VARIANT, STAGES, from_dict
 from training.data import build_split, load_dataset
-from training.models import Stage1Model, make_expert, make_gate
-
-
-UNTRAINED_GATES = ("rangate", "classgate")  # no gate rounds, no need for every expert's answers
+from training.models import Gate, Stage1Model, make_expert
 
 
 class PlacementError(RuntimeError):
     """The cluster cannot hold the clients as configured."""
-
-
-def stage1_prefixes(method: str) -> tuple[str, ...]:
-    """What stage 1 federates: F and the classifier, plus the projection head for fedsc."""
-    return ("extractor.", "classifier.", "projector.") if method == "fedsc" else ("extractor.", "classifier.")
 
 
 def client_resources(cfg) -> tuple[dict, int]:
@@ -217,7 +209,7 @@ class Coordinator:
         start = self.state["stage1_round"] + 1
         if start > 0:
             model.load_state_dict(ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"])
-        prefixes = stage1_prefixes(s1.method)
+        prefixes = objectives.prefixes(s1.method)
         size = federated.state_bytes(model.state_dict(), prefixes)
         t0 = time.perf_counter()
         for r in range(start, s1.rounds):
@@ -260,85 +252,70 @@ class Coordinator:
         ckpt.save_torch(ckpt.stage_file(self.out, "stage2"), {"experts": {i: s["expert"] for i, s in states.items()}})
         self.state["timings"]["stage2"] = time.perf_counter() - t0
 
-    def _train_gates(self, variant: str) -> int:
+    def _train_gates(self, v: str, spec: gates.GateVariant) -> int:
         """One variant's gate rounds; returns the bytes its synchronisation cost."""
-        cfg = self.cfg
-        rounds, sent = cfg.stage3.rounds, 0
-        if variant in UNTRAINED_GATES:  # classgate: see _share_class_moments
+        if not spec.trains:
             return 0
-        if variant == "rollgate":  # one gate travels the ring; each client trains it in turn
-            state = None
-            for r in range(rounds):
-                for i in self.active:
-                    self._say("stage3", f"rollgate round {r + 1}/{rounds}, client {i}", r + 1, rounds)
-                    answer = self._gather({i: self.clients[i].fit_gate.remote(variant, state, r)}, "stage3/rollgate", r,
-                                          required=False)
-                    if answer:
-                        state = answer[i][0]
-                        sent += federated.state_bytes(state)
-            self._gather({i: self.clients[i].sync_gate.remote(variant, state) for i in self.active}, "stage3/rollgate", rounds - 1)
-            return sent + federated.state_bytes(state) * len(self.active)
-        include = federated.GATE_SYNC[variant]  # None: no sync; (): the whole gate
-        shared = None
+        if spec.sync == "ring":
+            return self._train_ring(v)
+        rounds, sent, shared = self.cfg.stage3.rounds, 0, None
         for r in range(rounds):
-            self._say("stage3", f"{variant} round {r + 1}/{rounds}", r + 1, rounds)
-            results = self._gather({i: self.clients[i].fit_gate.remote(variant, shared, r) for i in self.active},
-                                   f"stage3/{variant}", r, timeout=cfg.cluster.round_timeout_s)
+            self._say("stage3", f"{v} round {r + 1}/{rounds}", r + 1, rounds)
+            results = self._gather({i: self.clients[i].fit_gate.remote(v, shared, r) for i in self.active},
+                                   f"stage3/{v}", r, timeout=self.cfg.cluster.round_timeout_s)
             states, metrics = zip(*results.values())
-            self.tracker.log({f"stage3/{variant}/loss": float(np.mean([m["loss"] for m in metrics])),
-                              f"stage3/{variant}/accuracy": float(np.mean([m["accuracy"] for m in metrics]))}, step=r)
-            if include is None:
-                continue
-            shared = federated.fedavg(states, [m["samples"] for m in metrics], include=include or None)
-            size = federated.state_bytes(shared)
-            sent += size * len(results) + size * len(self.active)  # up from those who answered, down to all
+            self.tracker.log({f"stage3/{v}/loss": float(np.mean([m["loss"] for m in metrics])),
+                              f"stage3/{v}/accuracy": float(np.mean([m["accuracy"] for m in metrics]))}, step=r)
+            shared = spec.aggregate(list(states), [m["samples"] for m in metrics])
+            if shared is not None:
+                size = federated.state_bytes(shared)
+                sent += size * len(results) + size * len(self.active)  # up from those who answered, down to all
         if shared is not None:
-            self._gather({i: self.clients[i].sync_gate.remote(variant, shared) for i in self.active}, f"stage3/{variant}", rounds - 1)
+            self._gather({i: self.clients[i].sync_gate.remote(v, shared) for i in self.active}, f"stage3/{v}", rounds - 1)
         return sent
 
-    def _share_prototypes(self) -> int:
-        """ProtoGate's extra step: class prototypes up, everyone's down, answers on synthetic latents.
+    def _train_ring(self, v: str) -> int:
+        """A ring variant: one gate travels around the clients; each trains it in turn, all end with it."""
+        rounds, sent, state = self.cfg.stage3.rounds, 0, None
+        for r in range(rounds):
+            for i in self.active:
+                self._say("stage3", f"{v} round {r + 1}/{rounds}, client {i}", r + 1, rounds)
+                answer = self._gather({i: self.clients[i].fit_gate.remote(v, state, r)}, f"stage3/{v}", r, required=False)
+                if answer:
+                    state = answer[i][0]
+                    sent += federated.state_bytes(state)
+        self._gather({i: self.clients[i].sync_gate.remote(v, state) for i in self.active}, f"stage3/{v}", rounds - 1)
+        return sent + federated.state_bytes(state) * len(self.active)
 
-        Returns its bytes: each client's statistics up once, all statistics down to each client,
-        and the latents/logits of asking every expert about the synthetic latents.
-        """
-        self._say("stage3", "protogate: sharing class prototypes")
-        stats = self._gather({i: self.clients[i].class_prototypes.remote() for i in self.active}, "stage3/protogate")
-        size = sum(prototypes.stats_bytes(s) for s in stats.values())
-        ref = ray.put(stats)
-        costs = self._gather({i: self.clients[i].set_prototypes.remote(ref) for i in self.active}, "stage3/protogate")
-        return size + size * len(self.active) + sum(c["bytes_out"] + c["bytes_in"] for c in costs.values())
-
-    def _share_class_moments(self) -> int:
-        """ClassGate's one step: class moments up; the network's class posterior (a linear
-        discriminant), every expert's per-class competence and label prior down. Returns its bytes."""
-        self._say("stage3", "classgate: pooling class moments")
-        moments = self._gather({i: self.clients[i].class_moments.remote() for i in self.active}, "stage3/classgate")
-        weight, bias = prototypes.class_posterior(list(moments.values()))
-        counts = torch.zeros(self.cfg.num_clients, len(bias))
-        for i, m in moments.items():
-            counts[i] = m["counts"].float()
-        shared = {"weight": weight, "bias": bias, "competence": prototypes.expert_competence(counts),
-                  "expert_log_prior": prototypes.label_log_prior(counts)}
-        self._gather({i: self.clients[i].set_class_router.remote(shared) for i in self.active}, "stage3/classgate")
-        return sum(prototypes.stats_bytes(m) for m in moments.values()) + prototypes.stats_bytes(shared) * len(self.active)
+    def _exchange(self, v: str, spec: gates.GateVariant) -> int:
+        """A variant's one-off exchange: each client's statistics up, the coordinator's combine down,
+        each client installs it. Returns its bytes: statistics up, the combined payload down to every
+        client, and whatever installing it cost the clients (ProtoGate asks every expert)."""
+        self._say("stage3", f"{v}: one-off exchange")
+        stats = self._gather({i: self.clients[i].exchange_stats.remote(v) for i in self.active}, f"stage3/{v}")
+        combined = spec.combine(stats, self.cfg.num_clients)
+        ref = ray.put(combined)
+        costs = self._gather({i: self.clients[i].install_exchange.remote(v, ref) for i in self.active}, f"stage3/{v}")
+        up = sum(spec.payload_bytes(s) for s in stats.values())
+        return up + spec.payload_bytes(combined) * len(self.active) + sum(c["bytes_out"] + c["bytes_in"]
+                                                                           for c in costs.values())
 
     def stage3(self) -> None:
         self._restore("stage2", "stage3")
         t0 = time.perf_counter()
+        specs = {v: gates.get(v) for v in self.cfg.stage3.variants}
         self.state["bytes"]["stage3_answers"] = 0
-        if set(self.cfg.stage3.variants) - set(UNTRAINED_GATES):  # some gate trains on the experts' answers
+        if any(spec.needs_answers for spec in specs.values()):  # some gate trains on the experts' answers
             self._say("stage3", "collecting expert answers")
             answered = self._gather({i: self.clients[i].collect_answers.remote() for i in self.active}, "stage3")
             self.state["bytes"]["stage3_answers"] = sum(a["bytes_out"] + a["bytes_in"] for a in answered.values())
-        for v in self.cfg.stage3.variants:
-            share = {"protogate": self._share_prototypes, "classgate": self._share_class_moments}.get(v)
-            exchange = share() if share else 0
-            self.state["bytes"]["stage3_variants"][v] = exchange + self._train_gates(v)
+        for v, spec in specs.items():
+            exchange = self._exchange(v, spec) if spec.exchanges else 0
+            self.state["bytes"]["stage3_variants"][v] = exchange + self._train_gates(v, spec)
         self.state["bytes"]["stage3"] = self.state["bytes"]["stage3_answers"] + sum(self.state["bytes"]["stage3_variants"].values())
         states = self._gather({i: self.clients[i].get_state.remote() for i in self.active}, "stage3")
-        gates = {v: {i: s["gates"][v] for i, s in states.items()} for v in self.cfg.stage3.variants if v != "rangate"}
-        ckpt.save_torch(ckpt.stage_file(self.out, "stage3"), {"gates": gates})
+        saved = {v: {i: s["gates"][v] for i, s in states.items()} for v, spec in specs.items() if spec.has_gate}
+        ckpt.save_torch(ckpt.stage_file(self.out, "stage3"), {"gates": saved})
         self.state["timings"]["stage3"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------- evaluation
@@ -350,9 +327,9 @@ class Coordinator:
         model = Stage1Model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
         model.load_state_dict(g)
         pooled = np.concatenate(split.train)
-        torch.manual_seed(cfg.seed + 7)
+        torch.manual_seed(seeds.centralized(cfg.seed))
         experts = [make_expert(cfg.model, ds.num_classes) for _ in range(cfg.num_clients)]
-        gate = make_gate(cfg.model, cfg.num_clients)
+        gate = Gate(cfg.model.latent_dim, cfg.model.gate_hidden, cfg.num_clients)
         h = local.compute_latents(model.extractor, ds.x_train[pooled])
         local.fit_centralized_moe(experts, gate, h, ds.y_train[pooled], cfg.stage2, cfg.routing.top_k,
                                   cfg.routing.noise_std, seed=cfg.seed)
@@ -428,7 +405,7 @@ class Coordinator:
             "methods": ev.get("methods", {}),
             "bytes": {"stage1": b["stage1"], "stage2": 0, "stage3": b["stage3"],
                       "stage3_variants": b["stage3_variants"], "stage3_answers": b.get("stage3_answers", 0),
-                      "per_routed_sample": per_sample.get("fedgate", next(iter(per_sample.values()), 0)),
+                      "per_routed_sample": per_sample.get(PAPER_VARIANT, next(iter(per_sample.values()), 0)),
                       "per_routed_sample_by_variant": per_sample,
                       "raw_input_per_sample": int(np.prod(self.ds.x_train.shape[1:])) * 4},
             "missing_clients": self.state["missing_clients"],

@@ -10,25 +10,24 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks import common
-from training import federated
-from training.models import make_gate
+from training import federated, gates
+from training.models import Gate
 
 
-WHAT = {"rangate": "nothing (untrained)", "localgate": "nothing (no sync)", "rollgate": "one gate around the ring",
-        "fedgate": "gate body, up and down", "fullgate": "whole gate, up and down",
-        "protogate": "gate body; once: class prototypes, answers on drawn latents",
-        "classgate": "once: class moments up; discriminant, competence and label priors down"}
-
-
-def split_bytes(variant: str, total: int, rounds: int, clients: int, gate: dict) -> dict:
-    """A variant's stage-3 bytes as ``{"per_round", "one_off", "total"}``: the gate sync repeats
-    every round (up from and down to every client), an exchange (prototypes, moments) happens once."""
-    synced = federated.GATE_SYNC.get(variant)
-    if synced is not None:
-        per_round = 2 * clients * federated.state_bytes(gate, synced or None)
+def split_bytes(spec: gates.GateVariant, total: int, rounds: int, clients: int, gate: dict) -> dict:
+    """A variant's stage-3 bytes as ``{"per_round", "one_off", "total"}``: a FedAvg sync repeats
+    every round (up from and down to every client), a ring's hand-overs are spread over its rounds,
+    an exchange (prototypes, moments) happens once."""
+    if spec.sync in ("prefix", "whole"):
+        per_round = 2 * clients * federated.state_bytes(gate, spec.prefixes if spec.sync == "prefix" else None)
     else:
-        per_round = total / rounds if variant == "rollgate" else 0
+        per_round = total / rounds if spec.sync == "ring" else 0
     return {"per_round": per_round, "one_off": total - per_round * rounds, "total": total}
+
+
+def _first(names, sync: str) -> str | None:
+    """The first variant of the run that synchronises its gate this way (``prefix`` or ``whole``)."""
+    return next((v for v in names if gates.get(v).sync == sync), None)
 
 
 def run(ctx: common.Context) -> tuple[dict, str, dict]:
@@ -39,14 +38,18 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
         runs[label] = common.train_run(ctx, cfg, f"comm-{label}")["results"]
     res, c = runs["fp16"], ctx.cfg()
     b, hist, r3 = res["bytes"], res["history"]["stage1"], c.stage3.rounds
-    gate = make_gate(c.model, c.num_clients).state_dict()
+    gate = Gate(c.model.latent_dim, c.model.gate_hidden, c.num_clients).state_dict()
     stage1 = {"bytes_down_per_round": float(np.mean([h["bytes_down"] for h in hist])),
               "bytes_up_per_round": float(np.mean([h["bytes_up"] for h in hist])), "rounds": len(hist), "total": b["stage1"]}
-    variants = {v: split_bytes(v, n, r3, c.num_clients, gate) for v, n in b["stage3_variants"].items()}
-    sync = {"gate_bytes": federated.state_bytes(gate), "body_bytes": federated.state_bytes(gate, ("body.",)),
-            "fedgate_total": b["stage3_variants"].get("fedgate"), "fullgate_total": b["stage3_variants"].get("fullgate")}
-    if sync["fedgate_total"] and sync["fullgate_total"]:
-        sync["fedgate_over_fullgate"] = sync["fedgate_total"] / sync["fullgate_total"]
+    variants = {v: split_bytes(gates.get(v), n, r3, c.num_clients, gate) for v, n in b["stage3_variants"].items()}
+    # partial (by prefix) against whole-gate sync: the first variant of the run that does each
+    part, whole = _first(b["stage3_variants"], "prefix"), _first(b["stage3_variants"], "whole")
+    shared = gates.get(part).prefixes if part else ("body.",)
+    sync = {"partial": part, "whole": whole, "shared": [p.rstrip(".") for p in shared],
+            "gate_bytes": federated.state_bytes(gate), "body_bytes": federated.state_bytes(gate, shared),
+            **{f"{v}_total": b["stage3_variants"][v] for v in (part, whole) if v}}
+    if part and whole and sync[f"{part}_total"] and sync[f"{whole}_total"]:
+        sync[f"{part}_over_{whole}"] = sync[f"{part}_total"] / sync[f"{whole}_total"]
     raw = b["raw_input_per_sample"]
     routed = {lab: {v: {"bytes": n, "vs_raw": n / raw} for v, n in r["bytes"]["per_routed_sample_by_variant"].items()}
               for lab, r in runs.items()}
@@ -67,14 +70,14 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
 
 
 def markdown(r: dict) -> str:
-    s1, sync, n = r["stage1"], r["sync"], f"{{:,.0f}}".format
+    s1, sync, n = r["stage1"], r["sync"], "{:,.0f}".format
     rows = [["stage 1 (F + helpers), down", "global weights to every client", n(s1["bytes_down_per_round"]), s1["rounds"],
              n(s1["bytes_down_per_round"] * s1["rounds"])],
             ["stage 1, up", "each client's weights", n(s1["bytes_up_per_round"]), s1["rounds"],
              n(s1["bytes_up_per_round"] * s1["rounds"])],
             ["stage 2 (experts)", "nothing", "0", "—", n(r["stage2_total"])],
             ["stage 3, expert answers", "latents out, logits back, once", "—", 1, n(r["stage3_answers"])]]
-    rows += [[f"stage 3, {v}", WHAT.get(v, "gate sync"), n(x["per_round"]), r["stage3_rounds"], n(x["total"])]
+    rows += [[f"stage 3, {v}", gates.get(v).describe or "gate sync", n(x["per_round"]), r["stage3_rounds"], n(x["total"])]
              for v, x in r["stage3_variants"].items()]
     one_off = {v: x["one_off"] for v, x in r["stage3_variants"].items() if x["one_off"]}
     out = [f"{r['clients']} clients, latent d = {r['latent_dim']}, top-k {r['top_k']}. Bytes as the Coordinator counts "
@@ -83,12 +86,13 @@ def markdown(r: dict) -> str:
     if one_off:
         out.append("One-off exchanges inside those totals: " + ", ".join(f"{v} {n(x)} B" for v, x in one_off.items())
                    + " (stage-3 totals do not include the shared expert answers row above).\n")
-    ratio = f"{sync['fedgate_over_fullgate']:.2f}" if "fedgate_over_fullgate" in sync else "—"
-    out += ["\n## FedGate's partial sync vs FullGate's full sync\n",
-            common.table(["", "fedgate (body only)", "fullgate (whole gate)", "fedgate / fullgate"],
+    part, whole = sync.get("partial"), sync.get("whole")
+    ratio = f"{sync[f'{part}_over_{whole}']:.2f}" if f"{part}_over_{whole}" in sync else "—"
+    out += [f"\n## Partial gate sync ({part}) vs the whole gate ({whole})\n",
+            common.table(["", f"{part} ({', '.join(sync['shared'])} only)", f"{whole} (whole gate)", f"{part} / {whole}"],
                          [["state synced per client", n(sync["body_bytes"]), n(sync["gate_bytes"]),
                            f"{sync['body_bytes'] / sync['gate_bytes']:.2f}"],
-                          ["stage-3 total", n(sync["fedgate_total"] or 0), n(sync["fullgate_total"] or 0), ratio]])]
+                          ["stage-3 total", n(sync.get(f"{part}_total") or 0), n(sync.get(f"{whole}_total") or 0), ratio]])]
     rows = [[v, f"{x['bytes']:.1f}", f"{r['routed']['fp32'].get(v, {}).get('bytes', float('nan')):.1f}",
              f"{x['vs_raw']:.3f}"] for v, x in r["routed"]["fp16"].items()]
     out += [f"\n## Bytes per routed sample (raw input: {n(r['raw_input_per_sample'])} B as float32)\n",

@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
-QUICK_CONFIG = ROOT / "configs" / "smoke.yaml"
+from training.config import DEFAULT_CONFIG
+from training.config import SMOKE_CONFIG as QUICK_CONFIG
 EXPERIMENT = "nmoe-bench"
 
 
@@ -39,7 +38,7 @@ def say(msg: str) -> None:
 class Context:
     suite: str
     quick: bool = False
-    out: Path = ROOT / "benchmarks" / "results"
+    out: Path = Path("benchmarks/results")
     config: str | None = None  # None: configs/smoke.yaml with --quick, else configs/default.yaml
     overrides: list[str] = field(default_factory=list)
     tracking_uri: str | None = None  # resolved; None: no MLflow

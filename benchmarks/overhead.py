@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from actors.coordinator import client_resources, stage1_prefixes
+from actors.coordinator import client_resources
 from benchmarks import common
 from training import checkpoint as ckpt
-from training import federated, local
+from training import federated, local, objectives, seeds
 from training.data import build_split, load_dataset
 from training.models import Stage1Model
 
@@ -41,7 +41,7 @@ def in_process(cfg, threads: int | None = None) -> dict:
         for _ in shards:  # each Client seeds and builds its own copy
             torch.manual_seed(cfg.seed)
             clients.append(Stage1Model(*shape))
-        prefixes = stage1_prefixes(cfg.stage1.method)
+        prefixes = objectives.prefixes(cfg.stage1.method)
         setup, rounds = time.perf_counter() - t0, []
         for r in range(cfg.stage1.rounds):
             rt = time.perf_counter()
@@ -49,7 +49,7 @@ def in_process(cfg, threads: int | None = None) -> dict:
             states, metrics = [], []
             for i, (m, (x, y)) in enumerate(zip(clients, shards)):
                 m.load_state_dict(federated.partial_sync(m.state_dict(), glob))
-                state, met = local.fit_stage1(m, x, y, cfg.stage1, seed=cfg.seed * 1000 + r * 100 + i)
+                state, met = local.fit_stage1(m, x, y, cfg.stage1, seed=seeds.client_round(cfg.seed, r, i))
                 states.append({k: state[k].clone() for k in glob})
                 metrics.append(met)
             at = time.perf_counter()

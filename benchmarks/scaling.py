@@ -13,11 +13,11 @@ sum is what the processes really occupy.
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 
 from benchmarks import common
+from training.config import PAPER_VARIANT
 
 
 class RaySampler:
@@ -98,7 +98,7 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
         b = res["bytes"]
         rows.append({"clients": n, "stage1_seconds_per_round": float(np.mean([h["seconds"] for h in hist])),
                      "stage1_bytes_per_round": float(np.mean([h["bytes_down"] + h["bytes_up"] for h in hist])),
-                     "stage3_fedgate_bytes_per_round": b["stage3_variants"].get("fedgate", 0) / cfg.stage3.rounds,
+                     "stage3_fedgate_bytes_per_round": b["stage3_variants"].get(PAPER_VARIANT, 0) / cfg.stage3.rounds,
                      "stage3_answers_bytes": b["stage3_answers"], "setup_seconds": res["timings"]["setup"],
                      "wall_seconds": r["wall"], "peak_rss_mib": mem.peak / 2**20,
                      "peak_pss_mib": mem.peak_pss / 2**20, "baseline_rss_mib": mem.baseline / 2**20,
@@ -113,7 +113,7 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
 
 
 def markdown(r: dict) -> str:
-    cfg, n = r["config"], f"{{:,.0f}}".format
+    cfg, n = r["config"], "{:,.0f}".format
     rows = [[x["clients"], f"{x['stage1_seconds_per_round']:.2f}", n(x["stage1_bytes_per_round"]),
              n(x["stage3_fedgate_bytes_per_round"]), n(x["stage3_answers_bytes"]), f"{x['setup_seconds']:.1f}",
              f"{x['wall_seconds']:.1f}", f"{x['peak_pss_mib']:.0f}", f"{x['peak_rss_mib']:.0f}", x["ray_processes_at_peak"]]

@@ -1,6 +1,6 @@
 """Serving benchmark: HTTP latency and throughput of routed inference vs the same forward in-process.
 
-    python benchmarks/serve_latency.py --run runs/default [--requests 200] [--out benchmarks/results]
+    nmoe bench serve [--run runs/default] [--requests 200]
 
 For batch sizes 1 and 32 at concurrency 1, 8 and 32 (top-k = 2): p50/p99 latency and
 samples/s over real HTTP on 127.0.0.1, beside the in-process routed forward
@@ -9,12 +9,10 @@ samples/s over real HTTP on 127.0.0.1, beside the in-process routed forward
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,10 +22,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from training import checkpoint as ckpt  # noqa: E402
 from training import routing  # noqa: E402
+from training.config import PAPER_VARIANT  # noqa: E402
 from training.data import denormalize, load_dataset, normalize  # noqa: E402
 
 BATCHES, CONCURRENCY, TOP_K = (1, 32), (1, 8, 32), 2
@@ -42,7 +39,7 @@ def in_process(run: Path, pixels: np.ndarray, batch: int, repeats: int) -> dict:
     """The same routed forward (client 0, fedgate) with every module in this process."""
     t = ckpt.load_trained(run)
     cfg = t["config"]
-    m = ckpt.build_modules(t, "fedgate")
+    m = ckpt.build_modules(t, PAPER_VARIANT)
     ext, experts, gate = m["extractor"], m["experts"], m["gates"][0]
     lat = []
     for r in range(repeats):
@@ -100,7 +97,7 @@ def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> di
             port = s.getsockname()[1]
     owned = not ray.is_initialized()  # a caller's Ray (tests, nmoe bench) stays up afterwards
     connect()
-    url = launch.deploy(run, "fedgate", "127.0.0.1", port, max_batch=256)
+    url = launch.deploy(run, PAPER_VARIANT, "127.0.0.1", port, max_batch=256)
     rows = []
     try:
         for batch in BATCHES:
@@ -126,22 +123,3 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['batch']} | {r['concurrency']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['samples_per_s']:.0f} | "
                      f"{r['bytes_per_sample']:.0f} | {r['in_process_p50_ms']:.2f} | {r['in_process_samples_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="a finished run folder (nmoe train --out ...)")
-    p.add_argument("--requests", type=int, default=200, help="requests per (batch, concurrency) cell")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = p.parse_args(argv)
-    res = run_benchmark(Path(args.run), args.requests)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_latency.json").write_text(json.dumps(res, indent=2))
-    (out / "serve_latency.md").write_text(markdown(res))
-    print(markdown(res))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,18 +7,20 @@ import importlib
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from nmoe.common import UserError, config_args
+
 SUITES = ("accuracy", "overhead", "comm", "scaling", "serve", "classgate")
 # benchmarks/serve.py would shadow the serve package for scripts in benchmarks/
 MODULES = {"serve": "serving", "classgate": "classgate_sweep"}
 
 
-def add_parser(sub, config_args) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: accuracy, overhead, comm, scaling, serve, classgate (tables under --out)")
     p.add_argument("suite", choices=SUITES, help="which benchmark to run")
     p.add_argument("--quick", action="store_true", help="tiny configs (configs/smoke.yaml-sized): minutes, not hours")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout (the rest goes to stderr)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where <suite>.md/.json and the runs go")
+    p.add_argument("--out", default="benchmarks/results", help="where <suite>.md/.json and the runs go "
+                   "(default: benchmarks/results under the working directory)")
     config_args(p)
     p.add_argument("--address", default=None, help="join a running Ray cluster; default: local Ray on 127.0.0.1")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the config's, sqlite:///mlflow.db)")
@@ -36,13 +38,8 @@ def run(args) -> int:
     from actors import tracking
     from actors.cluster import ClusterError, connect
 
-    from training.checkpoint import RunFolderError
-
-    from nmoe.cli import UserError
-
-    if str(ROOT) not in sys.path:  # benchmarks/ lives beside the installed packages (editable install)
-        sys.path.insert(0, str(ROOT))
     from benchmarks import common
+    from training.checkpoint import RunFolderError
 
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads: must be >= 1")

@@ -10,35 +10,20 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+from nmoe import bench, serve_cmd, train
+from nmoe.common import UserError, config_args, load_config
 
 console = Console(stderr=True, soft_wrap=True)
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line."""
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML experiment config (default: configs/default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. stage1.rounds=3")
-
-
-def _load(args):
-    from training.config import load_config
-
-    return load_config(args.config or DEFAULT_CONFIG, args.overrides)
 
 
 def cmd_data_summary(args) -> int:
     from training.data import build_split, label_counts, label_entropy, load_dataset
 
-    cfg = _load(args)
+    cfg = load_config(args)
     ds = load_dataset(cfg.data)
     split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
     clients = []
@@ -62,6 +47,43 @@ def cmd_data_summary(args) -> int:
     return 0
 
 
+def gate_rows() -> list[list[str]]:
+    """One row per registered gate variant: name, what it needs, how it syncs, what travels."""
+    from training.registry import GATES
+
+    rows = []
+    for name in GATES.names():
+        v = GATES.get(name)
+        needs = ", ".join(n for n, on in (("expert answers", v.needs_answers), ("one-off exchange", v.exchanges)) if on)
+        sync = {"prefix": "FedAvg of " + ", ".join(f"`{p}*`" for p in v.prefixes)}.get(v.sync, v.sync)
+        rows.append([f"`{name}`", "yes" if v.trains else "no", needs or "nothing", sync if v.trains else "—",
+                     v.describe, f"`{v.__module__}`"])
+    return rows
+
+
+GATE_COLUMNS = ["variant", "trains", "needs before training", "gate sync each round", "what travels", "module"]
+
+
+def cmd_gates(args) -> int:
+    from training.registry import OBJECTIVES
+
+    load_config(args)  # imports the config's plugins
+    rows = gate_rows()
+    if args.markdown:
+        print("| " + " | ".join(GATE_COLUMNS) + " |\n|" + "---|" * len(GATE_COLUMNS))
+        print("\n".join("| " + " | ".join(r) + " |" for r in rows))
+        return 0
+    table = Table(title="gate variants (stage3.variants)")
+    for col in GATE_COLUMNS:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(c.replace("`", "") for c in r))
+    Console().print(table)
+    Console().print("stage-1 objectives (stage1.method): " + ", ".join(
+        f"{n} (federates {', '.join(OBJECTIVES.get(n).prefixes)})" for n in OBJECTIVES.names()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nmoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,15 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="inspect datasets and partitions")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     summary = data_sub.add_parser("summary", help="per-client partition: samples, label histogram, entropy")
-    _config_args(summary)
+    config_args(summary)
     summary.add_argument("--json", action="store_true", help="print one JSON object")
     summary.set_defaults(func=cmd_data_summary)
 
-    from nmoe import bench, serve_cmd, train
+    gates = sub.add_parser("gates", help="the registered stage-3 gate variants and stage-1 objectives")
+    config_args(gates)  # its plugins are listed too
+    gates.add_argument("--markdown", action="store_true", help="print the README's table of gate variants")
+    gates.set_defaults(func=cmd_gates)
 
-    train.add_parser(sub, _config_args)
+    train.add_parser(sub)
     serve_cmd.add_parsers(sub)
-    bench.add_parser(sub, _config_args)
+    bench.add_parser(sub)
     return parser
 
 

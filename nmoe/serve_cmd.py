@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from nmoe.common import UserError
+
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("serve", help="serve a trained run over HTTP (one Ray Serve deployment per client)")
@@ -22,7 +24,7 @@ def add_parsers(sub) -> None:
     src.add_argument("--run", help="run folder written by nmoe train")
     src.add_argument("--mlflow-run", help="MLflow run id whose artifacts hold the run")
     s.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store for --mlflow-run")
-    s.add_argument("--variant", default="fedgate", help="which trained gate variant routes (default: fedgate)")
+    s.add_argument("--variant", default=None, help="which trained gate variant routes (default: the paper's FedGate)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
@@ -48,7 +50,6 @@ def serve_cmd(args) -> int:
     from serve import launch
     from training.checkpoint import RunFolderError
 
-    from nmoe.cli import UserError
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port: {args.port} is not a TCP port")
@@ -103,7 +104,6 @@ def _within(seconds: float, fn) -> bool:
 
 
 def _load_input(args, health: dict) -> np.ndarray:
-    from nmoe.cli import UserError
 
     if args.sample is not None:
         from training.config import DataConfig
@@ -128,7 +128,6 @@ def _load_input(args, health: dict) -> np.ndarray:
 
 
 def _http(url: str, body: dict | None = None) -> dict:
-    from nmoe.cli import UserError
 
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})

@@ -10,10 +10,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nmoe.common import UserError, config_args, load_config
+
 STOP_CHOICES = ("stage1", "stage2", "stage3")
 
 
-def add_parser(sub, config_args) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train an NMoE: stage 1 (F), stage 2 (experts), stage 3 (gates), evaluation")
     config_args(p)
     p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto); default: local Ray on 127.0.0.1")
@@ -25,11 +27,9 @@ def add_parser(sub, config_args) -> None:
     p.set_defaults(func=run)
 
 
-def _prepare(args, load_config):
+def _prepare(args):
     """The config, run folder and whether this continues an earlier run; refuses to mix runs."""
     from training import checkpoint as ckpt
-
-    from nmoe.cli import UserError
 
     if args.resume:
         if args.config or args.overrides:
@@ -41,6 +41,7 @@ def _prepare(args, load_config):
             raise UserError(str(exc)) from None
     cfg = load_config(args)
     cfg.data.root = str(Path(cfg.data.root).resolve())  # actors may run in another directory
+    cfg.plugins = [str(Path(p).resolve()) if p.endswith(".py") else p for p in cfg.plugins]
     out = Path(args.out or Path("runs") / cfg.name)
     if (out / "state.json").exists():
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
@@ -55,9 +56,7 @@ def run(args) -> int:
     from actors.coordinator import Coordinator, PlacementError
     from training import checkpoint as ckpt
 
-    from nmoe.cli import UserError, _load
-
-    cfg, out, resume = _prepare(args, _load)
+    cfg, out, resume = _prepare(args)
     console = Console(soft_wrap=True)
     try:
         connect(args.address or cfg.cluster.address)

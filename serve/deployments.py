@@ -15,7 +15,7 @@ import torch
 from ray import serve
 
 from training import checkpoint as ckpt
-from training import routing
+from training import gates, routing, seeds
 from training.data import normalize
 
 APP_PREFIX = "nmoe-client-"
@@ -43,7 +43,8 @@ class ClientDeployment:
         self.n = self.cfg.num_clients
         self.extractor = ckpt.load_extractor(self.cfg, meta, weights["stage1"])
         self.expert = ckpt.load_expert(self.cfg, meta, weights["expert"])
-        self.gate = None if variant == "rangate" else ckpt.load_gate(self.cfg, meta, variant, weights["gate"])
+        self.spec = gates.get(variant)
+        self.gate = ckpt.load_gate(self.cfg, meta, variant, weights.get("gate"))
         self.num_classes = meta["num_classes"]
         self._peers: dict[int, object] = {}
 
@@ -70,11 +71,7 @@ class ClientDeployment:
         return await asyncio.wait_for(self._peer(j).expert_forward.remote(payload), timeout=self.timeout)
 
     def choose(self, h: torch.Tensor, k: int, available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.gate is None:  # rangate
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.id)
-            return routing.random_routing(len(h), self.n, k, gen, available)
-        with torch.no_grad():
-            return routing.noisy_topk(self.gate(h), k, available=available)
+        return self.spec.choose(self.gate, h, k, available, self.n, seeds.routing(self.cfg.seed, self.id))
 
     async def predict(self, pixels: np.ndarray, top_k: int | None = None) -> dict:
         """Routed inference for a batch of pixels in [0, 1], shape [B, C, H, W]."""
@@ -106,7 +103,7 @@ class ClientDeployment:
         if self.id in plan:
             with torch.no_grad():
                 answers[self.id] = self.expert(h[plan[self.id][0]])
-        logits = routing.combine(w, plan, answers, routing.readout_of(self.gate))
+        logits = routing.combine(w, plan, answers, self.spec.readout(self.gate))
         return {
             "predictions": logits.argmax(1).tolist(),
             "probabilities": torch.softmax(logits, 1).tolist(),

@@ -10,6 +10,7 @@ from ray import serve
 from serve.api import Api
 from serve.deployments import ClientDeployment, client_app_name
 from training import checkpoint as ckpt
+from training.config import PAPER_VARIANT
 
 INGRESS_APP = "nmoe"
 
@@ -27,7 +28,7 @@ def run_from_mlflow(run_id: str, tracking_uri: str) -> Path:
     return dest
 
 
-def deploy(run: Path, variant: str = "fedgate", host: str = "127.0.0.1", port: int = 8000,
+def deploy(run: Path, variant: str = PAPER_VARIANT, host: str = "127.0.0.1", port: int = 8000,
            max_batch: int = 256, peer_timeout_s: float = 2.0) -> str:
     """Start Serve's HTTP proxy on host:port and deploy every client; returns the base URL."""
     trained = ckpt.load_trained(run)
@@ -41,9 +42,8 @@ def deploy(run: Path, variant: str = "fedgate", host: str = "127.0.0.1", port: i
     if cfg.cluster.client_resource:
         placement["resources"] = {cfg.cluster.client_resource: 0.01}
     for i in sorted(trained["experts"]):  # a client that left the run has no expert to serve
-        weights = {"stage1": trained["stage1"], "expert": trained["experts"][i]}
-        if variant != "rangate":
-            weights["gate"] = trained["gates"][variant][i]
+        weights = {"stage1": trained["stage1"], "expert": trained["experts"][i],
+                   "gate": trained["gates"].get(variant, {}).get(i)}  # None for a variant without a gate
         app = ClientDeployment.options(name="client", ray_actor_options=placement).bind(
             i, cfg.to_dict(), meta, weights, variant, peer_timeout_s)
         serve.run(app, name=client_app_name(i), route_prefix=None)

@@ -4,21 +4,21 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from training import federated, prototypes, routing
+from training import federated, objectives, prototypes, routing
 from training.config import DataConfig, Stage1Config, Stage2Config, load_config
-from training.losses import nt_xent, stage1_loss
-from training.models import ClassGate, Expert, Gate, Stage1Model, make_expert
+from training.gates.classgate import ClassGateModule as ClassGate
+from training.losses import nt_xent
+from training.models import Expert, Gate, Stage1Model, make_expert
 
 
 def test_importing_training_does_not_import_ray():
     code = (
         "import sys, training.config, training.data, training.models, training.losses, "
-        "training.routing, training.local, training.federated; "
+        "training.routing, training.local, training.federated, training.gates, training.objectives; "
         "print('ray' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -44,12 +44,20 @@ def test_nt_xent_is_lower_for_matching_views_than_shuffled():
 
 def test_fedsc_adds_weighted_nt_xent_to_cross_entropy():
     g = torch.Generator().manual_seed(1)
-    logits, y = torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
-    z1, z2 = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
-    ce = stage1_loss("fedce", logits, y)
-    sc = stage1_loss("fedsc", logits, y, z1, z2, sc_lambda=0.3, temperature=0.2)
+    model = Stage1Model(load_config().model, 1, 8, 3)
+    x, y = torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+    cfg, shift = Stage1Config(sc_lambda=0.3, temperature=0.2), torch.zeros(3)
+    model.eval()  # BatchNorm on running stats: every forward of x gives the same latents
+    ce, logits = objectives.get("fedce").loss(model, x, y, shift, torch.Generator().manual_seed(5), cfg)
+    sc, _ = objectives.get("fedsc").loss(model, x, y, shift, torch.Generator().manual_seed(5), cfg)
+    from training.data import two_views
+
+    v1, v2 = two_views(x, torch.Generator().manual_seed(5))
+    z1, z2 = model.projector(model.extractor(v1)), model.projector(model.extractor(v2))
     assert ce.item() == pytest.approx(F.cross_entropy(logits, y).item())
-    assert sc.item() == pytest.approx(ce.item() + 0.3 * nt_xent(z1, z2, 0.2).item(), rel=1e-6)
+    assert sc.item() == pytest.approx(ce.item() + 0.3 * nt_xent(z1, z2, 0.2).item(), rel=1e-5)
+    assert objectives.prefixes("fedsc") == ("extractor.", "classifier.", "projector.")
+    assert objectives.prefixes("fedce") == ("extractor.", "classifier.")
 
 
 def test_routing_with_k_equal_n_and_no_noise_is_the_dense_moe():

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SMOKE
+from conftest import SMOKE
 from training import checkpoint as ckpt
-from training import federated, routing
-from training.config import GATE_VARIANTS, load_config
+from training import federated, gates, routing
+from training.config import load_config
 from training.data import build_split, load_dataset
-from training.models import Stage1Model, make_gate
+from training.models import Gate, Stage1Model
 
 
 def test_smoke_run_reports_every_variant_and_baseline(smoke_run):
     res = json.loads((smoke_run / "run" / "results.json").read_text())
-    expected = {f"nmoe/{v}" for v in GATE_VARIANTS} | {"local_only", "fedavg_global", "centralized_moe"}
+    expected = {f"nmoe/{v}" for v in load_config(SMOKE).stage3.variants} | {"local_only", "fedavg_global", "centralized_moe"}
     assert set(res["methods"]) == expected
     for name, m in res["methods"].items():
         assert 0.0 <= m["personalized_acc"] <= 1.0 and 0.0 <= m["global_acc"] <= 1.0, name
@@ -36,7 +36,7 @@ def test_stage_bytes_follow_the_formulas(smoke_run):
     size = federated.state_bytes(model.state_dict(), ("extractor.", "classifier."))
     assert res["bytes"]["stage2"] == 0
     assert res["bytes"]["stage1"] == cfg.stage1.rounds * cfg.num_clients * size * 2
-    gate = make_gate(cfg.model, cfg.num_clients).state_dict()
+    gate = Gate(cfg.model.latent_dim, cfg.model.gate_hidden, cfg.num_clients).state_dict()
     n, r = cfg.num_clients, cfg.stage3.rounds
     per_variant = res["bytes"]["stage3_variants"]
     assert per_variant["localgate"] == 0 and per_variant["rangate"] == 0
@@ -102,12 +102,12 @@ def test_routed_inference_through_actors_equals_the_in_process_reference(ray_ses
     modules = {v: ckpt.build_modules(trained, v) for v in variants}
     x = ds.x_test[split.test[1][:40]]
     for variant in variants:
-        m = modules[variant]
+        m, spec = modules[variant], gates.get(variant)
         gate, experts = m["gates"][1], m["experts"]
         with torch.no_grad():
             h = m["extractor"](x)
-            idx, w = routing.noisy_topk(gate(h), cfg.routing.top_k)
-        expected = routing.route_in_process(h, idx, w, experts, 1, cfg.routing.fp16_latents, routing.readout_of(gate))
+            idx, w = spec.choose(gate, h, cfg.routing.top_k, None, cfg.num_clients, 0)
+        expected = routing.route_in_process(h, idx, w, experts, 1, cfg.routing.fp16_latents, spec.readout(gate))
         got = ray.get(clients[1].route.remote(x, variant))
         assert torch.equal(got["experts"], idx)
         assert torch.allclose(got["logits"], expected, atol=1e-5)
@@ -152,7 +152,8 @@ def test_no_client_method_returns_a_raw_sample(ray_session, smoke_run, data_root
         ray.get(c.fit_expert.remote()),
         ray.get(c.collect_answers.remote()),
         ray.get(c.fit_gate.remote("fedgate", None, 0)),
-        ray.get(c.class_moments.remote()),
+        ray.get(c.exchange_stats.remote("classgate")),
+        ray.get(c.exchange_stats.remote("protogate")),
         ray.get(c.evaluate.remote("fedgate")),
         ray.get(c.evaluate_baselines.remote()),
         ray.get(c.get_state.remote()),

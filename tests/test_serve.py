@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training import checkpoint as ckpt
-from training import routing
+from training import gates, routing
 from training.data import build_split, denormalize, load_dataset, normalize
 
 JSON = {"Content-Type": "application/json"}
@@ -48,16 +48,16 @@ def reference(smoke_run, variant):
     ds = load_dataset(cfg.data)
     split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
     pixels = denormalize(ds.x_test[split.test[0][:24]], ds.name).numpy()
-    return cfg, modules, pixels
+    return cfg, modules, gates.get(variant), pixels
 
 
 def _offline(ref, client: int, pixels: np.ndarray, k: int):
-    cfg, modules, _ = ref
+    cfg, modules, spec, _ = ref
     extractor, experts, gate = modules["extractor"], modules["experts"], modules["gates"][client]
     with torch.no_grad():
         h = extractor(normalize(torch.from_numpy(pixels), cfg.data.name))
-        idx, w = routing.noisy_topk(gate(h), k)
-    logits = routing.route_in_process(h, idx, w, experts, client, cfg.routing.fp16_latents, routing.readout_of(gate))
+        idx, w = spec.choose(gate, h, k, None, cfg.num_clients, 0)
+    logits = routing.route_in_process(h, idx, w, experts, client, cfg.routing.fp16_latents, spec.readout(gate))
     return idx, torch.softmax(logits, 1)
 
 

@@ -22,7 +22,8 @@ import torch
 import yaml
 
 from training.config import ConfigError, ExperimentConfig, from_dict
-from training.models import Stage1Model, make_expert, make_gate
+from training import gates
+from training.models import Stage1Model, make_expert
 
 
 class RunFolderError(ValueError):
@@ -101,8 +102,13 @@ def load_expert(cfg, meta: dict, state: dict) -> torch.nn.Module:
     return expert.eval()
 
 
-def load_gate(cfg, meta: dict, variant: str, state: dict) -> torch.nn.Module:
-    gate = make_gate(cfg.model, cfg.num_clients, variant, meta["num_classes"])
+def load_gate(cfg, meta: dict, variant: str, state: dict | None) -> torch.nn.Module | None:
+    """Eval-mode gate of ``variant`` (None for a variant without a gate module, such as RanGate)."""
+    gate = gates.get(variant).make_gate(cfg, meta["num_classes"])
+    if gate is None:
+        return None
+    if state is None:
+        raise RunFolderError(f"{variant}: the run holds no trained gate for this client")
     gate.load_state_dict(state)
     return gate.eval()
 

@@ -10,15 +10,22 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
+from training.registry import GATES, OBJECTIVES, PluginError, load_plugins
+
+SHIPPED = files("training.configs")  # configs/ of a checkout, or its copy inside an installed wheel
+DEFAULT_CONFIG = Path(str(SHIPPED / "default.yaml"))  # the main job
+SMOKE_CONFIG = Path(str(SHIPPED / "smoke.yaml"))  # tiny: tests and --quick benchmarks
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
 PARTITIONS = ("iid", "dirichlet", "shards")
-STAGE1_METHODS = ("fedce", "fedsc")
-GATE_VARIANTS = ("rangate", "rollgate", "fedgate", "localgate", "fullgate", "protogate", "classgate")
+# what stage3.variants holds by default, in this order (a variant's place fixes its gate's initial weights)
+DEFAULT_VARIANTS = ("rangate", "rollgate", "fedgate", "localgate", "fullgate", "protogate", "classgate")
+PAPER_VARIANT = "fedgate"  # the paper's proposal: served by default, its bytes per routed sample are the headline
 STAGES = ("stage1", "stage2", "stage3")
 
 
@@ -74,7 +81,7 @@ class Stage2Config:
 
 @dataclass
 class Stage3Config:
-    variants: list[str] = field(default_factory=lambda: list(GATE_VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     rounds: int = 10
     local_epochs: int = 1
     batch_size: int = 64
@@ -118,6 +125,7 @@ class ExperimentConfig:
     name: str = "default"
     seed: int = 0
     num_clients: int = 10
+    plugins: list[str] = field(default_factory=list)  # .py files or modules that register gates/objectives
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -218,7 +226,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for key in ("latent_dim", "expert_hidden", "gate_hidden", "proj_dim"):
         _check(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
     _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels", "must be a non-empty list of positive ints")
-    _check(cfg.stage1.method in STAGE1_METHODS, "stage1.method", f"unknown method {cfg.stage1.method!r} (one of {', '.join(STAGE1_METHODS)})")
+    for i, spec in enumerate(cfg.plugins):
+        try:
+            load_plugins([spec])
+        except PluginError as exc:
+            raise ConfigError(f"plugins[{i}]: {str(exc).removeprefix('plugins: ')}") from None
+    _check(cfg.stage1.method in OBJECTIVES, "stage1.method",
+           f"unknown method {cfg.stage1.method!r} (one of {', '.join(OBJECTIVES.names())})")
     for stage in ("stage1", "stage2", "stage3"):
         s = getattr(cfg, stage)
         _check(s.lr > 0, f"{stage}.lr", "must be > 0")
@@ -230,14 +244,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.stage2.epochs >= 1, "stage2.epochs", "must be >= 1")
     _check(cfg.stage3.rounds >= 1, "stage3.rounds", "must be >= 1")
     _check(cfg.stage3.local_epochs >= 1, "stage3.local_epochs", "must be >= 1")
-    _check(cfg.stage3.proto_ratio >= 0, "stage3.proto_ratio", "must be >= 0")
-    _check(0 <= cfg.stage3.classgate_own_expert <= 1, "stage3.classgate_own_expert", "must be between 0 and 1")
-    _check(cfg.stage3.classgate_prior >= 0, "stage3.classgate_prior", "must be >= 0")
-    _check(cfg.stage3.classgate_prior_cap >= 0, "stage3.classgate_prior_cap", "must be >= 0")
-    _check(cfg.stage3.classgate_temperature > 0, "stage3.classgate_temperature", "must be > 0")
     for i, v in enumerate(cfg.stage3.variants):
-        _check(v in GATE_VARIANTS, f"stage3.variants[{i}]", f"unknown gate variant {v!r} (one of {', '.join(GATE_VARIANTS)})")
+        _check(v in GATES, f"stage3.variants[{i}]", f"unknown gate variant {v!r} (one of {', '.join(GATES.names())})")
     _check(len(cfg.stage3.variants) >= 1, "stage3.variants", "must name at least one variant")
+    _check(len(set(cfg.stage3.variants)) == len(cfg.stage3.variants), "stage3.variants", "names a variant twice")
+    for name in GATES.names():  # every variant checks its own knobs (stage3.proto_ratio, stage3.classgate_*)
+        for path, msg in GATES.get(name)().check_config(cfg):
+            _check(False, path, msg)
     r = cfg.routing
     _check(1 <= r.top_k <= cfg.num_clients, "routing.top_k", f"must be between 1 and num_clients={cfg.num_clients}, got {r.top_k}")
     _check(r.noise_std >= 0, "routing.noise_std", "must be >= 0")

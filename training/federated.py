@@ -2,7 +2,8 @@
 
 FedGate averages the gate body here: ``fedavg(gates, weights, include=("body.",))``
 averages only ``body.*`` and ``partial_sync`` writes that into each client's gate while
-its ``head.*`` stays local.
+its ``head.*`` stays local. What each gate variant synchronises is the variant's own
+(``training/gates/``, ``GateVariant.sync``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,6 @@ State = dict[str, torch.Tensor]
 
 def _selected(key: str, include: Sequence[str] | None) -> bool:
     return include is None or any(key.startswith(p) for p in include)
-
-
-# What each federated gate variant averages every stage-3 round: FedGate averages the gate body
-# (head.* stays local; ProtoGate syncs like it), FullGate the whole gate (()), LocalGate nothing.
-GATE_SYNC: dict[str, tuple[str, ...] | None] = {"localgate": None, "fedgate": ("body.",), "protogate": ("body.",),
-                                                "fullgate": ()}
 
 
 def fedavg(states: Sequence[State], weights: Sequence[float], include: Sequence[str] | None = None) -> State:

@@ -14,12 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import routing
+from training import objectives, routing
 from training.config import Stage1Config, Stage2Config, Stage3Config
-from training.data import two_views
-from training.losses import stage1_loss
 from training.models import Expert, Gate, Stage1Model
-from training.prototypes import label_log_prior
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
@@ -38,29 +35,18 @@ def _metrics(loss_sum: float, correct: int, seen: int, t0: float) -> dict:
 
 
 def fit_stage1(model: Stage1Model, x: torch.Tensor, y: torch.Tensor, cfg: Stage1Config, seed: int) -> tuple[dict, dict]:
-    """Stage 1 on one client: ``fedce`` (CE) or ``fedsc`` (CE + lambda * NT-Xent on two views).
-
-    With ``cfg.logit_adjust`` = tau > 0 the CE term scores ``logits + tau * log prior`` (the
-    client's own label prior): the prior explains the skew, so the shared classifier and F
-    learn the balanced p(c | x) instead of each client pulling them toward its few classes
-    (logit-adjusted / balanced-softmax loss, as in FedLC).
-    """
+    """Stage 1 on one client: the objective ``cfg.method`` (``training.objectives``), its supervised
+    term logit adjusted by ``cfg.logit_adjust`` (``training.objectives.logit_adjust``)."""
     t0, gen = time.perf_counter(), torch.Generator().manual_seed(seed)
-    shift = cfg.logit_adjust * label_log_prior(torch.bincount(y, minlength=model.classifier.out_features))
+    objective = objectives.get(cfg.method)
+    shift = objectives.prior_shift(cfg.logit_adjust, y, model.classifier.out_features)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
     model.train()
     for _ in range(cfg.local_epochs):
         loss_sum, correct, seen = 0.0, 0, 0
         for idx in batches(len(x), cfg.batch_size, gen):
             xb, yb = x[idx], y[idx]
-            h = model.extractor(xb)
-            logits = model.classifier(h) + shift
-            z1 = z2 = None
-            if cfg.method == "fedsc":
-                v1, v2 = two_views(xb, gen)
-                z1 = model.projector(model.extractor(v1))
-                z2 = model.projector(model.extractor(v2))
-            loss = stage1_loss(cfg.method, logits, yb, z1, z2, cfg.sc_lambda, cfg.temperature)
+            loss, logits = objective.loss(model, xb, yb, shift, gen, cfg)
             opt.zero_grad()
             loss.backward()
             opt.step()

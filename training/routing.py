@@ -69,11 +69,6 @@ class ClassReadout(NamedTuple):
     own_log_prior: torch.Tensor
 
 
-def readout_of(gate) -> ClassReadout | None:
-    """The gate's own way of combining answers (ClassGate's), or None for the weighted sum."""
-    return gate.readout() if hasattr(gate, "readout") else None
-
-
 def combine(weights: torch.Tensor, plan: Plan, answers: dict[int, torch.Tensor],
             readout: ClassReadout | None = None) -> torch.Tensor:
     """Weighted sum of the experts' answers; ``answers[j]`` holds expert j's logits for ``plan[j]``'s rows.

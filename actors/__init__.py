@@ -1,0 +1,1 @@
+"""Ray actors: the clients and the coordinator of the three-stage schedule, MLflow logging."""

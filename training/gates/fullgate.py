@@ -1,0 +1,12 @@
+"""FullGate (ablation): the whole gate is FedAvg-ed every round, as plain FedAvg would."""
+
+from __future__ import annotations
+
+from training.gates.base import GateVariant
+from training.registry import GATES
+
+
+@GATES.register("fullgate")
+class FullGate(GateVariant):
+    describe = "whole gate, up and down"
+    sync = "whole"
