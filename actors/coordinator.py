@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.client import STAGE_ORDER, Client
 from actors.tracking import Tracker
 from training import checkpoint as ckpt
-from training import federated, gates, local, objectives, seeds
+from training import federated, gates, local, objectives, schema, seeds
 from training.config import PAPER_VARIANT, STAGES, from_dict
 from training.data import build_split, load_dataset
 from training.models import Gate, Stage1Model, make_expert
@@ -72,13 +72,9 @@ class Coordinator:
         self.cfg = from_dict(cfg)
         self.out = Path(out_dir)
         self.tracker = Tracker(tracking_uri, run_id)
-        self.state = ckpt.load_state(self.out) if resume else {
-            "completed": [], "stage1_round": -1, "history": {"stage1": [], "stage3": {}},
-            "bytes": {"stage1": 0, "stage2": 0, "stage3": 0, "stage3_variants": {}},
-            "missing_clients": [], "timings": {}, "mlflow_run_id": run_id, "meta": {},
-        }
+        self.state: schema.RunState = ckpt.load_state(self.out) if resume else schema.new_state(run_id)
         self._progress = {"stage": "setup", "round": 0, "rounds": 0, "message": "starting"}
-        self.state.setdefault("dropped", [])  # clients out of the run for good
+        self.state.setdefault("dropped", [])  # clients out of the run for good (absent in older runs)
         self.clients: list = []
         self.pg = None
 
@@ -371,7 +367,7 @@ class Coordinator:
 
     # ------------------------------------------------------------- the schedule
 
-    def run(self, stop_after: str | None = None) -> dict:
+    def run(self, stop_after: str | None = None) -> schema.Results:
         """Run (or continue) the schedule; returns results.json's content."""
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.save_config(self.out, self.cfg)
@@ -397,7 +393,7 @@ class Coordinator:
         self._say("done", "finished")
         return results
 
-    def _results(self, ev: dict) -> dict:
+    def _results(self, ev: dict) -> schema.Results:
         b = self.state["bytes"]
         per_sample = ev.get("per_routed_sample", {})
         return {

@@ -32,6 +32,7 @@ from benchmarks.accuracy import PARTITIONS, SHOWN
 from training import checkpoint as ckpt
 from training import local, prototypes, routing
 from training.data import build_split, load_dataset
+from training.gates.classgate import ClassGate
 from training.models import make_expert
 
 PRIOR = (0.5, 1.0)
@@ -42,9 +43,9 @@ def sweep(run_dir: Path) -> dict:
     """Every (prior, prior_cap) point of one run: mean personalized and global accuracy."""
     trained = ckpt.load_trained(run_dir)
     cfg = trained["config"]
-    if "classgate" not in cfg.stage3.variants:
-        raise ckpt.RunFolderError(f"{run_dir}: classgate was not trained (stage3.variants)")
-    mods = ckpt.build_modules(trained, "classgate")
+    if ClassGate.name not in cfg.stage3.variants:
+        raise ckpt.RunFolderError(f"{run_dir}: {ClassGate.name} was not trained (stage3.variants)")
+    mods = ckpt.build_modules(trained, ClassGate.name)
     ds = load_dataset(cfg.data)
     split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
     experts, k, fp16 = mods["experts"], cfg.routing.top_k, cfg.routing.fp16_latents

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from training import schema
 from training.config import DEFAULT_CONFIG
 from training.config import SMOKE_CONFIG as QUICK_CONFIG
 EXPERIMENT = "nmoe-bench"
@@ -105,15 +106,8 @@ def seed_from_stage2(donor: Path, run_dir: Path, cfg) -> None:
         dest = ckpt.stage_file(run_dir, stage)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ckpt.stage_file(donor, stage), dest)
-    state = ckpt.load_state(donor)
-    state["completed"] = ["stage1", "stage2"]
-    state["history"]["stage3"] = {}
-    state["bytes"].update({"stage3": 0, "stage3_variants": {}, "stage3_answers": 0})
-    state["timings"] = {k: v for k, v in state["timings"].items() if k in ("stage1", "stage2")}
-    done = json.loads((donor / "results.json").read_text()).get("methods", {})
-    if "centralized_moe" in done:  # decided by stages 1-2 alone
-        state.setdefault("centralized_moe", done["centralized_moe"])
-    ckpt.save_json(run_dir / "state.json", state)
+    done = schema.load_results(donor / "results.json")["methods"]
+    ckpt.save_json(run_dir / "state.json", schema.after_stage2(ckpt.load_state(donor), done.get("centralized_moe")))
 
 
 def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache: bool = True) -> dict:
@@ -128,7 +122,7 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
     if cache and not ctx.fresh and stop_after is None:
         done = finished_run(ctx, cfg)
         if done is not None:
-            results = json.loads((done / "results.json").read_text())
+            results = schema.load_results(done / "results.json")
             say(f"{ctx.suite}: {name}: reusing the finished run {done} (same config)")
             return {"results": results, "dir": done, "wall": results["timings"].get("total"), "cached": True}
     shutil.rmtree(run_dir, ignore_errors=True)

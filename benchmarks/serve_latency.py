@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from training import checkpoint as ckpt  # noqa: E402
-from training import routing  # noqa: E402
+from training import gates, routing, seeds  # noqa: E402
 from training.config import PAPER_VARIANT  # noqa: E402
 from training.data import denormalize, load_dataset, normalize  # noqa: E402
 
@@ -36,19 +36,20 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def in_process(run: Path, pixels: np.ndarray, batch: int, repeats: int) -> dict:
-    """The same routed forward (client 0, fedgate) with every module in this process."""
+    """The same routed forward (client 0, the paper's variant) with every module in this process."""
     t = ckpt.load_trained(run)
     cfg = t["config"]
     m = ckpt.build_modules(t, PAPER_VARIANT)
     ext, experts, gate = m["extractor"], m["experts"], m["gates"][0]
+    spec = gates.get(PAPER_VARIANT)
     lat = []
     for r in range(repeats):
         x = torch.from_numpy(pixels[(r * batch) % (len(pixels) - batch) :][:batch])
         t0 = time.perf_counter()
         with torch.no_grad():
             h = ext(normalize(x, cfg.data.name))
-            idx, w = routing.noisy_topk(gate(h), TOP_K)
-            routing.route_in_process(h, idx, w, experts, 0, cfg.routing.fp16_latents)
+            idx, w = spec.choose(gate, h, TOP_K, None, cfg.num_clients, seeds.routing(cfg.seed, 0))
+            routing.route_in_process(h, idx, w, experts, 0, cfg.routing.fp16_latents, spec.readout(gate))
         lat.append(time.perf_counter() - t0)
     return {"p50_ms": 1e3 * _pct(lat, 0.5), "p99_ms": 1e3 * _pct(lat, 0.99), "samples_per_s": batch * len(lat) / sum(lat)}
 

@@ -57,11 +57,12 @@ def gate_rows() -> list[list[str]]:
         needs = ", ".join(n for n, on in (("expert answers", v.needs_answers), ("one-off exchange", v.exchanges)) if on)
         sync = {"prefix": "FedAvg of " + ", ".join(f"`{p}*`" for p in v.prefixes)}.get(v.sync, v.sync)
         rows.append([f"`{name}`", "yes" if v.trains else "no", needs or "nothing", sync if v.trains else "—",
-                     v.describe, f"`{v.__module__}`"])
+                     v.describe, v.bytes_formula or "—", v.reveals or "—", f"`{v.__module__}`"])
     return rows
 
 
-GATE_COLUMNS = ["variant", "trains", "needs before training", "gate sync each round", "what travels", "module"]
+GATE_COLUMNS = ["variant", "trains", "needs before training", "gate sync each round", "what travels", "stage-3 bytes",
+                "what it reveals", "module"]
 
 
 def cmd_gates(args) -> int:
@@ -73,11 +74,12 @@ def cmd_gates(args) -> int:
         print("| " + " | ".join(GATE_COLUMNS) + " |\n|" + "---|" * len(GATE_COLUMNS))
         print("\n".join("| " + " | ".join(r) + " |" for r in rows))
         return 0
-    table = Table(title="gate variants (stage3.variants)")
-    for col in GATE_COLUMNS:
-        table.add_column(col)
+    table = Table(title="gate variants (stage3.variants); --markdown for bytes and what each reveals")
+    keep = [0, 1, 2, 3, 4, 7]
+    for i in keep:
+        table.add_column(GATE_COLUMNS[i])
     for r in rows:
-        table.add_row(*(c.replace("`", "") for c in r))
+        table.add_row(*(r[i].replace("`", "") for i in keep))
     Console().print(table)
     Console().print("stage-1 objectives (stage1.method): " + ", ".join(
         f"{n} (federates {', '.join(OBJECTIVES.get(n).prefixes)})" for n in OBJECTIVES.names()))

@@ -134,7 +134,8 @@ def _follow(coord, pending, console: Console) -> dict:
                 return ray.get(pending)
 
 
-def print_results(results: dict, console: Console) -> None:
+def print_results(results, console: Console) -> None:
+    """The table ``nmoe train`` ends with (``results``: a ``training.schema.Results``)."""
     table = Table(title="NMoE: accuracy per method (personalized = own test split, global = balanced test set)")
     for col in ("method", "personalized", "global"):
         table.add_column(col, justify="left" if col == "method" else "right")

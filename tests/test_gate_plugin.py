@@ -173,3 +173,23 @@ def test_nmoe_serve_answers_with_the_plugin_variant_over_http(plugin_run, data_r
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_readme_shows_the_registry_and_its_example_plugin_works(tmp_path):
+    from nmoe.cli import GATE_COLUMNS, gate_rows
+    from training.gates import BUILTINS, get
+    from training.models import Gate
+
+    readme = (Path(HERE).parents[1] / "README.md").read_text()
+    table = readme.split("<!-- nmoe gates --markdown -->\n")[1].split("<!-- end of")[0].strip().splitlines()
+    rows = [r for r in gate_rows() if r[0].strip("`") in BUILTINS]  # this process may hold plug-ins too
+    assert table == ["| " + " | ".join(GATE_COLUMNS) + " |", "|" + "---|" * len(GATE_COLUMNS),
+                     *("| " + " | ".join(r) + " |" for r in rows)]
+    example = next(b.split("```")[0] for b in readme.split("```python\n")[1:] if '"headgate"' in b)
+    (tmp_path / "my_gates.py").write_text(example)
+    cfg = load_config(SMOKE_CONFIG, [f"plugins=[{tmp_path / 'my_gates.py'}]", "stage3.variants=[fedgate,headgate]"])
+    spec = get("headgate")
+    gates = [Gate(cfg.model.latent_dim, cfg.model.gate_hidden, cfg.num_clients).state_dict() for _ in range(2)]
+    shared = spec.aggregate(gates, [1.0, 3.0])
+    assert set(shared) == {"head.weight", "head.bias"}
+    assert torch.allclose(shared["head.bias"], 0.25 * gates[0]["head.bias"] + 0.75 * gates[1]["head.bias"])

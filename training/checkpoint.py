@@ -23,6 +23,7 @@ import yaml
 
 from training.config import ConfigError, ExperimentConfig, from_dict
 from training import gates
+from training.schema import RunState
 from training.models import Stage1Model, make_expert
 
 
@@ -63,7 +64,7 @@ def load_run_config(run: Path) -> ExperimentConfig:
         raise RunFolderError(f"{run}/config.yaml: {exc}") from None
 
 
-def load_state(run: Path) -> dict:
+def load_state(run: Path) -> RunState:
     load_run_config(run)
     return json.loads((Path(run) / "state.json").read_text())
 

@@ -5,9 +5,14 @@ synthetic latents). See ``base.GateVariant`` for the interface and the README's
 "Add a gate in one file" for a complete example.
 """
 
-from training.gates import classgate, fedgate, fullgate, localgate, protogate, rangate, rollgate  # noqa: F401
+import importlib
+
 from training.gates.base import ClientView, GateVariant, payload_bytes
 from training.registry import GATES
+
+BUILTINS = ("rangate", "rollgate", "fedgate", "localgate", "fullgate", "protogate", "classgate")
+for _module in BUILTINS:  # registration order is listing order: the paper's, the ablations, this project's
+    importlib.import_module(f"training.gates.{_module}")
 
 
 def get(name: str) -> GateVariant:

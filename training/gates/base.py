@@ -70,6 +70,8 @@ class GateVariant:
 
     name: ClassVar[str] = ""  # set by the registry
     describe: ClassVar[str] = ""  # what travels, in a few words (the comm table, ``nmoe gates``)
+    bytes_formula: ClassVar[str] = ""  # its stage-3 bytes as a formula (the README's table)
+    reveals: ClassVar[str] = ""  # what a peer or the coordinator learns from what travels
     trains: ClassVar[bool] = True  # has gate rounds
     needs_answers: ClassVar[bool] = True  # trains on every expert's answers on the own data
     exchanges: ClassVar[bool] = False  # has a one-off exchange (client_stats -> combine -> install)

@@ -80,6 +80,9 @@ class ClassGateModule(nn.Module):
 @GATES.register("classgate")
 class ClassGate(GateVariant):
     describe = "once: class moments up; discriminant, competence and label priors down"
+    bytes_formula = "N × 8(C + Cd + d²) + N × 4(dC + C + 2NC)"
+    reveals = ("each client's label histogram, its class-mean latents and the second moments of its latents "
+               "(a client with fewer than d samples reveals the subspace its latents span)")
     trains = False
     needs_answers = False
     exchanges = True

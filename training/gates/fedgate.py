@@ -14,5 +14,7 @@ from training.registry import GATES
 @GATES.register("fedgate")
 class FedGate(GateVariant):
     describe = "gate body, up and down"
+    bytes_formula = "rounds × 2N × body"
+    reveals = "gate updates"
     sync = "prefix"
     prefixes = ("body.",)

@@ -9,4 +9,6 @@ from training.registry import GATES
 @GATES.register("fullgate")
 class FullGate(GateVariant):
     describe = "whole gate, up and down"
+    bytes_formula = "rounds × 2N × gate"
+    reveals = "gate updates"
     sync = "whole"

@@ -9,4 +9,6 @@ from training.registry import GATES
 @GATES.register("localgate")
 class LocalGate(GateVariant):
     describe = "nothing (no sync)"
+    bytes_formula = "0"
+    reveals = "nothing"
     sync = "none"

@@ -20,6 +20,8 @@ from training.registry import GATES
 @GATES.register("protogate")
 class ProtoGate(FedGate):
     describe = "gate body; once: class prototypes, answers on drawn latents"
+    bytes_formula = "N × C(8 + 8d) × (1 + N) + answers on the drawn latents + FedGate's"
+    reveals = "each client's label histogram and a per-class average of its latent features"
     exchanges = True
 
     def __init__(self) -> None:

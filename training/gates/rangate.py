@@ -16,6 +16,8 @@ from training.registry import GATES
 @GATES.register("rangate")
 class RanGate(GateVariant):
     describe = "nothing (untrained)"
+    bytes_formula = "0"
+    reveals = "nothing"
     trains = False
     needs_answers = False
     has_gate = False

@@ -13,4 +13,6 @@ from training.registry import GATES
 @GATES.register("rollgate")
 class RollGate(GateVariant):
     describe = "one gate around the ring"
+    bytes_formula = "rounds × N × gate + N × gate"
+    reveals = "gate updates"
     sync = "ring"

@@ -1,0 +1,136 @@
+"""The run folder's JSON files, typed: ``state.json`` (what is finished) and ``results.json``.
+
+One schema for the coordinator that writes them, the CLI that prints them and the benchmarks
+that read and resume them. They stay plain JSON objects (TypedDicts), so a reader needs
+nothing but ``json``; ``load_results`` checks a file has every field before anyone reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, TypedDict
+
+
+class ClientScore(TypedDict):
+    personalized_acc: float  # on the client's own test split (its label mix)
+    global_acc: float  # on the balanced global test set
+
+
+class MethodScore(TypedDict, total=False):
+    personalized_acc: float  # mean over clients
+    global_acc: float
+    per_client: list[ClientScore]
+    note: str  # e.g. "not private: pooled data"
+
+
+class Missing(TypedDict):
+    """A client that did not answer a step: ``reason`` is the error's type, or "gone" once it left the run."""
+
+    stage: str
+    round: int
+    client: int
+    reason: str
+
+
+class Stage1Round(TypedDict):
+    round: int
+    loss: float
+    accuracy: float
+    bytes_down: int
+    bytes_up: int
+    seconds: float
+    client_seconds: dict[str, float]
+    missing: int
+
+
+class History(TypedDict):
+    stage1: list[Stage1Round]
+    stage3: dict[str, Any]
+
+
+class StateBytes(TypedDict, total=False):
+    stage1: int
+    stage2: int
+    stage3: int
+    stage3_variants: dict[str, int]  # each variant's exchange + gate sync
+    stage3_answers: int  # the experts' answers, fetched once for every trained variant
+
+
+class RunState(TypedDict, total=False):
+    """``state.json``: written after every checkpoint; ``nmoe train --resume`` trusts it."""
+
+    completed: list[str]  # finished stages, in order
+    stage1_round: int  # last finished stage-1 round (-1: none)
+    history: History
+    bytes: StateBytes
+    missing_clients: list[Missing]
+    dropped: list[int]  # clients out of the run for good
+    timings: dict[str, float]  # seconds per stage
+    mlflow_run_id: Optional[str]
+    meta: dict[str, Any]  # dataset, classes, image shape, each client's info()
+    centralized_moe: MethodScore  # decided by stages 1-2: computed once per run
+
+
+class Bytes(TypedDict):
+    stage1: int
+    stage2: int
+    stage3: int
+    stage3_variants: dict[str, int]
+    stage3_answers: int
+    per_routed_sample: float  # the paper's variant's (FedGate), or the first variant's
+    per_routed_sample_by_variant: dict[str, float]
+    raw_input_per_sample: int  # what one raw input would cost as float32
+
+
+class Results(TypedDict, total=False):
+    """``results.json``: the comparison of every gate variant and baseline on one run."""
+
+    config: dict[str, Any]
+    methods: dict[str, MethodScore]  # "nmoe/<variant>", "local_only", "fedavg_global", "centralized_moe"
+    bytes: Bytes
+    missing_clients: list[Missing]
+    dropped_clients: list[int]
+    timings: dict[str, float]
+    history: History
+    routing: dict[str, list[list[float]]]  # per method, each client's share of calls per expert
+    mlflow_run_id: Optional[str]
+    out_dir: str
+    stopped_after: str  # only in what ``--stop-after`` returns; never written to results.json
+
+
+RESULT_FIELDS = ("config", "methods", "bytes", "missing_clients", "dropped_clients", "timings", "history", "routing")
+
+
+def new_state(mlflow_run_id: Optional[str]) -> RunState:
+    """The state of a run that has done nothing yet."""
+    return {"completed": [], "stage1_round": -1, "history": {"stage1": [], "stage3": {}},
+            "bytes": {"stage1": 0, "stage2": 0, "stage3": 0, "stage3_variants": {}},
+            "missing_clients": [], "timings": {}, "mlflow_run_id": mlflow_run_id, "meta": {}, "dropped": []}
+
+
+def after_stage2(state: RunState, centralized: Optional[MethodScore] = None) -> RunState:
+    """``state`` cut back to the end of stage 2: stage 3 and the evaluation run again on resume
+    (a stage-3 change re-uses a finished run's stages 1 and 2). The centralized baseline is
+    decided by stages 1-2, so it may be kept."""
+    out: RunState = json.loads(json.dumps(state))  # a deep copy
+    out["completed"] = ["stage1", "stage2"]
+    out["history"]["stage3"] = {}
+    out["bytes"].update({"stage3": 0, "stage3_variants": {}, "stage3_answers": 0})
+    out["timings"] = {k: v for k, v in out["timings"].items() if k in ("stage1", "stage2")}
+    if centralized is not None:
+        out.setdefault("centralized_moe", centralized)
+    return out
+
+
+class SchemaError(ValueError):
+    """A run file lacks a field this version needs; the message names it."""
+
+
+def load_results(path: Path) -> Results:
+    """``results.json`` as ``Results``; raises ``SchemaError`` naming the first missing field."""
+    data = json.loads(Path(path).read_text())
+    missing = [f for f in RESULT_FIELDS if f not in data]
+    if missing:
+        raise SchemaError(f"{path}: no field {missing[0]!r}; is it an NMoE results.json?")
+    return data
