@@ -27,8 +27,15 @@ STAGE_ORDER = ("init", "stage1", "stage2", "stage3")
 class Client:
     """Client i of the network: expert i lives here."""
 
-    def __init__(self, client_id: int, cfg: dict, train_idx: np.ndarray, test_idx: np.ndarray,
-                 global_idx: np.ndarray, threads: int = 1):
+    def __init__(
+        self,
+        client_id: int,
+        cfg: dict,
+        train_idx: np.ndarray,
+        test_idx: np.ndarray,
+        global_idx: np.ndarray,
+        threads: int = 1,
+    ):
         torch.set_num_threads(max(1, threads))
         self.id = client_id
         self.cfg: ExperimentConfig = from_dict(cfg)
@@ -78,8 +85,12 @@ class Client:
         self.available = None if available is None or all(available) else torch.tensor(available, dtype=torch.bool)
 
     def get_state(self) -> dict:
-        return {"stage": self.stage, "stage1": self.model.state_dict(), "expert": self.expert.state_dict(),
-                "gates": {v: g.state_dict() for v, g in self.gates.items()}}
+        return {
+            "stage": self.stage,
+            "stage1": self.model.state_dict(),
+            "expert": self.expert.state_dict(),
+            "gates": {v: g.state_dict() for v, g in self.gates.items()},
+        }
 
     def load_state(self, state: dict) -> None:
         """Restore weights (after a restart, or on resume); ``state`` may hold any subset."""
@@ -99,8 +110,9 @@ class Client:
     def fit_extractor(self, global_state: dict, round_: int) -> tuple[dict, dict]:
         """Stage 1, one round: start from the global F (+ helpers), train locally, send weights back."""
         self.model.load_state_dict(federated.partial_sync(self.model.state_dict(), global_state))
-        state, metrics = local.fit_stage1(self.model, self.x, self.y, self.cfg.stage1,
-                                          seed=seeds.client_round(self.cfg.seed, round_, self.id))
+        state, metrics = local.fit_stage1(
+            self.model, self.x, self.y, self.cfg.stage1, seed=seeds.client_round(self.cfg.seed, round_, self.id)
+        )
         self.stage = "stage1"
         self._h.clear()
         return {k: state[k] for k in global_state}, metrics
@@ -121,8 +133,9 @@ class Client:
         """Stage 2: F frozen, the expert learns this client's data. Nothing travels."""
         torch.manual_seed(seeds.expert_init(self.cfg.seed, self.id))
         self.expert = make_expert(self.cfg.model, self.num_classes)
-        _, metrics = local.fit_expert(self.expert, self._latents("train"), self.y, self.cfg.stage2,
-                                      seed=seeds.expert_fit(self.cfg.seed, self.id))
+        _, metrics = local.fit_expert(
+            self.expert, self._latents("train"), self.y, self.cfg.stage2, seed=seeds.expert_fit(self.cfg.seed, self.id)
+        )
         self.stage = "stage2"
         return metrics
 
@@ -149,7 +162,8 @@ class Client:
         remote = len(futures) * len(h)
         return torch.stack([answers[j] for j in range(len(self.peers))], dim=1), {
             "bytes_out": remote * routing.latent_bytes_per_row(h.shape[1], fp16),
-            "bytes_in": remote * self.num_classes * 4}
+            "bytes_in": remote * self.num_classes * 4,
+        }
 
     def collect_answers(self) -> dict:
         """Stage 3 prep: every expert's answer on this client's train latents, fetched once.
@@ -166,8 +180,17 @@ class Client:
 
     def _view(self) -> ClientView:
         """This client as a gate variant sees it (``training.gates.ClientView``)."""
-        return ClientView(self.id, self.cfg, self.num_classes, lambda: self._latents("train"), self.y, self.expert,
-                          self._cached_answers, self._ask_every_expert, self.available)
+        return ClientView(
+            self.id,
+            self.cfg,
+            self.num_classes,
+            lambda: self._latents("train"),
+            self.y,
+            self.expert,
+            self._cached_answers,
+            self._ask_every_expert,
+            self.available,
+        )
 
     def exchange_stats(self, variant: str) -> dict:
         """A variant's one-off exchange, client side: statistics of the own latents, never a sample."""
@@ -181,8 +204,9 @@ class Client:
 
     def fit_gate(self, variant: str, incoming: dict | None, round_: int) -> tuple[dict, dict]:
         """Stage 3, one round of ``variant``: merge what was synced in, train its gate locally."""
-        state, metrics = self.variants[variant].fit(self._view(), self.gates[variant], incoming,
-                                                    seeds.client_round(self.cfg.seed, round_, self.id))
+        state, metrics = self.variants[variant].fit(
+            self._view(), self.gates[variant], incoming, seeds.client_round(self.cfg.seed, round_, self.id)
+        )
         self.stage = "stage3"
         return state, metrics
 
@@ -194,8 +218,14 @@ class Client:
     # ----------------------------------------------------------------- inference
 
     def choose(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.variants[variant].choose(self.gates.get(variant), h, top_k or self.cfg.routing.top_k,
-                                             self.available, len(self.peers), seeds.routing(self.cfg.seed, self.id))
+        return self.variants[variant].choose(
+            self.gates.get(variant),
+            h,
+            top_k or self.cfg.routing.top_k,
+            self.available,
+            len(self.peers),
+            seeds.routing(self.cfg.seed, self.id),
+        )
 
     def route_latents(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
         """Routed inference on latents: dispatch through the object store, combine, count bytes."""
@@ -212,8 +242,13 @@ class Client:
             answers[self.id] = self.expert_forward(h[plan[self.id][0]])
         out, back = routing.routed_bytes(plan, self.id, h.shape[1], self.num_classes, fp16)
         readout = self.variants[variant].readout(self.gates.get(variant))
-        return {"logits": routing.combine(w, plan, answers, readout), "experts": idx, "weights": w,
-                "bytes_out": out, "bytes_in": back}
+        return {
+            "logits": routing.combine(w, plan, answers, readout),
+            "experts": idx,
+            "weights": w,
+            "bytes_out": out,
+            "bytes_in": back,
+        }
 
     def route(self, x: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
         """Routed inference on raw inputs that belong to this client (they stay here)."""

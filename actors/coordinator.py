@@ -54,8 +54,9 @@ def client_resources(cfg) -> tuple[dict, int]:
         bundle[name] = math.floor(1e4 * min(1.0, min(r[name] for r in nodes) / per_node)) / 1e4
     if strategy == "STRICT_SPREAD" and len(nodes) < n:
         where = f"nodes offering {name!r}" if name else "nodes"
-        raise PlacementError(f"cluster.placement=STRICT_SPREAD: {n} clients need {n} distinct {where}, "
-                             f"the cluster has {len(nodes)}")
+        raise PlacementError(
+            f"cluster.placement=STRICT_SPREAD: {n} clients need {n} distinct {where}, the cluster has {len(nodes)}"
+        )
     if cfg.cluster.cpus_per_client:
         share = cfg.cluster.cpus_per_client
     elif name:  # the CPUs of one client's slot on the smallest such node
@@ -66,8 +67,15 @@ def client_resources(cfg) -> tuple[dict, int]:
 
 
 class Coordinator:
-    def __init__(self, cfg: dict, out_dir: str, tracking_uri: str | None = None, run_id: str | None = None,
-                 resume: bool = False, threads: int | None = None):
+    def __init__(
+        self,
+        cfg: dict,
+        out_dir: str,
+        tracking_uri: str | None = None,
+        run_id: str | None = None,
+        resume: bool = False,
+        threads: int | None = None,
+    ):
         torch.set_num_threads(threads or max(1, int(ray.cluster_resources().get("CPU", 1))))
         self.cfg = from_dict(cfg)
         self.out = Path(out_dir)
@@ -101,8 +109,15 @@ class Coordinator:
         """Which experts can answer: index = expert id."""
         return [i not in self.state["dropped"] for i in range(len(self.clients))]
 
-    def _gather(self, refs: dict[int, ray.ObjectRef], stage: str, round_: int = 0, timeout: float | None = None,
-                probe: bool = False, required: bool = True) -> dict:
+    def _gather(
+        self,
+        refs: dict[int, ray.ObjectRef],
+        stage: str,
+        round_: int = 0,
+        timeout: float | None = None,
+        probe: bool = False,
+        required: bool = True,
+    ) -> dict:
         """Results of the clients that answered (within ``timeout``); the others are recorded missing.
 
         A client whose call failed leaves the run (its weights are gone) unless ``probe``: then it
@@ -119,7 +134,9 @@ class Coordinator:
                     raise TimeoutError
                 results[i] = ray.get(ref)
             except (ray.exceptions.RayError, TimeoutError) as exc:
-                self.state["missing_clients"].append({"stage": stage, "round": round_, "client": i, "reason": type(exc).__name__})
+                self.state["missing_clients"].append(
+                    {"stage": stage, "round": round_, "client": i, "reason": type(exc).__name__}
+                )
                 if probe or not isinstance(exc, TimeoutError):
                     failed.append(i)
         if probe:
@@ -127,7 +144,9 @@ class Coordinator:
         for i in failed:
             self._drop(i, stage, round_)
         if required and not results:
-            raise RuntimeError(f"{stage} round {round_}: no client answered" + (f" within {timeout}s" if timeout else ""))
+            raise RuntimeError(
+                f"{stage} round {round_}: no client answered" + (f" within {timeout}s" if timeout else "")
+            )
         return results
 
     def _unreachable(self, ids: list[int]) -> list[int]:
@@ -165,36 +184,65 @@ class Coordinator:
             ray.get(self.pg.ready(), timeout=max(30.0, cfg.cluster.round_timeout_s / 4))
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.pg)
-            raise PlacementError(f"cannot place {cfg.num_clients} clients, each asking for {bundle}, with strategy "
-                                 f"{cfg.cluster.placement}; the cluster has {ray.cluster_resources()}") from None
+            raise PlacementError(
+                f"cannot place {cfg.num_clients} clients, each asking for {bundle}, with strategy "
+                f"{cfg.cluster.placement}; the cluster has {ray.cluster_resources()}"
+            ) from None
         actor = ray.remote(Client)
         cfg_dict = cfg.to_dict()
         self.clients = [
-            actor.options(max_restarts=cfg.cluster.max_restarts, max_concurrency=4, num_cpus=bundle["CPU"], resources={k: v for k, v in bundle.items() if k != "CPU"},
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
-                          ).remote(i, cfg_dict, split.train[i], split.test[i], split.global_test, threads)
+            actor.options(
+                max_restarts=cfg.cluster.max_restarts,
+                max_concurrency=4,
+                num_cpus=bundle["CPU"],
+                resources={k: v for k, v in bundle.items() if k != "CPU"},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(i, cfg_dict, split.train[i], split.test[i], split.global_test, threads)
             for i in range(cfg.num_clients)
         ]
-        ray.get([c.set_peers.remote(self.clients, self._mask()) for c in self.clients])  # threaded actors: wait, order is not kept
+        ray.get(
+            [c.set_peers.remote(self.clients, self._mask()) for c in self.clients]
+        )  # threaded actors: wait, order is not kept
         infos = ray.get([c.info.remote() for c in self.clients])
-        self.state["meta"] = {"dataset": ds.name, "num_classes": ds.num_classes, "channels": ds.channels,
-                              "image_size": ds.image_size, "clients": infos}
+        self.state["meta"] = {
+            "dataset": ds.name,
+            "num_classes": ds.num_classes,
+            "channels": ds.channels,
+            "image_size": ds.image_size,
+            "clients": infos,
+        }
 
     def _restore(self, required: str, stage: str) -> None:
         """Push checkpointed weights to clients that are behind (restarted, or a resumed run)."""
         infos = self._gather({i: self.clients[i].info.remote() for i in self.active}, stage)
-        self._gather({i: self.clients[i].set_peers.remote(self.clients, self._mask()) for i, f in infos.items() if f["peers"] == 0}, stage)
+        self._gather(
+            {
+                i: self.clients[i].set_peers.remote(self.clients, self._mask())
+                for i, f in infos.items()
+                if f["peers"] == 0
+            },
+            stage,
+        )
         behind = [i for i, f in infos.items() if STAGE_ORDER.index(f["stage"]) < STAGE_ORDER.index(required)]
         if ckpt.stage_file(self.out, "stage1").exists():
             g = ray.put(ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"])
             self._gather({i: self.clients[i].set_global.remote(g) for i in behind}, stage)
         if "stage2" in self.state["completed"]:
             pieces = ckpt.load_torch(ckpt.stage_file(self.out, "stage2"))["experts"]
-            self._gather({i: self.clients[i].load_state.remote({"expert": pieces[i], "stage": "stage2"}) for i in behind}, stage)
+            self._gather(
+                {i: self.clients[i].load_state.remote({"expert": pieces[i], "stage": "stage2"}) for i in behind}, stage
+            )
         if "stage3" in self.state["completed"]:
             gates = ckpt.load_torch(ckpt.stage_file(self.out, "stage3"))["gates"]
-            self._gather({i: self.clients[i].load_state.remote({"gates": {v: g[i] for v, g in gates.items()}, "stage": "stage3"})
-                          for i in behind}, stage)
+            self._gather(
+                {
+                    i: self.clients[i].load_state.remote(
+                        {"gates": {v: g[i] for v, g in gates.items()}, "stage": "stage3"}
+                    )
+                    for i in behind
+                },
+                stage,
+            )
 
     # ------------------------------------------------------------- stages
 
@@ -214,18 +262,28 @@ class Coordinator:
             glob = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
             ref = ray.put(glob)
             live = self.active
-            results = self._gather({i: self.clients[i].fit_extractor.remote(ref, r) for i in live}, "stage1", r,
-                                   timeout=cfg.cluster.round_timeout_s, probe=True)
+            results = self._gather(
+                {i: self.clients[i].fit_extractor.remote(ref, r) for i in live},
+                "stage1",
+                r,
+                timeout=cfg.cluster.round_timeout_s,
+                probe=True,
+            )
             states, metrics = zip(*results.values())
             weights = [m["samples"] for m in metrics]
             model.load_state_dict(federated.partial_sync(model.state_dict(), federated.fedavg(states, weights)))
             down, up = size * len(live), size * len(results)
             self.state["bytes"]["stage1"] += down + up
-            row = {"round": r, "loss": float(np.average([m["loss"] for m in metrics], weights=weights)),
-                   "accuracy": float(np.average([m["accuracy"] for m in metrics], weights=weights)),
-                   "bytes_down": down, "bytes_up": up, "seconds": time.perf_counter() - rt,
-                   "client_seconds": {str(i): m["seconds"] for i, (_, m) in results.items()},
-                   "missing": len(self.clients) - len(results)}
+            row = {
+                "round": r,
+                "loss": float(np.average([m["loss"] for m in metrics], weights=weights)),
+                "accuracy": float(np.average([m["accuracy"] for m in metrics], weights=weights)),
+                "bytes_down": down,
+                "bytes_up": up,
+                "seconds": time.perf_counter() - rt,
+                "client_seconds": {str(i): m["seconds"] for i, (_, m) in results.items()},
+                "missing": len(self.clients) - len(results),
+            }
             self.state["history"]["stage1"].append(row)
             self.tracker.log({f"stage1/{k}": v for k, v in row.items() if k not in ("round", "client_seconds")}, step=r)
             self.state["stage1_round"] = r
@@ -242,8 +300,12 @@ class Coordinator:
         self._say("stage2", "local experts")
         t0 = time.perf_counter()
         metrics = list(self._gather({i: self.clients[i].fit_expert.remote() for i in self.active}, "stage2").values())
-        self.tracker.log({"stage2/loss": float(np.mean([m["loss"] for m in metrics])),
-                          "stage2/accuracy": float(np.mean([m["accuracy"] for m in metrics]))})
+        self.tracker.log(
+            {
+                "stage2/loss": float(np.mean([m["loss"] for m in metrics])),
+                "stage2/accuracy": float(np.mean([m["accuracy"] for m in metrics])),
+            }
+        )
         states = self._gather({i: self.clients[i].get_state.remote() for i in self.active}, "stage2")
         ckpt.save_torch(ckpt.stage_file(self.out, "stage2"), {"experts": {i: s["expert"] for i, s in states.items()}})
         self.state["timings"]["stage2"] = time.perf_counter() - t0
@@ -257,17 +319,28 @@ class Coordinator:
         rounds, sent, shared = self.cfg.stage3.rounds, 0, None
         for r in range(rounds):
             self._say("stage3", f"{v} round {r + 1}/{rounds}", r + 1, rounds)
-            results = self._gather({i: self.clients[i].fit_gate.remote(v, shared, r) for i in self.active},
-                                   f"stage3/{v}", r, timeout=self.cfg.cluster.round_timeout_s)
+            results = self._gather(
+                {i: self.clients[i].fit_gate.remote(v, shared, r) for i in self.active},
+                f"stage3/{v}",
+                r,
+                timeout=self.cfg.cluster.round_timeout_s,
+            )
             states, metrics = zip(*results.values())
-            self.tracker.log({f"stage3/{v}/loss": float(np.mean([m["loss"] for m in metrics])),
-                              f"stage3/{v}/accuracy": float(np.mean([m["accuracy"] for m in metrics]))}, step=r)
+            self.tracker.log(
+                {
+                    f"stage3/{v}/loss": float(np.mean([m["loss"] for m in metrics])),
+                    f"stage3/{v}/accuracy": float(np.mean([m["accuracy"] for m in metrics])),
+                },
+                step=r,
+            )
             shared = spec.aggregate(list(states), [m["samples"] for m in metrics])
             if shared is not None:
                 size = federated.state_bytes(shared)
                 sent += size * len(results) + size * len(self.active)  # up from those who answered, down to all
         if shared is not None:
-            self._gather({i: self.clients[i].sync_gate.remote(v, shared) for i in self.active}, f"stage3/{v}", rounds - 1)
+            self._gather(
+                {i: self.clients[i].sync_gate.remote(v, shared) for i in self.active}, f"stage3/{v}", rounds - 1
+            )
         return sent
 
     def _train_ring(self, v: str) -> int:
@@ -276,7 +349,9 @@ class Coordinator:
         for r in range(rounds):
             for i in self.active:
                 self._say("stage3", f"{v} round {r + 1}/{rounds}, client {i}", r + 1, rounds)
-                answer = self._gather({i: self.clients[i].fit_gate.remote(v, state, r)}, f"stage3/{v}", r, required=False)
+                answer = self._gather(
+                    {i: self.clients[i].fit_gate.remote(v, state, r)}, f"stage3/{v}", r, required=False
+                )
                 if answer:
                     state = answer[i][0]
                     sent += federated.state_bytes(state)
@@ -293,8 +368,11 @@ class Coordinator:
         ref = ray.put(combined)
         costs = self._gather({i: self.clients[i].install_exchange.remote(v, ref) for i in self.active}, f"stage3/{v}")
         up = sum(spec.payload_bytes(s) for s in stats.values())
-        return up + spec.payload_bytes(combined) * len(self.active) + sum(c["bytes_out"] + c["bytes_in"]
-                                                                           for c in costs.values())
+        return (
+            up
+            + spec.payload_bytes(combined) * len(self.active)
+            + sum(c["bytes_out"] + c["bytes_in"] for c in costs.values())
+        )
 
     def stage3(self) -> None:
         self._restore("stage2", "stage3")
@@ -308,7 +386,9 @@ class Coordinator:
         for v, spec in specs.items():
             exchange = self._exchange(v, spec) if spec.exchanges else 0
             self.state["bytes"]["stage3_variants"][v] = exchange + self._train_gates(v, spec)
-        self.state["bytes"]["stage3"] = self.state["bytes"]["stage3_answers"] + sum(self.state["bytes"]["stage3_variants"].values())
+        self.state["bytes"]["stage3"] = self.state["bytes"]["stage3_answers"] + sum(
+            self.state["bytes"]["stage3_variants"].values()
+        )
         states = self._gather({i: self.clients[i].get_state.remote() for i in self.active}, "stage3")
         saved = {v: {i: s["gates"][v] for i, s in states.items()} for v, spec in specs.items() if spec.has_gate}
         ckpt.save_torch(ckpt.stage_file(self.out, "stage3"), {"gates": saved})
@@ -327,8 +407,9 @@ class Coordinator:
         experts = [make_expert(cfg.model, ds.num_classes) for _ in range(cfg.num_clients)]
         gate = Gate(cfg.model.latent_dim, cfg.model.gate_hidden, cfg.num_clients)
         h = local.compute_latents(model.extractor, ds.x_train[pooled])
-        local.fit_centralized_moe(experts, gate, h, ds.y_train[pooled], cfg.stage2, cfg.routing.top_k,
-                                  cfg.routing.noise_std, seed=cfg.seed)
+        local.fit_centralized_moe(
+            experts, gate, h, ds.y_train[pooled], cfg.stage2, cfg.routing.top_k, cfg.routing.noise_std, seed=cfg.seed
+        )
         k = cfg.routing.top_k
         h_test = local.compute_latents(model.extractor, ds.x_test)
         pred = local.moe_predict(experts, gate, h_test, k).argmax(1)
@@ -341,9 +422,12 @@ class Coordinator:
 
     @staticmethod
     def _summary(per_client: list[dict], **extra) -> dict:
-        return {"personalized_acc": float(np.mean([p["personalized_acc"] for p in per_client])),
-                "global_acc": float(np.mean([p["global_acc"] for p in per_client])),
-                "per_client": per_client, **extra}
+        return {
+            "personalized_acc": float(np.mean([p["personalized_acc"] for p in per_client])),
+            "global_acc": float(np.mean([p["global_acc"] for p in per_client])),
+            "per_client": per_client,
+            **extra,
+        }
 
     def evaluate(self) -> dict:
         self._restore("stage3", "evaluate")
@@ -355,13 +439,19 @@ class Coordinator:
             usage[f"nmoe/{v}"] = [p["expert_usage"] for p in per]
             routed[v] = sum(p["bytes_out"] + p["bytes_in"] for p in per) / max(1, sum(p["routed_samples"] for p in per))
         self._say("evaluate", "baselines")
-        base = list(self._gather({i: self.clients[i].evaluate_baselines.remote() for i in self.active}, "evaluate").values())
+        base = list(
+            self._gather({i: self.clients[i].evaluate_baselines.remote() for i in self.active}, "evaluate").values()
+        )
         for name in ("local_only", "fedavg_global"):
             methods[name] = self._summary([b[name] for b in base])
         if "centralized_moe" not in self.state:  # stages 1-2 decide it: computed once per run, kept in state.json
             self.state["centralized_moe"] = self.centralized_moe()
         methods["centralized_moe"] = self.state["centralized_moe"]
-        flat = {f"final/{m.replace('/', '_')}/{k}": v[k] for m, v in methods.items() for k in ("personalized_acc", "global_acc")}
+        flat = {
+            f"final/{m.replace('/', '_')}/{k}": v[k]
+            for m, v in methods.items()
+            for k in ("personalized_acc", "global_acc")
+        }
         self.tracker.log(flat)
         return {"methods": methods, "routing": usage, "per_routed_sample": routed}
 
@@ -399,11 +489,16 @@ class Coordinator:
         return {
             "config": self.cfg.to_dict(),
             "methods": ev.get("methods", {}),
-            "bytes": {"stage1": b["stage1"], "stage2": 0, "stage3": b["stage3"],
-                      "stage3_variants": b["stage3_variants"], "stage3_answers": b.get("stage3_answers", 0),
-                      "per_routed_sample": per_sample.get(PAPER_VARIANT, next(iter(per_sample.values()), 0)),
-                      "per_routed_sample_by_variant": per_sample,
-                      "raw_input_per_sample": int(np.prod(self.ds.x_train.shape[1:])) * 4},
+            "bytes": {
+                "stage1": b["stage1"],
+                "stage2": 0,
+                "stage3": b["stage3"],
+                "stage3_variants": b["stage3_variants"],
+                "stage3_answers": b.get("stage3_answers", 0),
+                "per_routed_sample": per_sample.get(PAPER_VARIANT, next(iter(per_sample.values()), 0)),
+                "per_routed_sample_by_variant": per_sample,
+                "raw_input_per_sample": int(np.prod(self.ds.x_train.shape[1:])) * 4,
+            },
             "missing_clients": self.state["missing_clients"],
             "dropped_clients": sorted(self.state["dropped"]),
             "timings": self.state["timings"],

@@ -6,7 +6,6 @@ logs per-round metrics with ``Tracker``; the driver logs artifacts at the end.
 
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ def resolve_uri(uri: str) -> str:
     """Make a relative ``sqlite:///file.db`` absolute so actors (other cwd) hit the same store."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -53,8 +52,9 @@ class Tracker:
     def log(self, metrics: dict, step: int = 0) -> None:
         if self.client is None:
             return
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
@@ -116,5 +116,3 @@ def make_plots(results: dict, out: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
-
-

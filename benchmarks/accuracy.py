@@ -58,7 +58,9 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     return summarize(ctx, scores, names, parts, seeds)
 
 
-def summarize(ctx: common.Context, scores: dict, names: dict, parts: list[str], seeds: list[int]) -> tuple[dict, str, dict]:
+def summarize(
+    ctx: common.Context, scores: dict, names: dict, parts: list[str], seeds: list[int]
+) -> tuple[dict, str, dict]:
     rows, metrics = [], {}
     for method in names:
         for name in names[method]:
@@ -69,14 +71,24 @@ def summarize(ctx: common.Context, scores: dict, names: dict, parts: list[str], 
                     continue
                 pm, ps = common.mean_std([p for p, _ in got])
                 gm, gs = common.mean_std([g for _, g in got])
-                cells[part] = {"personalized_mean": pm, "personalized_std": ps, "global_mean": gm, "global_std": gs,
-                               "seeds": len(got)}
+                cells[part] = {
+                    "personalized_mean": pm,
+                    "personalized_std": ps,
+                    "global_mean": gm,
+                    "global_std": gs,
+                    "seeds": len(got),
+                }
                 for key, v in cells[part].items():
                     if key != "seeds":
                         metrics[f"{method}/{name}/{part}/{key}"] = v
             rows.append({"stage1": method, "method": name, "cells": cells})
-    result = {"partitions": parts, "seeds": seeds, "stage1_methods": list(METHODS), "rows": rows,
-              "config": ctx.cfg().to_dict()}
+    result = {
+        "partitions": parts,
+        "seeds": seeds,
+        "stage1_methods": list(METHODS),
+        "rows": rows,
+        "config": ctx.cfg().to_dict(),
+    }
     return result, markdown(result), metrics
 
 
@@ -89,17 +101,24 @@ def cell(c: dict | None, which: str, seeds: int) -> str:
 
 def markdown(res: dict) -> str:
     cfg = res["config"]
-    out = [f"{cfg['num_clients']} clients on {cfg['data']['name']}, stage-1 rounds {cfg['stage1']['rounds']}, "
-           f"stage-3 rounds {cfg['stage3']['rounds']}, top-k {cfg['routing']['top_k']}; accuracy in %, mean ± std "
-           f"over seeds {res['seeds']}. Personalized: each client's own test split (its label mix); global: the "
-           "balanced test set. `nmoe/<gate>` is routed inference with that gate; `centralized_moe` pools the data "
-           "(not private, the upper bound).\n"]
+    out = [
+        f"{cfg['num_clients']} clients on {cfg['data']['name']}, stage-1 rounds {cfg['stage1']['rounds']}, "
+        f"stage-3 rounds {cfg['stage3']['rounds']}, top-k {cfg['routing']['top_k']}; accuracy in %, mean ± std "
+        f"over seeds {res['seeds']}. Personalized: each client's own test split (its label mix); global: the "
+        "balanced test set. `nmoe/<gate>` is routed inference with that gate; `centralized_moe` pools the data "
+        "(not private, the upper bound).\n"
+    ]
     for which in ("personalized", "global"):
         out.append(f"## {which.capitalize()} accuracy\n")
-        rows = [[r["stage1"], r["method"], *(cell(r["cells"].get(p), which, len(res["seeds"])) for p in res["partitions"])] for r in res["rows"]]
+        rows = [
+            [r["stage1"], r["method"], *(cell(r["cells"].get(p), which, len(res["seeds"])) for p in res["partitions"])]
+            for r in res["rows"]
+        ]
         out.append(common.table(["stage 1", "method", *(SHOWN[p] for p in res["partitions"])], rows))
-    out.append("## Personal and networked at once?\n\nPer cell: personalized minus local_only's, then global minus "
-               "the better of fedavg_global and centralized_moe (means, points). The goal: at least −0.5 and −2.\n")
+    out.append(
+        "## Personal and networked at once?\n\nPer cell: personalized minus local_only's, then global minus "
+        "the better of fedavg_global and centralized_moe (means, points). The goal: at least −0.5 and −2.\n"
+    )
     out.append(common.table(["stage 1", "method", *(SHOWN[p] for p in res["partitions"])], gaps(res)))
     return "\n".join(out)
 

@@ -53,8 +53,9 @@ def sweep(run_dir: Path) -> dict:
         glob = (mods["extractor"](ds.x_test[split.global_test]), ds.y_test[split.global_test])
         own = {i: (mods["extractor"](ds.x_test[split.test[i]]), ds.y_test[split.test[i]]) for i in mods["gates"]}
     available = torch.tensor([i in experts for i in range(cfg.num_clients)])
-    pooled = pooled_reference(cfg, mods["extractor"], ds, split, own, glob,
-                              {i: g.log_prior for i, g in mods["gates"].items()})
+    pooled = pooled_reference(
+        cfg, mods["extractor"], ds, split, own, glob, {i: g.log_prior for i, g in mods["gates"].items()}
+    )
     points, true_expert = [], []
     for prior in PRIOR:
         for cap in PRIOR_CAP:
@@ -71,18 +72,33 @@ def sweep(run_dir: Path) -> dict:
                     for key, chosen in routes:
                         logits = routing.route_in_process(h, chosen, w, experts, i, fp16, gate.readout())
                         acc[key].append(float((logits.argmax(1) == y).float().mean()))
-            points.append({"prior": prior, "prior_cap": cap, **{m: float(np.mean(acc[m])) for m in ("personalized", "global")}})
+            points.append(
+                {"prior": prior, "prior_cap": cap, **{m: float(np.mean(acc[m])) for m in ("personalized", "global")}}
+            )
             if prior == 1.0:
-                true_expert.append({"prior_cap": cap, **{m: float(np.mean(acc[f"true/{m}"])) for m in ("personalized", "global")}})
+                true_expert.append(
+                    {"prior_cap": cap, **{m: float(np.mean(acc[f"true/{m}"])) for m in ("personalized", "global")}}
+                )
     done = run_dir / "results.json"
     results = json.loads(done.read_text()) if done.is_file() else {}
-    base = {m: {"personalized": r["personalized_acc"], "global": r["global_acc"]}
-            for m, r in results.get("methods", {}).items()}
+    base = {
+        m: {"personalized": r["personalized_acc"], "global": r["global_acc"]}
+        for m, r in results.get("methods", {}).items()
+    }
     s = cfg.stage3
-    return {"run": str(run_dir), "points": points, "pooled_reference": pooled, "true_expert_routing": true_expert,
-            "baselines": base,
-            "trained": {"prior": s.classgate_prior, "prior_cap": s.classgate_prior_cap, "own_bias": s.classgate_own_bias,
-                        "own_expert": s.classgate_own_expert}}
+    return {
+        "run": str(run_dir),
+        "points": points,
+        "pooled_reference": pooled,
+        "true_expert_routing": true_expert,
+        "baselines": base,
+        "trained": {
+            "prior": s.classgate_prior,
+            "prior_cap": s.classgate_prior_cap,
+            "own_bias": s.classgate_own_bias,
+            "own_expert": s.classgate_own_expert,
+        },
+    }
 
 
 def with_true_expert(idx: torch.Tensor, y: torch.Tensor, competence: torch.Tensor) -> torch.Tensor:
@@ -131,8 +147,12 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     for label, run_dir in runs.items():
         common.say(f"classgate: re-scoring {run_dir} at {len(PRIOR) * len(PRIOR_CAP)} settings")
         sweeps[label] = sweep(run_dir)
-    metrics = {f"{label}/prior{p['prior']:g}/cap{p['prior_cap']:g}/{m}": p[m]
-               for label, sw in sweeps.items() for p in sw["points"] for m in ("personalized", "global")}
+    metrics = {
+        f"{label}/prior{p['prior']:g}/cap{p['prior_cap']:g}/{m}": p[m]
+        for label, sw in sweeps.items()
+        for p in sw["points"]
+        for m in ("personalized", "global")
+    }
     return {"sweeps": sweeps}, markdown(sweeps), metrics
 
 
@@ -144,21 +164,55 @@ def markdown(sweeps: dict) -> str:
         fed = max((base[m]["global"] for m in ("fedavg_global", "centralized_moe") if m in base), default=None)
 
         def meets(p: dict) -> bool:
-            return own is not None and fed is not None and p["personalized"] >= own - 0.005 and p["global"] >= fed - 0.02
+            return (
+                own is not None and fed is not None and p["personalized"] >= own - 0.005 and p["global"] >= fed - 0.02
+            )
 
-        out.append(f"## {SHOWN.get(label, label)}\n\nRun `{Path(sw['run']).name}`; own-expert weight "
-                   f"{t['own_expert']:g}, own bias {t['own_bias']:g}; trained with prior {t['prior']:g}, "
-                   f"prior cap {t['prior_cap']:g}. Goal: personalized ≥ local_only − 0.5 "
-                   f"({'—' if own is None else common.pct(own - 0.005)}), global ≥ best federated − 2 "
-                   f"({'—' if fed is None else common.pct(fed - 0.02)}).\n")
-        rows = [[f"{p['prior']:g}", f"{p['prior_cap']:g}", common.pct(p["personalized"]), common.pct(p["global"]),
-                 "yes" if meets(p) else ""] for p in sw["points"]]
-        rows += [["pooled p(c | h) (not private)", f"{p['prior_cap']:g}", common.pct(p["personalized"]),
-                  common.pct(p["global"]), "yes" if meets(p) else ""] for p in sw["pooled_reference"]]
-        rows += [["ClassGate, true class's expert always chosen (diagnostic: reads the label)", f"{p['prior_cap']:g}",
-                  common.pct(p["personalized"]), common.pct(p["global"]), "yes" if meets(p) else ""]
-                 for p in sw.get("true_expert_routing", [])]
-        rows += [[m, "", common.pct(base[m]["personalized"]), common.pct(base[m]["global"]), ""]
-                 for m in ("local_only", "fedavg_global", "centralized_moe") if m in base]
-        out.append(common.table(["ClassGate prior power", "prior cap (nats)", "personalized %", "global %", "meets the goal"], rows))
+        out.append(
+            f"## {SHOWN.get(label, label)}\n\nRun `{Path(sw['run']).name}`; own-expert weight "
+            f"{t['own_expert']:g}, own bias {t['own_bias']:g}; trained with prior {t['prior']:g}, "
+            f"prior cap {t['prior_cap']:g}. Goal: personalized ≥ local_only − 0.5 "
+            f"({'—' if own is None else common.pct(own - 0.005)}), global ≥ best federated − 2 "
+            f"({'—' if fed is None else common.pct(fed - 0.02)}).\n"
+        )
+        rows = [
+            [
+                f"{p['prior']:g}",
+                f"{p['prior_cap']:g}",
+                common.pct(p["personalized"]),
+                common.pct(p["global"]),
+                "yes" if meets(p) else "",
+            ]
+            for p in sw["points"]
+        ]
+        rows += [
+            [
+                "pooled p(c | h) (not private)",
+                f"{p['prior_cap']:g}",
+                common.pct(p["personalized"]),
+                common.pct(p["global"]),
+                "yes" if meets(p) else "",
+            ]
+            for p in sw["pooled_reference"]
+        ]
+        rows += [
+            [
+                "ClassGate, true class's expert always chosen (diagnostic: reads the label)",
+                f"{p['prior_cap']:g}",
+                common.pct(p["personalized"]),
+                common.pct(p["global"]),
+                "yes" if meets(p) else "",
+            ]
+            for p in sw.get("true_expert_routing", [])
+        ]
+        rows += [
+            [m, "", common.pct(base[m]["personalized"]), common.pct(base[m]["global"]), ""]
+            for m in ("local_only", "fedavg_global", "centralized_moe")
+            if m in base
+        ]
+        out.append(
+            common.table(
+                ["ClassGate prior power", "prior cap (nats)", "personalized %", "global %", "meets the goal"], rows
+            )
+        )
     return "\n".join(out)

@@ -27,6 +27,7 @@ import numpy as np
 from training import schema
 from training.config import DEFAULT_CONFIG
 from training.config import SMOKE_CONFIG as QUICK_CONFIG
+
 EXPERIMENT = "nmoe-bench"
 
 
@@ -131,8 +132,11 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
         say(f"{ctx.suite}: {name}: stages 1-2 from {donor} (differs in stage3 only)")
         seed_from_stage2(donor, run_dir, cfg)
     t0 = time.perf_counter()
-    coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(
-        cfg.to_dict(), str(run_dir), None, None, resume=donor is not None)
+    coord = (
+        ray.remote(Coordinator)
+        .options(num_cpus=0, max_concurrency=2)
+        .remote(cfg.to_dict(), str(run_dir), None, None, resume=donor is not None)
+    )
     try:
         results = ray.get(coord.run.remote(stop_after))
         wall = time.perf_counter() - t0
@@ -154,16 +158,26 @@ def machine() -> dict:
     import torch
 
     cpus = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
-    return {"cores": os.cpu_count(), "ray_cpus": cpus, "torch_threads": torch.get_num_threads(),
-            "gpu_available": torch.cuda.is_available(), "gpu_used": False, "torch": torch.__version__,
-            "ray": ray.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cores": os.cpu_count(),
+        "ray_cpus": cpus,
+        "torch_threads": torch.get_num_threads(),
+        "gpu_available": torch.cuda.is_available(),
+        "gpu_used": False,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def machine_line(m: dict) -> str:
     gpu = "none used (CPU only" + ("; a GPU is present)" if m["gpu_available"] else "; none present)")
-    return (f"Machine: {m['cores']} cores ({m['ray_cpus']:g} Ray CPUs), torch {m['torch']} with "
-            f"{m['torch_threads']} threads in the driver; each client actor uses max(1, floor(Ray CPUs / clients)) "
-            f"threads; GPU: {gpu}. Ray {m['ray']}, Python {m['python']}.")
+    return (
+        f"Machine: {m['cores']} cores ({m['ray_cpus']:g} Ray CPUs), torch {m['torch']} with "
+        f"{m['torch_threads']} threads in the driver; each client actor uses max(1, floor(Ray CPUs / clients)) "
+        f"threads; GPU: {gpu}. Ray {m['ray']}, Python {m['python']}."
+    )
 
 
 # ------------------------------------------------------------------ formatting and output
@@ -205,15 +219,18 @@ def write_partial(ctx: Context, result: dict, body: str, progress: str) -> None:
     ctx.out.mkdir(parents=True, exist_ok=True)
     note = f"**Partial: {progress} finished; the suite is still running or was stopped.**"
     (ctx.out / f"{ctx.suite}.md").write_text(f"# nmoe bench {ctx.suite}\n\n{note}\n\n{body}")
-    (ctx.out / f"{ctx.suite}.json").write_text(dumps({"suite": ctx.suite, "quick": ctx.quick, "partial": progress,
-                                                      **result}, indent=2))
+    (ctx.out / f"{ctx.suite}.json").write_text(
+        dumps({"suite": ctx.suite, "quick": ctx.quick, "partial": progress, **result}, indent=2)
+    )
 
 
 def finish(ctx: Context, result: dict, body: str, metrics: dict[str, float]) -> dict:
     """Write ``<suite>.md`` / ``<suite>.json`` and log the numbers to MLflow; returns the JSON."""
     m = machine()
     result = {"suite": ctx.suite, "quick": ctx.quick, **result, "machine": m}
-    title = f"# nmoe bench {ctx.suite}" + (" (--quick: tiny configs; the numbers show the machinery, not the method's quality)" if ctx.quick else "")
+    title = f"# nmoe bench {ctx.suite}" + (
+        " (--quick: tiny configs; the numbers show the machinery, not the method's quality)" if ctx.quick else ""
+    )
     md = f"{title}\n\n{machine_line(m)}\n\n{body}"
     ctx.out.mkdir(parents=True, exist_ok=True)
     md_path, json_path = ctx.out / f"{ctx.suite}.md", ctx.out / f"{ctx.suite}.json"
@@ -222,9 +239,18 @@ def finish(ctx: Context, result: dict, body: str, metrics: dict[str, float]) -> 
         from actors import tracking
 
         uri = ctx.tracking_uri
-        root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else Path("mlartifacts")
-        params = {"suite": ctx.suite, "quick": ctx.quick, "config": ctx.config or "", "overrides": " ".join(ctx.overrides),
-                  **{f"machine.{k}": v for k, v in m.items()}}
+        root = (
+            Path(uri[len("sqlite:///") :]).parent / "mlartifacts"
+            if uri.startswith("sqlite:///")
+            else Path("mlartifacts")
+        )
+        params = {
+            "suite": ctx.suite,
+            "quick": ctx.quick,
+            "config": ctx.config or "",
+            "overrides": " ".join(ctx.overrides),
+            **{f"machine.{k}": v for k, v in m.items()},
+        }
         run_id = tracking.start_run(uri, EXPERIMENT, f"{ctx.suite}-{time.strftime('%Y%m%d-%H%M%S')}", params, root)
         tracker = tracking.Tracker(uri, run_id)
         tracker.log({_metric_key(k): float(v) for k, v in metrics.items() if v is not None})
@@ -235,5 +261,7 @@ def finish(ctx: Context, result: dict, body: str, metrics: dict[str, float]) -> 
     if tracker is not None:
         tracker.artifacts([md_path, json_path], "bench")
         tracker.finish()
-    say(f"{ctx.suite}: wrote {md_path} and {json_path}" + (f"; mlflow run {result['mlflow_run_id']}" if tracker else ""))
+    say(
+        f"{ctx.suite}: wrote {md_path} and {json_path}" + (f"; mlflow run {result['mlflow_run_id']}" if tracker else "")
+    )
     return result

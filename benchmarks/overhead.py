@@ -56,10 +56,16 @@ def in_process(cfg, threads: int | None = None) -> dict:
             avg = federated.fedavg(states, [m["samples"] for m in metrics])
             model.load_state_dict(federated.partial_sync(model.state_dict(), avg))
             now = time.perf_counter()
-            rounds.append({"round": r, "seconds": now - rt, "compute": sum(m["seconds"] for m in metrics),
-                           "aggregate": now - at})
-        return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "setup": setup, "rounds": rounds,
-                "wall": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+            rounds.append(
+                {"round": r, "seconds": now - rt, "compute": sum(m["seconds"] for m in metrics), "aggregate": now - at}
+            )
+        return {
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "setup": setup,
+            "rounds": rounds,
+            "wall": time.perf_counter() - t0,
+            "threads": torch.get_num_threads(),
+        }
     finally:
         torch.set_num_threads(before)
 
@@ -73,7 +79,9 @@ def max_abs_diff(a: dict, b: dict) -> float:
 def run(ctx: common.Context) -> tuple[dict, str, dict]:
     cfg = ctx.cfg(quick_tweaks=QUICK)
     # (b) first: whatever Ray still does after starting up then counts against Ray, not against (a)
-    common.say(f"overhead: (b) Coordinator + Client actors, {cfg.num_clients} clients x {cfg.stage1.rounds} stage-1 rounds")
+    common.say(
+        f"overhead: (b) Coordinator + Client actors, {cfg.num_clients} clients x {cfg.stage1.rounds} stage-1 rounds"
+    )
     b = common.train_run(ctx, cfg, "overhead", stop_after="stage1", cache=False)
     time.sleep(1.0)  # let the killed actors' processes exit
     common.say("overhead: (a) the same work in this process")
@@ -86,23 +94,55 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     diff = max_abs_diff(a["state"], b_state)
     ckpt.save_torch(run_dir / "inprocess_stage1.pt", {"round": cfg.stage1.rounds - 1, "state": a["state"]})
     _, client_threads = client_resources(cfg)  # the threads the Coordinator gave each client
-    A = {"wall": a["wall"], "setup": a["setup"], "rounds": sum(r["seconds"] for r in a["rounds"]),
-         "compute": sum(r["compute"] for r in a["rounds"]), "aggregate": sum(r["aggregate"] for r in a["rounds"]),
-         "threads": a["threads"], "per_round": a["rounds"]}
-    per_round = [{"round": h["round"], "seconds": h["seconds"], "slowest_client": max(c.values()),
-                  "clients_sum": sum(c.values())} for h, c in zip(hist, compute)]
-    B = {"wall": b["wall"], "setup": timings["setup"], "rounds": sum(h["seconds"] for h in hist),
-         "compute": sum(r["clients_sum"] for r in per_round), "slowest": sum(r["slowest_client"] for r in per_round),
-         "client_threads": client_threads, "per_round": per_round}
+    A = {
+        "wall": a["wall"],
+        "setup": a["setup"],
+        "rounds": sum(r["seconds"] for r in a["rounds"]),
+        "compute": sum(r["compute"] for r in a["rounds"]),
+        "aggregate": sum(r["aggregate"] for r in a["rounds"]),
+        "threads": a["threads"],
+        "per_round": a["rounds"],
+    }
+    per_round = [
+        {
+            "round": h["round"],
+            "seconds": h["seconds"],
+            "slowest_client": max(c.values()),
+            "clients_sum": sum(c.values()),
+        }
+        for h, c in zip(hist, compute)
+    ]
+    B = {
+        "wall": b["wall"],
+        "setup": timings["setup"],
+        "rounds": sum(h["seconds"] for h in hist),
+        "compute": sum(r["clients_sum"] for r in per_round),
+        "slowest": sum(r["slowest_client"] for r in per_round),
+        "client_threads": client_threads,
+        "per_round": per_round,
+    }
     B["round_overhead"] = B["rounds"] - B["slowest"] - A["aggregate"]
     B["other"] = B["wall"] - B["setup"] - B["rounds"]
-    result = {"ratio": B["wall"] / A["wall"], "ratio_rounds": B["rounds"] / A["rounds"], "inprocess": A, "ray": B,
-              "max_abs_diff": diff, "identical": diff == 0.0, "run_dir": str(run_dir),
-              "inprocess_state": str(run_dir / "inprocess_stage1.pt"),
-              "clients": cfg.num_clients, "stage1_rounds": cfg.stage1.rounds, "method": cfg.stage1.method}
-    metrics = {"ratio": result["ratio"], "ratio_rounds": result["ratio_rounds"], "max_abs_diff": diff,
-               **{f"inprocess/{k}": v for k, v in A.items() if isinstance(v, (int, float))},
-               **{f"ray/{k}": v for k, v in B.items() if isinstance(v, (int, float))}}
+    result = {
+        "ratio": B["wall"] / A["wall"],
+        "ratio_rounds": B["rounds"] / A["rounds"],
+        "inprocess": A,
+        "ray": B,
+        "max_abs_diff": diff,
+        "identical": diff == 0.0,
+        "run_dir": str(run_dir),
+        "inprocess_state": str(run_dir / "inprocess_stage1.pt"),
+        "clients": cfg.num_clients,
+        "stage1_rounds": cfg.stage1.rounds,
+        "method": cfg.stage1.method,
+    }
+    metrics = {
+        "ratio": result["ratio"],
+        "ratio_rounds": result["ratio_rounds"],
+        "max_abs_diff": diff,
+        **{f"inprocess/{k}": v for k, v in A.items() if isinstance(v, (int, float))},
+        **{f"ray/{k}": v for k, v in B.items() if isinstance(v, (int, float))},
+    }
     return result, markdown(result), metrics
 
 
@@ -110,28 +150,61 @@ def markdown(r: dict) -> str:
     A, B = r["inprocess"], r["ray"]
     f = lambda x: f"{x:.3f}"  # noqa: E731
     rows = [
-        ["setup", f(A["setup"]), f(B["setup"]), "(a) load data, split, build models; (b) placement group, start one "
-         "process per client (imports torch), each loads its shard, peer handles"],
+        [
+            "setup",
+            f(A["setup"]),
+            f(B["setup"]),
+            "(a) load data, split, build models; (b) placement group, start one "
+            "process per client (imports torch), each loads its shard, peer handles",
+        ],
         ["stage-1 rounds (wall)", f(A["rounds"]), f(B["rounds"]), "per-round `seconds` of results.history.stage1"],
-        ["· local training, sum over clients", f(A["compute"]), f(B["compute"]), "clients' own `seconds`; (b) runs "
-         "them in parallel"],
+        [
+            "· local training, sum over clients",
+            f(A["compute"]),
+            f(B["compute"]),
+            "clients' own `seconds`; (b) runs them in parallel",
+        ],
         ["· local training, slowest client per round", "—", f(B["slowest"]), "the critical path of a round"],
         ["· FedAvg + partial sync", f(A["aggregate"]), f"≈ {f(A['aggregate'])}", "the same code; measured in (a)"],
-        ["· dispatch, (de)serialization, object store, waiting", f(A["rounds"] - A["compute"] - A["aggregate"]),
-         f(B["round_overhead"]), "(b): round wall − slowest client − aggregation"],
+        [
+            "· dispatch, (de)serialization, object store, waiting",
+            f(A["rounds"] - A["compute"] - A["aggregate"]),
+            f(B["round_overhead"]),
+            "(b): round wall − slowest client − aggregation",
+        ],
         ["coordinator start, checkpoints, final broadcast, results", "—", f(B["other"]), "(b): wall − setup − rounds"],
         ["**total wall**", f"**{f(A['wall'])}**", f"**{f(B['wall'])}**", f"**ratio b/a = {r['ratio']:.2f}**"],
     ]
-    per = [[p["round"] + 1, f(a["seconds"]), f(a["compute"]), f(a["aggregate"]), f(p["seconds"]), f(p["slowest_client"]),
-            f(p["clients_sum"])] for a, p in zip(A["per_round"], B["per_round"])]
-    same = "bit-identical" if r["identical"] else (
-        f"max |difference| {r['max_abs_diff']:.3g} (torch threads differ: {A['threads']} vs {B['client_threads']}, so "
-        f"convolutions sum in another order; `--threads {B['client_threads']}` compares bit for bit)")
-    return (f"Stage 1 ({r['method']}), {r['clients']} clients x {r['stage1_rounds']} rounds, the same seeds and data. "
-            f"(a) plain PyTorch, one client after the other, {A['threads']} torch thread(s); (b) the Coordinator and "
-            f"its Client actors ({B['client_threads']} thread(s) each), MLflow off. Seconds.\n\n"
-            + common.table(["part", "(a) in-process", "(b) Ray actors", "note"], rows)
-            + f"\nRatio b/a: **{r['ratio']:.2f}** end to end, {r['ratio_rounds']:.2f} for the rounds alone. "
-            f"Averaged weights, (a) vs (b)'s checkpoints/stage1.pt: {same}.\n\n## Per round\n\n"
-            + common.table(["round", "(a) wall", "(a) training", "(a) FedAvg", "(b) wall", "(b) slowest client",
-                            "(b) sum of clients"], per))
+    per = [
+        [
+            p["round"] + 1,
+            f(a["seconds"]),
+            f(a["compute"]),
+            f(a["aggregate"]),
+            f(p["seconds"]),
+            f(p["slowest_client"]),
+            f(p["clients_sum"]),
+        ]
+        for a, p in zip(A["per_round"], B["per_round"])
+    ]
+    same = (
+        "bit-identical"
+        if r["identical"]
+        else (
+            f"max |difference| {r['max_abs_diff']:.3g} (torch threads differ: {A['threads']} vs "
+            f"{B['client_threads']}, so "
+            f"convolutions sum in another order; `--threads {B['client_threads']}` compares bit for bit)"
+        )
+    )
+    return (
+        f"Stage 1 ({r['method']}), {r['clients']} clients x {r['stage1_rounds']} rounds, the same seeds and data. "
+        f"(a) plain PyTorch, one client after the other, {A['threads']} torch thread(s); (b) the Coordinator and "
+        f"its Client actors ({B['client_threads']} thread(s) each), MLflow off. Seconds.\n\n"
+        + common.table(["part", "(a) in-process", "(b) Ray actors", "note"], rows)
+        + f"\nRatio b/a: **{r['ratio']:.2f}** end to end, {r['ratio_rounds']:.2f} for the rounds alone. "
+        f"Averaged weights, (a) vs (b)'s checkpoints/stage1.pt: {same}.\n\n## Per round\n\n"
+        + common.table(
+            ["round", "(a) wall", "(a) training", "(a) FedAvg", "(b) wall", "(b) slowest client", "(b) sum of clients"],
+            per,
+        )
+    )

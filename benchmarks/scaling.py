@@ -40,8 +40,11 @@ class RaySampler:
         if not self.session:
             return []
         ps = self.psutil
-        return [p for p in ps.process_iter(["name", "cmdline"])
-                if (p.info["name"] or "").startswith("raylet") and self.session in " ".join(p.info["cmdline"] or [])]
+        return [
+            p
+            for p in ps.process_iter(["name", "cmdline"])
+            if (p.info["name"] or "").startswith("raylet") and self.session in " ".join(p.info["cmdline"] or [])
+        ]
 
     def sample(self) -> tuple[int, int, int]:
         """``(sum of RSS, sum of PSS, processes)``; PSS falls back to RSS where the kernel hides it."""
@@ -96,15 +99,31 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
         res = r["results"]
         hist = res["history"]["stage1"]
         b = res["bytes"]
-        rows.append({"clients": n, "stage1_seconds_per_round": float(np.mean([h["seconds"] for h in hist])),
-                     "stage1_bytes_per_round": float(np.mean([h["bytes_down"] + h["bytes_up"] for h in hist])),
-                     "stage3_fedgate_bytes_per_round": b["stage3_variants"].get(PAPER_VARIANT, 0) / cfg.stage3.rounds,
-                     "stage3_answers_bytes": b["stage3_answers"], "setup_seconds": res["timings"]["setup"],
-                     "wall_seconds": r["wall"], "peak_rss_mib": mem.peak / 2**20,
-                     "peak_pss_mib": mem.peak_pss / 2**20, "baseline_rss_mib": mem.baseline / 2**20,
-                     "ray_processes_at_peak": mem.peak_count})
-    keys = ("stage1_seconds_per_round", "stage1_bytes_per_round", "stage3_fedgate_bytes_per_round",
-            "stage3_answers_bytes", "setup_seconds", "wall_seconds", "peak_rss_mib", "peak_pss_mib")
+        rows.append(
+            {
+                "clients": n,
+                "stage1_seconds_per_round": float(np.mean([h["seconds"] for h in hist])),
+                "stage1_bytes_per_round": float(np.mean([h["bytes_down"] + h["bytes_up"] for h in hist])),
+                "stage3_fedgate_bytes_per_round": b["stage3_variants"].get(PAPER_VARIANT, 0) / cfg.stage3.rounds,
+                "stage3_answers_bytes": b["stage3_answers"],
+                "setup_seconds": res["timings"]["setup"],
+                "wall_seconds": r["wall"],
+                "peak_rss_mib": mem.peak / 2**20,
+                "peak_pss_mib": mem.peak_pss / 2**20,
+                "baseline_rss_mib": mem.baseline / 2**20,
+                "ray_processes_at_peak": mem.peak_count,
+            }
+        )
+    keys = (
+        "stage1_seconds_per_round",
+        "stage1_bytes_per_round",
+        "stage3_fedgate_bytes_per_round",
+        "stage3_answers_bytes",
+        "setup_seconds",
+        "wall_seconds",
+        "peak_rss_mib",
+        "peak_pss_mib",
+    )
     growth = {key: slope(list(counts), [row[key] for row in rows]) for key in keys}
     result = {"clients": list(counts), "rows": rows, "growth_exponent": growth, "config": ctx.cfg().to_dict()}
     metrics = {f"n{row['clients']}/{k}": v for row in rows for k, v in row.items() if k != "clients"}
@@ -114,22 +133,71 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
 
 def markdown(r: dict) -> str:
     cfg, n = r["config"], "{:,.0f}".format
-    rows = [[x["clients"], f"{x['stage1_seconds_per_round']:.2f}", n(x["stage1_bytes_per_round"]),
-             n(x["stage3_fedgate_bytes_per_round"]), n(x["stage3_answers_bytes"]), f"{x['setup_seconds']:.1f}",
-             f"{x['wall_seconds']:.1f}", f"{x['peak_pss_mib']:.0f}", f"{x['peak_rss_mib']:.0f}", x["ray_processes_at_peak"]]
-            for x in r["rows"]]
+    rows = [
+        [
+            x["clients"],
+            f"{x['stage1_seconds_per_round']:.2f}",
+            n(x["stage1_bytes_per_round"]),
+            n(x["stage3_fedgate_bytes_per_round"]),
+            n(x["stage3_answers_bytes"]),
+            f"{x['setup_seconds']:.1f}",
+            f"{x['wall_seconds']:.1f}",
+            f"{x['peak_pss_mib']:.0f}",
+            f"{x['peak_rss_mib']:.0f}",
+            x["ray_processes_at_peak"],
+        ]
+        for x in r["rows"]
+    ]
     g = r["growth_exponent"]
     fmt = lambda k: "—" if g[k] is None else f"N^{g[k]:.2f}"  # noqa: E731
     train = cfg["data"]["train_limit"] or "all"
-    return (f"{cfg['data']['name']} ({train} training samples split over N clients, {cfg['partition']['method']}), "
-            f"stage-1 rounds {cfg['stage1']['rounds']}, stage-3 rounds {cfg['stage3']['rounds']}. Peak PSS / RSS: the sums over "
-            "this node's `ray::` processes, sampled every 0.5 s over the whole run (PSS shares each shared page among its "
-            "processes; RSS counts it once per process).\n\n"
-            + common.table(["clients", "stage-1 s / round", "stage-1 bytes / round", "fedgate bytes / round",
-                            "stage-3 answers bytes", "setup s", "wall to stage 3 s", "peak PSS MiB", "peak RSS MiB", "ray:: processes"], rows)
-            + "\n## Growth with N (least-squares exponent k of value ~ N^k)\n\n"
-            + common.table(["stage-1 s / round", "stage-1 bytes / round", "fedgate bytes / round", "answers bytes",
-                            "setup s", "wall to stage 3", "peak PSS", "peak RSS"],
-                           [[fmt(k) for k in ("stage1_seconds_per_round", "stage1_bytes_per_round",
-                                              "stage3_fedgate_bytes_per_round", "stage3_answers_bytes", "setup_seconds",
-                                              "wall_seconds", "peak_pss_mib", "peak_rss_mib")]]))
+    return (
+        f"{cfg['data']['name']} ({train} training samples split over N clients, {cfg['partition']['method']}), "
+        f"stage-1 rounds {cfg['stage1']['rounds']}, stage-3 rounds {cfg['stage3']['rounds']}. "
+        "Peak PSS / RSS: the sums over "
+        "this node's `ray::` processes, sampled every 0.5 s over the whole run (PSS shares each shared page among its "
+        "processes; RSS counts it once per process).\n\n"
+        + common.table(
+            [
+                "clients",
+                "stage-1 s / round",
+                "stage-1 bytes / round",
+                "fedgate bytes / round",
+                "stage-3 answers bytes",
+                "setup s",
+                "wall to stage 3 s",
+                "peak PSS MiB",
+                "peak RSS MiB",
+                "ray:: processes",
+            ],
+            rows,
+        )
+        + "\n## Growth with N (least-squares exponent k of value ~ N^k)\n\n"
+        + common.table(
+            [
+                "stage-1 s / round",
+                "stage-1 bytes / round",
+                "fedgate bytes / round",
+                "answers bytes",
+                "setup s",
+                "wall to stage 3",
+                "peak PSS",
+                "peak RSS",
+            ],
+            [
+                [
+                    fmt(k)
+                    for k in (
+                        "stage1_seconds_per_round",
+                        "stage1_bytes_per_round",
+                        "stage3_fedgate_bytes_per_round",
+                        "stage3_answers_bytes",
+                        "setup_seconds",
+                        "wall_seconds",
+                        "peak_pss_mib",
+                        "peak_rss_mib",
+                    )
+                ]
+            ],
+        )
+    )

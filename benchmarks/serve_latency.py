@@ -51,20 +51,30 @@ def in_process(run: Path, pixels: np.ndarray, batch: int, repeats: int) -> dict:
             idx, w = spec.choose(gate, h, TOP_K, None, cfg.num_clients, seeds.routing(cfg.seed, 0))
             routing.route_in_process(h, idx, w, experts, 0, cfg.routing.fp16_latents, spec.readout(gate))
         lat.append(time.perf_counter() - t0)
-    return {"p50_ms": 1e3 * _pct(lat, 0.5), "p99_ms": 1e3 * _pct(lat, 0.99), "samples_per_s": batch * len(lat) / sum(lat)}
+    return {
+        "p50_ms": 1e3 * _pct(lat, 0.5),
+        "p99_ms": 1e3 * _pct(lat, 0.99),
+        "samples_per_s": batch * len(lat) / sum(lat),
+    }
 
 
 def over_http(url: str, pixels: np.ndarray, batch: int, concurrency: int, requests: int, clients: int = 3) -> dict:
     import httpx
 
-    bodies = [json.dumps({"inputs": pixels[(r * batch) % (len(pixels) - batch) :][:batch].tolist(), "top_k": TOP_K})
-              for r in range(min(requests, 64))]
+    bodies = [
+        json.dumps({"inputs": pixels[(r * batch) % (len(pixels) - batch) :][:batch].tolist(), "top_k": TOP_K})
+        for r in range(min(requests, 64))
+    ]
     lat, sent = [], [0, 0]
     with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as http:
+
         def one(r: int) -> float:
             t0 = time.perf_counter()
-            resp = http.post(f"/v1/clients/{r % clients}/predict", content=bodies[r % len(bodies)],
-                             headers={"Content-Type": "application/json"})
+            resp = http.post(
+                f"/v1/clients/{r % clients}/predict",
+                content=bodies[r % len(bodies)],
+                headers={"Content-Type": "application/json"},
+            )
             resp.raise_for_status()
             body = resp.json()
             sent[0] += body["bytes_out"] + body["bytes_in"]
@@ -78,8 +88,12 @@ def over_http(url: str, pixels: np.ndarray, batch: int, concurrency: int, reques
         with ThreadPoolExecutor(concurrency) as pool:
             lat = list(pool.map(one, range(requests)))
         wall = time.perf_counter() - t0
-    return {"p50_ms": 1e3 * statistics.median(lat), "p99_ms": 1e3 * _pct(lat, 0.99),
-            "samples_per_s": batch * requests / wall, "bytes_per_sample": sent[0] / max(1, sent[1])}
+    return {
+        "p50_ms": 1e3 * statistics.median(lat),
+        "p99_ms": 1e3 * _pct(lat, 0.99),
+        "samples_per_s": batch * requests / wall,
+        "bytes_per_sample": sent[0] / max(1, sent[1]),
+    }
 
 
 def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> dict:
@@ -104,23 +118,42 @@ def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> di
         for batch in BATCHES:
             local = in_process(run, pixels, batch, max(50, requests // 2))
             for conc in CONCURRENCY:
-                rows.append({"batch": batch, "concurrency": conc, **over_http(url, pixels, batch, conc, requests, cfg.num_clients),
-                             "in_process_p50_ms": local["p50_ms"], "in_process_samples_per_s": local["samples_per_s"]})
+                rows.append(
+                    {
+                        "batch": batch,
+                        "concurrency": conc,
+                        **over_http(url, pixels, batch, conc, requests, cfg.num_clients),
+                        "in_process_p50_ms": local["p50_ms"],
+                        "in_process_samples_per_s": local["samples_per_s"],
+                    }
+                )
     finally:
         launch.shutdown()
         if owned:
             ray.shutdown()
     raw = int(np.prod(ds.x_test.shape[1:])) * 4
-    return {"run": str(run), "top_k": TOP_K, "raw_bytes_per_sample": raw, "rows": rows,
-            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available()}}
+    return {
+        "run": str(run),
+        "top_k": TOP_K,
+        "raw_bytes_per_sample": raw,
+        "rows": rows,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available()},
+    }
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Routed inference over HTTP (top-k {res['top_k']}, client deployments on one machine, "
-             f"{res['machine']['cpus']} cores, GPU: {res['machine']['gpu']}). Raw input: {res['raw_bytes_per_sample']} B/sample.", "",
-             "| batch | concurrency | p50 ms | p99 ms | samples/s | bytes/sample on the wire | in-process p50 ms | in-process samples/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Routed inference over HTTP (top-k {res['top_k']}, client deployments on one machine, "
+        f"{res['machine']['cpus']} cores, GPU: {res['machine']['gpu']}). "
+        f"Raw input: {res['raw_bytes_per_sample']} B/sample.",
+        "",
+        "| batch | concurrency | p50 ms | p99 ms | samples/s | bytes/sample on the wire "
+        "| in-process p50 ms | in-process samples/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {r['batch']} | {r['concurrency']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['samples_per_s']:.0f} | "
-                     f"{r['bytes_per_sample']:.0f} | {r['in_process_p50_ms']:.2f} | {r['in_process_samples_per_s']:.0f} |")
+        lines.append(
+            f"| {r['batch']} | {r['concurrency']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['samples_per_s']:.0f} | "
+            f"{r['bytes_per_sample']:.0f} | {r['in_process_p50_ms']:.2f} | {r['in_process_samples_per_s']:.0f} |"
+        )
     return "\n".join(lines) + "\n"

@@ -21,7 +21,11 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     common.say(f"serve: deploying {run_dir} on Ray Serve; {requests} requests per (batch, concurrency) cell")
     res = serve_latency.run_benchmark(run_dir, requests)
     res["requests"] = requests
-    metrics = {f"b{r['batch']}_c{r['concurrency']}/{k}": v for r in res["rows"] for k, v in r.items()
-               if k not in ("batch", "concurrency")}
+    metrics = {
+        f"b{r['batch']}_c{r['concurrency']}/{k}": v
+        for r in res["rows"]
+        for k, v in r.items()
+        if k not in ("batch", "concurrency")
+    }
     metrics["raw_bytes_per_sample"] = res["raw_bytes_per_sample"]
     return res, f"Run: `{run_dir}`, {requests} requests per cell.\n\n" + serve_latency.markdown(res), metrics

@@ -29,19 +29,40 @@ def cmd_data_summary(args) -> int:
     clients = []
     for i, (tr, te) in enumerate(zip(split.train, split.test)):
         counts = label_counts(ds.y_train.numpy()[tr], ds.num_classes)
-        clients.append({"id": i, "train_samples": int(len(tr)), "test_samples": int(len(te)),
-                        "label_counts": counts.tolist(), "label_entropy": round(label_entropy(counts), 4)})
+        clients.append(
+            {
+                "id": i,
+                "train_samples": int(len(tr)),
+                "test_samples": int(len(te)),
+                "label_counts": counts.tolist(),
+                "label_entropy": round(label_entropy(counts), 4),
+            }
+        )
     total = sum(c["train_samples"] for c in clients)
     if args.json:
-        print(json.dumps({"dataset": ds.name, "num_classes": ds.num_classes, "clients": clients,
-                          "total_train": total, "global_test": int(len(split.global_test))}))
+        print(
+            json.dumps(
+                {
+                    "dataset": ds.name,
+                    "num_classes": ds.num_classes,
+                    "clients": clients,
+                    "total_train": total,
+                    "global_test": int(len(split.global_test)),
+                }
+            )
+        )
         return 0
     table = Table(title=f"{ds.name}: {cfg.partition.method} partition over {cfg.num_clients} clients")
     for col in ("client", "train", "test", "entropy", "label histogram"):
         table.add_column(col, justify="right" if col != "label histogram" else "left")
     for c in clients:
-        table.add_row(str(c["id"]), str(c["train_samples"]), str(c["test_samples"]), f"{c['label_entropy']:.2f}",
-                      " ".join(str(n) for n in c["label_counts"]))
+        table.add_row(
+            str(c["id"]),
+            str(c["train_samples"]),
+            str(c["test_samples"]),
+            f"{c['label_entropy']:.2f}",
+            " ".join(str(n) for n in c["label_counts"]),
+        )
     Console().print(table)
     Console().print(f"total train samples: {total}; global test: {len(split.global_test)}")
     return 0
@@ -56,13 +77,31 @@ def gate_rows() -> list[list[str]]:
         v = GATES.get(name)
         needs = ", ".join(n for n, on in (("expert answers", v.needs_answers), ("one-off exchange", v.exchanges)) if on)
         sync = {"prefix": "FedAvg of " + ", ".join(f"`{p}*`" for p in v.prefixes)}.get(v.sync, v.sync)
-        rows.append([f"`{name}`", "yes" if v.trains else "no", needs or "nothing", sync if v.trains else "—",
-                     v.describe, v.bytes_formula or "—", v.reveals or "—", f"`{v.__module__}`"])
+        rows.append(
+            [
+                f"`{name}`",
+                "yes" if v.trains else "no",
+                needs or "nothing",
+                sync if v.trains else "—",
+                v.describe,
+                v.bytes_formula or "—",
+                v.reveals or "—",
+                f"`{v.__module__}`",
+            ]
+        )
     return rows
 
 
-GATE_COLUMNS = ["variant", "trains", "needs before training", "gate sync each round", "what travels", "stage-3 bytes",
-                "what it reveals", "module"]
+GATE_COLUMNS = [
+    "variant",
+    "trains",
+    "needs before training",
+    "gate sync each round",
+    "what travels",
+    "stage-3 bytes",
+    "what it reveals",
+    "module",
+]
 
 
 def cmd_gates(args) -> int:
@@ -81,8 +120,10 @@ def cmd_gates(args) -> int:
     for r in rows:
         table.add_row(*(r[i].replace("`", "") for i in keep))
     Console().print(table)
-    Console().print("stage-1 objectives (stage1.method): " + ", ".join(
-        f"{n} (federates {', '.join(OBJECTIVES.get(n).prefixes)})" for n in OBJECTIVES.names()))
+    Console().print(
+        "stage-1 objectives (stage1.method): "
+        + ", ".join(f"{n} (federates {', '.join(OBJECTIVES.get(n).prefixes)})" for n in OBJECTIVES.names())
+    )
     return 0
 
 

@@ -12,8 +12,14 @@ class UserError(Exception):
 def config_args(p: argparse.ArgumentParser) -> None:
     """``--config`` and ``--set`` on a subcommand."""
     p.add_argument("--config", default=None, help="YAML experiment config (default: configs/default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. stage1.rounds=3")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. stage1.rounds=3",
+    )
 
 
 def load_config(args):

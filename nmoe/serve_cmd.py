@@ -50,7 +50,6 @@ def serve_cmd(args) -> int:
     from serve import launch
     from training.checkpoint import RunFolderError
 
-
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port: {args.port} is not a TCP port")
     try:
@@ -65,8 +64,10 @@ def serve_cmd(args) -> int:
         run = Path(args.run) if args.run else launch.run_from_mlflow(args.mlflow_run, resolve_uri(args.tracking_uri))
         url = launch.deploy(run, args.variant, args.host, args.port, args.max_batch)
         console.print(f"serving {run} ({args.variant}) at {url}")
-        console.print(f"  health:  {url}/v1/health\n  clients: {url}/v1/clients\n"
-                      f"  predict: POST {url}/v1/clients/<i>/predict\n  docs:    {url}/docs")
+        console.print(
+            f"  health:  {url}/v1/health\n  clients: {url}/v1/clients\n"
+            f"  predict: POST {url}/v1/clients/<i>/predict\n  docs:    {url}/docs"
+        )
         console.print("Ctrl-C to stop")
         while not stop.wait(1.0):
             pass

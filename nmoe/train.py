@@ -18,10 +18,16 @@ STOP_CHOICES = ("stage1", "stage2", "stage3")
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train an NMoE: stage 1 (F), stage 2 (experts), stage 3 (gates), evaluation")
     config_args(p)
-    p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto); default: local Ray on 127.0.0.1")
+    p.add_argument(
+        "--address", default=None, help="join a running Ray cluster (e.g. auto); default: local Ray on 127.0.0.1"
+    )
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR without redoing finished stages")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the config's, sqlite:///mlflow.db)")
+    p.add_argument(
+        "--resume", default=None, metavar="DIR", help="continue the run in DIR without redoing finished stages"
+    )
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: the config's, sqlite:///mlflow.db)"
+    )
     p.add_argument("--stop-after", choices=STOP_CHOICES, default=None, help="stop after this stage (resume later)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=run)
@@ -67,14 +73,22 @@ def run(args) -> int:
         uri = tracking.resolve_uri(args.tracking_uri or cfg.tracking.tracking_uri)
         run_id = ckpt.load_state(out).get("mlflow_run_id") if resume else None
         if run_id is None:
-            run_id = tracking.start_run(uri, cfg.tracking.experiment, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                        cfg.flat(), Path("mlartifacts"))
+            run_id = tracking.start_run(
+                uri,
+                cfg.tracking.experiment,
+                f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                cfg.flat(),
+                Path("mlartifacts"),
+            )
     fresh = not resume and not out.exists()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2, scheduling_strategy=here).remote(
-        cfg.to_dict(), str(out.resolve()), uri, run_id, resume)  # on the driver's node: losing a worker can't take it
+    coord = (
+        ray.remote(Coordinator)
+        .options(num_cpus=0, max_concurrency=2, scheduling_strategy=here)
+        .remote(cfg.to_dict(), str(out.resolve()), uri, run_id, resume)
+    )  # on the driver's node: losing a worker can't take it
     pending = coord.run.remote(args.stop_after)
     try:
         results = _follow(coord, pending, console)
@@ -111,8 +125,15 @@ def _follow(coord, pending, console: Console) -> dict:
 
     bars: dict[str, int] = {}
     last = None
-    with Progress(SpinnerColumn(), TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description:<44}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    ) as progress:
         while True:
             done, _ = ray.wait([pending], timeout=0.5)
             try:
@@ -127,7 +148,9 @@ def _follow(coord, pending, console: Console) -> dict:
                     for t in bars.values():
                         progress.update(t, completed=progress.tasks[t].total or 1, total=progress.tasks[t].total or 1)
                     bars[p["stage"]] = progress.add_task(p["message"], total=p["rounds"] or None)
-                progress.update(bars[p["stage"]], description=p["message"], completed=p["round"], total=p["rounds"] or None)
+                progress.update(
+                    bars[p["stage"]], description=p["message"], completed=p["round"], total=p["rounds"] or None
+                )
             if done:
                 for t in bars.values():
                     progress.update(t, completed=progress.tasks[t].total or 1, total=progress.tasks[t].total or 1)
@@ -143,8 +166,10 @@ def print_results(results, console: Console) -> None:
         table.add_row(name, f"{100 * m['personalized_acc']:.1f}", f"{100 * m['global_acc']:.1f}")
     console.print(table)
     b, t = results["bytes"], results["timings"]
-    console.print(f"bytes: stage1 {b['stage1']:,}  stage2 0  stage3 {b['stage3']:,}  "
-                  f"per routed sample {b['per_routed_sample']:.0f} (raw input {b['raw_input_per_sample']:,})")
+    console.print(
+        f"bytes: stage1 {b['stage1']:,}  stage2 0  stage3 {b['stage3']:,}  "
+        f"per routed sample {b['per_routed_sample']:.0f} (raw input {b['raw_input_per_sample']:,})"
+    )
     console.print("seconds: " + "  ".join(f"{k} {v:.1f}" for k, v in t.items()))
     if results["missing_clients"]:
         console.print(f"missing clients: {results['missing_clients']}")

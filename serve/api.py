@@ -12,12 +12,17 @@ from ray import serve
 
 from serve.deployments import client_app_name
 
-app = FastAPI(title="NMoE routed inference", version="1",
-              description="Each client extracts latents, its gate picks experts in the network, peers answer.")
+app = FastAPI(
+    title="NMoE routed inference",
+    version="1",
+    description="Each client extracts latents, its gate picks experts in the network, peers answer.",
+)
 
 
 class PredictRequest(BaseModel):
-    inputs: list[Any] = Field(..., description="one image [C,H,W] (or [H,W] for one channel) or a batch [B,C,H,W]; pixels in [0, 1]")
+    inputs: list[Any] = Field(
+        ..., description="one image [C,H,W] (or [H,W] for one channel) or a batch [B,C,H,W]; pixels in [0, 1]"
+    )
     top_k: Optional[int] = Field(None, description="experts per sample; default: the trained top_k")
 
 
@@ -78,8 +83,13 @@ class Api:
         counts = c["label_counts"]
         total = max(1, sum(counts))
         top = sorted(range(len(counts)), key=lambda k: -counts[k])[:3]
-        return {"id": i, "expert": i, "train_samples": c["train_samples"], "label_counts": counts,
-                "top_labels": [{"label": k, "share": round(counts[k] / total, 3)} for k in top]}
+        return {
+            "id": i,
+            "expert": i,
+            "train_samples": c["train_samples"],
+            "label_counts": counts,
+            "top_labels": [{"label": k, "share": round(counts[k] / total, 3)} for k in top],
+        }
 
     @app.get("/v1/health")
     def health(self) -> dict:
@@ -105,4 +115,3 @@ class Api:
         except Exception:  # noqa: BLE001 - the app is gone: nothing to route from
             raise HTTPException(503, f"client {i}: not being served right now") from None
         return await handle.predict.remote(x, k)
-

@@ -32,8 +32,7 @@ def client_app_name(i: int) -> str:
 class ClientDeployment:
     """Client i as a service: its own inputs in, routed predictions out; its expert for peers."""
 
-    def __init__(self, client_id: int, cfg: dict, meta: dict, weights: dict, variant: str,
-                 peer_timeout_s: float = 2.0):
+    def __init__(self, client_id: int, cfg: dict, meta: dict, weights: dict, variant: str, peer_timeout_s: float = 2.0):
         from training.config import from_dict
 
         torch.set_num_threads(1)
@@ -88,12 +87,16 @@ class ClientDeployment:
             idx, w = self.choose(h, k, available)
             plan = routing.dispatch_plan(idx)
             remote = [j for j in plan if j != self.id]
-            replies = await asyncio.gather(*(self._ask(j, payload[plan[j][0].numpy()]) for j in remote),
-                                           return_exceptions=True)
+            replies = await asyncio.gather(
+                *(self._ask(j, payload[plan[j][0].numpy()]) for j in remote), return_exceptions=True
+            )
             out, _ = routing.routed_bytes(plan, self.id, h.shape[1], self.num_classes, fp16)  # sent, even if lost
             bytes_out += out
-            bytes_in += sum(len(plan[j][0]) * self.num_classes * 4 for j, r in zip(remote, replies)
-                            if not isinstance(r, BaseException))
+            bytes_in += sum(
+                len(plan[j][0]) * self.num_classes * 4
+                for j, r in zip(remote, replies)
+                if not isinstance(r, BaseException)
+            )
             lost = [j for j, r in zip(remote, replies) if isinstance(r, BaseException)]
             if not lost:
                 break
@@ -107,8 +110,10 @@ class ClientDeployment:
         return {
             "predictions": logits.argmax(1).tolist(),
             "probabilities": torch.softmax(logits, 1).tolist(),
-            "routes": [[{"expert": int(j), "weight": float(wt)} for j, wt in zip(ri, wi)]
-                       for ri, wi in zip(idx.tolist(), w.tolist())],
+            "routes": [
+                [{"expert": int(j), "weight": float(wt)} for j, wt in zip(ri, wi)]
+                for ri, wi in zip(idx.tolist(), w.tolist())
+            ],
             "bytes_out": int(bytes_out),
             "bytes_in": int(bytes_in),
             "degraded": bool(failed),

@@ -28,13 +28,21 @@ def run_from_mlflow(run_id: str, tracking_uri: str) -> Path:
     return dest
 
 
-def deploy(run: Path, variant: str = PAPER_VARIANT, host: str = "127.0.0.1", port: int = 8000,
-           max_batch: int = 256, peer_timeout_s: float = 2.0) -> str:
+def deploy(
+    run: Path,
+    variant: str = PAPER_VARIANT,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 256,
+    peer_timeout_s: float = 2.0,
+) -> str:
     """Start Serve's HTTP proxy on host:port and deploy every client; returns the base URL."""
     trained = ckpt.load_trained(run)
     cfg = trained["config"]
     if variant not in cfg.stage3.variants:
-        raise ckpt.RunFolderError(f"variant {variant!r} was not trained in {run} (trained: {', '.join(cfg.stage3.variants)})")
+        raise ckpt.RunFolderError(
+            f"variant {variant!r} was not trained in {run} (trained: {', '.join(cfg.stage3.variants)})"
+        )
     meta = trained["meta"]
     serve.start(http_options={"host": host, "port": port})
     # on a cluster, client deployments go where the clients live: nodes offering the client resource
@@ -42,10 +50,14 @@ def deploy(run: Path, variant: str = PAPER_VARIANT, host: str = "127.0.0.1", por
     if cfg.cluster.client_resource:
         placement["resources"] = {cfg.cluster.client_resource: 0.01}
     for i in sorted(trained["experts"]):  # a client that left the run has no expert to serve
-        weights = {"stage1": trained["stage1"], "expert": trained["experts"][i],
-                   "gate": trained["gates"].get(variant, {}).get(i)}  # None for a variant without a gate
+        weights = {
+            "stage1": trained["stage1"],
+            "expert": trained["experts"][i],
+            "gate": trained["gates"].get(variant, {}).get(i),
+        }  # None for a variant without a gate
         app = ClientDeployment.options(name="client", ray_actor_options=placement).bind(
-            i, cfg.to_dict(), meta, weights, variant, peer_timeout_s)
+            i, cfg.to_dict(), meta, weights, variant, peer_timeout_s
+        )
         serve.run(app, name=client_app_name(i), route_prefix=None)
     serve.run(Api.bind(meta, variant, cfg.routing.top_k, max_batch), name=INGRESS_APP, route_prefix="/")
     return f"http://{host}:{port}"

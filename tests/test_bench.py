@@ -21,8 +21,21 @@ def bench(ray_session, data_root, tmp_path_factory):
 
     def call(capsys, suite: str, *extra: str) -> tuple[dict, str]:
         capsys.readouterr()
-        rc = main(["bench", suite, "--quick", "--json", "--out", str(out), "--tracking-uri", uri,
-                   "--set", f"data.root={data_root}", *extra])
+        rc = main(
+            [
+                "bench",
+                suite,
+                "--quick",
+                "--json",
+                "--out",
+                str(out),
+                "--tracking-uri",
+                uri,
+                "--set",
+                f"data.root={data_root}",
+                *extra,
+            ]
+        )
         captured = capsys.readouterr()
         assert rc == 0, captured.err[-3000:]
         result = json.loads(captured.out)  # stdout is exactly one JSON object
@@ -72,7 +85,10 @@ def test_a_stage3_change_retrains_stage_3_only_on_the_finished_stages_1_and_2(be
     import hashlib
 
     def stage1_files() -> dict:
-        return {p.parents[1].name: hashlib.sha1(p.read_bytes()).hexdigest() for p in (bench.out / "runs").glob("*/checkpoints/stage1.pt")}
+        return {
+            p.parents[1].name: hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in (bench.out / "runs").glob("*/checkpoints/stage1.pt")
+        }
 
     res, _ = bench(capsys, "accuracy")  # reused
     before = stage1_files()
@@ -90,7 +106,9 @@ def test_comm_bytes_and_fp16_vs_fp32(bench, capsys):
     res, md = bench(capsys, "comm")  # its fp16 run is the accuracy suite's fedce/dirichlet run: reused
     s1, sync, raw = res["stage1"], res["sync"], res["raw_input_per_sample"]
     assert s1["bytes_down_per_round"] > 0 and s1["bytes_up_per_round"] == s1["bytes_down_per_round"]
-    assert f"{s1['bytes_down_per_round']:,.0f}" in _row(md, "stage 1 (F + helpers), down", "global weights to every client")
+    assert f"{s1['bytes_down_per_round']:,.0f}" in _row(
+        md, "stage 1 (F + helpers), down", "global weights to every client"
+    )
     assert res["stage2_total"] == 0 and res["stage3_variants"]["rangate"]["total"] == 0
     assert res["stage3_variants"]["localgate"]["total"] == 0
     # FedGate syncs the gate body only: fewer bytes than FullGate's whole gate
@@ -165,7 +183,9 @@ def test_classgate_sweep_reproduces_the_trained_point_in_process(bench, capsys):
     assert len(pooled) == 7 and f"{100 * pooled[2.0]['global']:.1f}" in _row(md, "pooled p(c | h) (not private)", "2")
     assert "local_only" in md and "centralized_moe" in md
     true = {p["prior_cap"]: p for p in sweep["true_expert_routing"]}  # routing told the label: a diagnostic
-    assert len(true) == 7 and f"{100 * true[2.0]['global']:.1f}" in _row(md, "ClassGate, true class's expert always chosen (diagnostic: reads the label)", "2")
+    assert len(true) == 7 and f"{100 * true[2.0]['global']:.1f}" in _row(
+        md, "ClassGate, true class's expert always chosen (diagnostic: reads the label)", "2"
+    )
 
 
 def test_true_expert_diagnostic_replaces_the_last_choice_only_when_the_holder_is_missing():

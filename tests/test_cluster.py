@@ -16,7 +16,6 @@ import click
 import jsonschema
 import pytest
 import yaml
-
 from conftest import ROOT
 
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -50,13 +49,16 @@ def test_cluster_yaml_passes_rays_own_validation(cluster_cfg):
     assert out["worker_setup_commands"][: len(cluster_cfg["setup_commands"])] == cluster_cfg["setup_commands"]
 
 
-@pytest.mark.parametrize("breakage, error", [
-    (lambda c: c.update(idle_timeout=5), jsonschema.ValidationError),                  # a misspelled key
-    (lambda c: c.update(idle_timeout_minutes="five"), jsonschema.ValidationError),     # a wrong type
-    (lambda c: c["auth"].update(ssh_port=2222), jsonschema.ValidationError),           # no such auth key
-    (lambda c: c.update(rsync_exclude=".venv/"), jsonschema.ValidationError),           # not a list
-    (lambda c: c["provider"].pop("head_ip"), click.ClickException),                    # local provider, no head
-])
+@pytest.mark.parametrize(
+    "breakage, error",
+    [
+        (lambda c: c.update(idle_timeout=5), jsonschema.ValidationError),  # a misspelled key
+        (lambda c: c.update(idle_timeout_minutes="five"), jsonschema.ValidationError),  # a wrong type
+        (lambda c: c["auth"].update(ssh_port=2222), jsonschema.ValidationError),  # no such auth key
+        (lambda c: c.update(rsync_exclude=".venv/"), jsonschema.ValidationError),  # not a list
+        (lambda c: c["provider"].pop("head_ip"), click.ClickException),  # local provider, no head
+    ],
+)
 def test_a_broken_copy_of_cluster_yaml_fails_the_same_validation(cluster_cfg, breakage, error):
     broken = copy.deepcopy(cluster_cfg)
     breakage(broken)
@@ -89,8 +91,10 @@ def test_cluster_yaml_installs_the_project_and_starts_ray_from_its_venv(cluster_
     resources = json.loads(join.split("--resources=")[1].strip("'"))
     assert resources == {"nmoe_client": 1}  # what cluster.client_resource=nmoe_client asks for
     # the shells of ray exec / ray down read ~/.bashrc: they find the same ray
-    assert any('nmoe-venv/bin:$PATH" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0' in c and ".bashrc" in c
-               for c in cluster_cfg["head_setup_commands"])
+    assert any(
+        'nmoe-venv/bin:$PATH" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0' in c and ".bashrc" in c
+        for c in cluster_cfg["head_setup_commands"]
+    )
     assert all(ip.startswith("<") for ip in cluster_cfg["provider"]["worker_ips"])
     assert cluster_cfg["auth"]["ssh_user"] == "<SSH_USER>"
 
@@ -119,7 +123,9 @@ def placement(tmp_path_factory, data_root) -> dict:
 
 @pytest.fixture(scope="module")
 def node_loss(tmp_path_factory, data_root) -> dict:
-    return _scenario("node_loss", tmp_path_factory.mktemp("node_loss"), data_root, "--rounds", "6", "--round-timeout", "20")
+    return _scenario(
+        "node_loss", tmp_path_factory.mktemp("node_loss"), data_root, "--rounds", "6", "--round-timeout", "20"
+    )
 
 
 def test_three_clients_land_on_three_distinct_worker_nodes(placement):
@@ -181,7 +187,7 @@ def test_a_node_lost_in_stage1_drops_its_client_and_the_run_finishes(node_loss):
     assert len(gone) == 1 and gone[0]["stage"] == "stage1"
     hist = res["history"]["stage1"]
     assert [h["round"] for h in hist] == list(range(node_loss["rounds"]))  # every round aggregated
-    assert hist[gone[0]["round"]]["missing"] == 1 and all(h["missing"] == 1 for h in hist[gone[0]["round"]:])
+    assert hist[gone[0]["round"]]["missing"] == 1 and all(h["missing"] == 1 for h in hist[gone[0]["round"] :])
     # stage 2, 3 and evaluation went on with the two others, and nobody routed to the lost expert
     assert set(res["methods"]) == {"nmoe/fedgate", "local_only", "fedavg_global", "centralized_moe"}
     assert len(res["methods"]["nmoe/fedgate"]["per_client"]) == 2

@@ -7,13 +7,20 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 def test_default_and_smoke_configs_load():
     cfg = load_config(ROOT / "configs/default.yaml")
-    assert (cfg.data.name, cfg.num_clients, cfg.partition.method, cfg.partition.alpha) == ("fashion_mnist", 10, "dirichlet", 0.5)
+    assert (cfg.data.name, cfg.num_clients, cfg.partition.method, cfg.partition.alpha) == (
+        "fashion_mnist",
+        10,
+        "dirichlet",
+        0.5,
+    )
     smoke = load_config(ROOT / "configs/smoke.yaml")
     assert smoke.num_clients == 3 and smoke.stage1.rounds == 1 and smoke.data.train_limit <= 1000
 
 
 def test_overrides_set_nested_fields_with_typed_values():
-    cfg = load_config(ROOT / "configs/smoke.yaml", ["stage1.rounds=4", "partition.alpha=0.1", "stage3.variants=[fedgate]"])
+    cfg = load_config(
+        ROOT / "configs/smoke.yaml", ["stage1.rounds=4", "partition.alpha=0.1", "stage3.variants=[fedgate]"]
+    )
     assert cfg.stage1.rounds == 4 and cfg.partition.alpha == 0.1 and cfg.stage3.variants == ["fedgate"]
     assert cfg.flat()["stage1.rounds"] == 4
 

@@ -155,9 +155,20 @@ def test_classgate_sends_each_class_to_the_expert_that_holds_it_and_keeps_its_ow
     weight, bias = prototypes.class_posterior(moments)
     gate = ClassGate(6, 3, 3, 8)
     expert = Expert(6, 8, 3)
-    gate.configure(weight, bias, prototypes.label_log_prior(counts[0]), prototypes.expert_competence(counts),
-                   prototypes.label_log_prior(counts), 0, expert.state_dict(), own_expert=0.0, prior=1.0, own_bias=1.0,
-                   temperature=0.3, prior_cap=2.0)
+    gate.configure(
+        weight,
+        bias,
+        prototypes.label_log_prior(counts[0]),
+        prototypes.expert_competence(counts),
+        prototypes.label_log_prior(counts),
+        0,
+        expert.state_dict(),
+        own_expert=0.0,
+        prior=1.0,
+        own_bias=1.0,
+        temperature=0.3,
+        prior_cap=2.0,
+    )
     h, y = _gaussian_classes([100, 100, 100], gen)
     with torch.no_grad():
         first = gate(h).argmax(1)
@@ -222,7 +233,9 @@ def test_local_loops_on_digits_lower_the_loss_and_beat_chance():
     h = local.compute_latents(model.extractor, ds.x_test)
     assert local.accuracy(model.classifier(h), ds.y_test) > 0.5
     expert = make_expert(cfg.model, ds.num_classes)
-    _, m = local.fit_expert(expert, local.compute_latents(model.extractor, ds.x_train), ds.y_train, Stage2Config(epochs=3), seed=0)
+    _, m = local.fit_expert(
+        expert, local.compute_latents(model.extractor, ds.x_train), ds.y_train, Stage2Config(epochs=3), seed=0
+    )
     assert m["accuracy"] > 0.5 and m["samples"] == len(ds.y_train) and m["seconds"] > 0
 
 

@@ -275,8 +275,9 @@ def test_digits_loads_offline():
     assert abs(float(ds.x_train.mean())) < 0.1
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="Debian dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="Debian dataset-fashion-mnist not installed"
+)
 def test_real_fashion_mnist_from_debian(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
     ds = load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path), download=False))

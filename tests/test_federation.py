@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMOKE
+
 from training import checkpoint as ckpt
 from training import federated, gates, routing
 from training.config import load_config
@@ -19,7 +19,11 @@ from training.models import Gate, Stage1Model
 
 def test_smoke_run_reports_every_variant_and_baseline(smoke_run):
     res = json.loads((smoke_run / "run" / "results.json").read_text())
-    expected = {f"nmoe/{v}" for v in load_config(SMOKE).stage3.variants} | {"local_only", "fedavg_global", "centralized_moe"}
+    expected = {f"nmoe/{v}" for v in load_config(SMOKE).stage3.variants} | {
+        "local_only",
+        "fedavg_global",
+        "centralized_moe",
+    }
     assert set(res["methods"]) == expected
     for name, m in res["methods"].items():
         assert 0.0 <= m["personalized_acc"] <= 1.0 and 0.0 <= m["global_acc"] <= 1.0, name
@@ -87,11 +91,23 @@ def _load_clients(ray, run, data_root):
     split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
     trained = ckpt.load_trained(run)
     actor = ray.remote(Client).options(num_cpus=0, max_concurrency=4)
-    clients = [actor.remote(i, cfg.to_dict(), split.train[i], split.test[i], split.global_test) for i in range(cfg.num_clients)]
+    clients = [
+        actor.remote(i, cfg.to_dict(), split.train[i], split.test[i], split.global_test) for i in range(cfg.num_clients)
+    ]
     ray.get([c.set_peers.remote(clients) for c in clients])
-    ray.get([c.load_state.remote({"stage1": trained["stage1"], "expert": trained["experts"][i],
-                                  "gates": {v: g[i] for v, g in trained["gates"].items()}, "stage": "stage3"})
-             for i, c in enumerate(clients)])
+    ray.get(
+        [
+            c.load_state.remote(
+                {
+                    "stage1": trained["stage1"],
+                    "expert": trained["experts"][i],
+                    "gates": {v: g[i] for v, g in trained["gates"].items()},
+                    "stage": "stage3",
+                }
+            )
+            for i, c in enumerate(clients)
+        ]
+    )
     return cfg, ds, split, trained, clients
 
 
@@ -171,8 +187,16 @@ def test_killed_client_misses_the_round_and_the_run_finishes(ray_session, data_r
     ray = ray_session
     from actors.coordinator import Coordinator
 
-    cfg = load_config(SMOKE, [f"data.root={data_root}", "stage1.rounds=4", "stage1.local_epochs=4",
-                              "stage3.variants=[fedgate]", "cluster.round_timeout_s=30"])
+    cfg = load_config(
+        SMOKE,
+        [
+            f"data.root={data_root}",
+            "stage1.rounds=4",
+            "stage1.local_epochs=4",
+            "stage3.variants=[fedgate]",
+            "cluster.round_timeout_s=30",
+        ],
+    )
     coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2).remote(cfg.to_dict(), str(tmp_path / "run"))
     pending = coord.run.remote()
     deadline = time.time() + 120
@@ -215,19 +239,40 @@ def test_classgate_alone_sends_its_moments_and_no_expert_answers(ray_session, da
     from nmoe.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "--config", str(SMOKE), "--set", f"data.root={data_root}", "--set", "stage3.variants=[classgate]",
-                 "--no-tracking", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(SMOKE),
+                "--set",
+                f"data.root={data_root}",
+                "--set",
+                "stage3.variants=[classgate]",
+                "--no-tracking",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     b, cfg = res["bytes"], load_config(SMOKE)
     c, d, n = 10, cfg.model.latent_dim, cfg.num_clients
     assert b["stage3_answers"] == 0  # nothing to train, so nobody asks every expert
-    assert b["stage3"] == b["stage3_variants"]["classgate"] == n * (c + c * d + d * d) * 8 + n * (d * c + c + 2 * n * c) * 4
+    assert (
+        b["stage3"]
+        == b["stage3_variants"]["classgate"]
+        == n * (c + c * d + d * d) * 8 + n * (d * c + c + 2 * n * c) * 4
+    )
     assert set(res["methods"]) == {"nmoe/classgate", "local_only", "fedavg_global", "centralized_moe"}
 
 
 def _cli(*args, cwd):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.run([sys.executable, "-m", "nmoe", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nmoe", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
 
 
 def test_bad_train_inputs_fail_with_one_clear_line(tmp_path):
@@ -244,8 +289,20 @@ def test_bad_train_inputs_fail_with_one_clear_line(tmp_path):
 def test_unplaceable_clients_give_an_error_naming_the_resource(ray_session, data_root, tmp_path, capsys):
     from nmoe.cli import main
 
-    rc = main(["train", "--config", str(SMOKE), "--set", f"data.root={data_root}", "--no-tracking",
-               "--out", str(tmp_path / "r"), "--set", "cluster.client_resource=edge_slot"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(SMOKE),
+            "--set",
+            f"data.root={data_root}",
+            "--no-tracking",
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            "cluster.client_resource=edge_slot",
+        ]
+    )
     assert rc == 2
     assert "no node offers resource 'edge_slot'" in capsys.readouterr().err
     assert not (tmp_path / "r" / "state.json").exists()

@@ -95,8 +95,21 @@ def plugin_run(ray_session, data_root, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        rc = main(["train", "--config", str(SMOKE_CONFIG), "--set", f"data.root={data_root}",
-                   "--set", f"plugins=[{HERE}]", "--set", f"stage3.variants=[fedgate,{NAME}]", "--out", "run"])
+        rc = main(
+            [
+                "train",
+                "--config",
+                str(SMOKE_CONFIG),
+                "--set",
+                f"data.root={data_root}",
+                "--set",
+                f"plugins=[{HERE}]",
+                "--set",
+                f"stage3.variants=[fedgate,{NAME}]",
+                "--out",
+                "run",
+            ]
+        )
     finally:
         os.chdir(cwd)
     assert rc == 0
@@ -148,9 +161,14 @@ def test_a_name_taken_by_another_class_and_a_missing_plugin_are_clear_errors(tmp
 def test_nmoe_serve_answers_with_the_plugin_variant_over_http(plugin_run, data_root, tmp_path):
     port = _free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "nmoe", "serve", "--run", str(plugin_run), "--variant", NAME,
-                             "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nmoe", "serve", "--run", str(plugin_run), "--variant", NAME, "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     try:
@@ -160,8 +178,9 @@ def test_nmoe_serve_answers_with_the_plugin_variant_over_http(plugin_run, data_r
         assert f"({NAME}) at http://127.0.0.1:{port}" in "".join(lines), "".join(lines)
         pixels = np.random.default_rng(0).random((4, 1, 28, 28)).astype(np.float32)
         for client in range(3):
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/clients/{client}/predict",
-                           json={"inputs": pixels.tolist()}, timeout=60)
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/v1/clients/{client}/predict", json={"inputs": pixels.tolist()}, timeout=60
+            )
             assert r.status_code == 200, r.text
             body = r.json()
             for route in body["routes"]:  # the own expert first, then one peer, weights softmax(1, 0)
@@ -183,8 +202,11 @@ def test_the_readme_shows_the_registry_and_its_example_plugin_works(tmp_path):
     readme = (Path(HERE).parents[1] / "README.md").read_text()
     table = readme.split("<!-- nmoe gates --markdown -->\n")[1].split("<!-- end of")[0].strip().splitlines()
     rows = [r for r in gate_rows() if r[0].strip("`") in BUILTINS]  # this process may hold plug-ins too
-    assert table == ["| " + " | ".join(GATE_COLUMNS) + " |", "|" + "---|" * len(GATE_COLUMNS),
-                     *("| " + " | ".join(r) + " |" for r in rows)]
+    assert table == [
+        "| " + " | ".join(GATE_COLUMNS) + " |",
+        "|" + "---|" * len(GATE_COLUMNS),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
     example = next(b.split("```")[0] for b in readme.split("```python\n")[1:] if '"headgate"' in b)
     (tmp_path / "my_gates.py").write_text(example)
     cfg = load_config(SMOKE_CONFIG, [f"plugins=[{tmp_path / 'my_gates.py'}]", "stage3.variants=[fedgate,headgate]"])

@@ -120,7 +120,11 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_service_survives(served, 
         (http.post("/v1/clients/0/predict", json={"inputs": np.zeros((1, 3, 28, 28)).tolist()}), 422, "channels"),
         (http.post("/v1/clients/0/predict", json={"inputs": np.zeros((1, 1, 20, 20)).tolist()}), 422, "size"),
         (http.post("/v1/clients/0/predict", content=json.dumps({"inputs": nan.tolist()}), headers=JSON), 422, "nan"),
-        (http.post("/v1/clients/0/predict", content=json.dumps({"inputs": inf.tolist()}), headers=JSON), 422, "infinity"),
+        (
+            http.post("/v1/clients/0/predict", content=json.dumps({"inputs": inf.tolist()}), headers=JSON),
+            422,
+            "infinity",
+        ),
         (http.post("/v1/clients/0/predict", json={"inputs": []}), 422, "empty"),
         (http.post("/v1/clients/0/predict", json={"inputs": np.zeros((65, 1, 28, 28)).tolist()}), 413, "limit"),
         (http.post("/v1/clients/0/predict", json={"inputs": good, "top_k": 0}), 422, "top_k"),
@@ -142,7 +146,9 @@ def test_32_concurrent_requests_all_succeed(served, reference):
     *_, pixels = reference
 
     def ask(i):
-        return http.post(f"/v1/clients/{i % 3}/predict", json={"inputs": pixels[i % 8 : i % 8 + 4].tolist()}).status_code
+        return http.post(
+            f"/v1/clients/{i % 3}/predict", json={"inputs": pixels[i % 8 : i % 8 + 4].tolist()}
+        ).status_code
 
     with ThreadPoolExecutor(32) as pool:
         codes = list(pool.map(ask, range(32)))

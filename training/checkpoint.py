@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import yaml
 
-from training.config import ConfigError, ExperimentConfig, from_dict
 from training import gates
-from training.schema import RunState
+from training.config import ConfigError, ExperimentConfig, from_dict
 from training.models import Stage1Model, make_expert
+from training.schema import RunState
 
 
 class RunFolderError(ValueError):
@@ -80,7 +80,9 @@ def load_trained(run: Path) -> dict:
     state = load_state(run)
     missing = [s for s in ("stage1", "stage2", "stage3") if s not in state.get("completed", [])]
     if missing:
-        raise RunFolderError(f"{run}: run has not finished {', '.join(missing)}; resume it with nmoe train --resume {run}")
+        raise RunFolderError(
+            f"{run}: run has not finished {', '.join(missing)}; resume it with nmoe train --resume {run}"
+        )
     return {
         "config": cfg,
         "stage1": load_torch(stage_file(run, "stage1"))["state"],
@@ -120,7 +122,10 @@ def build_modules(trained: dict, variant: str | None = None) -> dict:
     Keyed by client id (a client that left the run has none), for in-process reference routing.
     """
     cfg, meta = trained["config"], trained["meta"]
-    return {"extractor": load_extractor(cfg, meta, trained["stage1"]),
-            "experts": {i: load_expert(cfg, meta, s) for i, s in trained["experts"].items()},
-            "gates": {i: load_gate(cfg, meta, variant, s) for i, s in trained["gates"].get(variant, {}).items()}
-            if variant else {}}
+    return {
+        "extractor": load_extractor(cfg, meta, trained["stage1"]),
+        "experts": {i: load_expert(cfg, meta, s) for i, s in trained["experts"].items()},
+        "gates": {i: load_gate(cfg, meta, variant, s) for i, s in trained["gates"].get(variant, {}).items()}
+        if variant
+        else {},
+    }

@@ -197,9 +197,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(names))})"
-        )
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -217,7 +215,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         v = getattr(cfg.data, key)
         _check(v is None or v > 0, f"data.{key}", "must be positive or null")
     p = cfg.partition
-    _check(p.method in PARTITIONS, "partition.method", f"unknown partitioner {p.method!r} (one of {', '.join(PARTITIONS)})")
+    _check(
+        p.method in PARTITIONS, "partition.method", f"unknown partitioner {p.method!r} (one of {', '.join(PARTITIONS)})"
+    )
     _check(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
     _check(p.classes_per_client >= 1, "partition.classes_per_client", "must be >= 1")
     _check(p.min_samples >= 1, "partition.min_samples", "must be >= 1")
@@ -225,14 +225,21 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     m = cfg.model
     for key in ("latent_dim", "expert_hidden", "gate_hidden", "proj_dim"):
         _check(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
-    _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels", "must be a non-empty list of positive ints")
+    _check(
+        len(m.channels) >= 1 and all(c >= 1 for c in m.channels),
+        "model.channels",
+        "must be a non-empty list of positive ints",
+    )
     for i, spec in enumerate(cfg.plugins):
         try:
             load_plugins([spec])
         except PluginError as exc:
             raise ConfigError(f"plugins[{i}]: {str(exc).removeprefix('plugins: ')}") from None
-    _check(cfg.stage1.method in OBJECTIVES, "stage1.method",
-           f"unknown method {cfg.stage1.method!r} (one of {', '.join(OBJECTIVES.names())})")
+    _check(
+        cfg.stage1.method in OBJECTIVES,
+        "stage1.method",
+        f"unknown method {cfg.stage1.method!r} (one of {', '.join(OBJECTIVES.names())})",
+    )
     for stage in ("stage1", "stage2", "stage3"):
         s = getattr(cfg, stage)
         _check(s.lr > 0, f"{stage}.lr", "must be > 0")
@@ -252,12 +259,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         for path, msg in GATES.get(name)().check_config(cfg):
             _check(False, path, msg)
     r = cfg.routing
-    _check(1 <= r.top_k <= cfg.num_clients, "routing.top_k", f"must be between 1 and num_clients={cfg.num_clients}, got {r.top_k}")
+    _check(
+        1 <= r.top_k <= cfg.num_clients,
+        "routing.top_k",
+        f"must be between 1 and num_clients={cfg.num_clients}, got {r.top_k}",
+    )
     _check(r.noise_std >= 0, "routing.noise_std", "must be >= 0")
     _check(r.eval_batch >= 1, "routing.eval_batch", "must be >= 1")
     c = cfg.cluster
     _check(c.cpus_per_client is None or c.cpus_per_client > 0, "cluster.cpus_per_client", "must be > 0 or null")
-    _check(c.placement in ("SPREAD", "PACK", "STRICT_SPREAD"), "cluster.placement", "one of SPREAD, PACK, STRICT_SPREAD")
+    _check(
+        c.placement in ("SPREAD", "PACK", "STRICT_SPREAD"), "cluster.placement", "one of SPREAD, PACK, STRICT_SPREAD"
+    )
     _check(c.round_timeout_s > 0, "cluster.round_timeout_s", "must be > 0")
     _check(c.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
     _check(c.checkpoint_every >= 1, "cluster.checkpoint_every", "must be >= 1")

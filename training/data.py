@@ -70,8 +70,10 @@ def _advice(name: str, root: Path, suggest_download: bool = True) -> str:
     """What to install, or which files to put where, for ``name``."""
     tail = " or set data.download=true" if suggest_download else ""
     if name == "fashion_mnist":
-        return (f"run `apt-get install dataset-fashion-mnist` or put the four *-ubyte files in "
-                f"{root / 'FashionMNIST' / 'raw'}/{tail}")
+        return (
+            f"run `apt-get install dataset-fashion-mnist` or put the four *-ubyte files in "
+            f"{root / 'FashionMNIST' / 'raw'}/{tail}"
+        )
     if name == "mnist":
         return f"put the four MNIST *-ubyte files in {root / 'MNIST' / 'raw'}/{tail}"
     return f"put cifar-10-python.tar.gz's cifar-10-batches-py/ under {root}/{tail}"
@@ -170,20 +172,25 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             try:
                 _unpack_debian(root)
             except (OSError, EOFError) as exc:
-                raise DataError(f"cannot unpack {DEBIAN_FASHION_MNIST} into {root} ({exc}); "
-                                f"check the directory is writable or reinstall dataset-fashion-mnist") from None
+                raise DataError(
+                    f"cannot unpack {DEBIAN_FASHION_MNIST} into {root} ({exc}); "
+                    f"check the directory is writable or reinstall dataset-fashion-mnist"
+                ) from None
         if _present(name, root):
             try:
                 xtr, ytr, xte, yte = _torchvision(name, root, download=False)
             except Exception as exc:
-                raise DataError(f"{name} files under {root} are unreadable ({_first_line(exc)}); "
-                                f"delete them and {_advice(name, root)}") from None
+                raise DataError(
+                    f"{name} files under {root} are unreadable ({_first_line(exc)}); "
+                    f"delete them and {_advice(name, root)}"
+                ) from None
         elif cfg.download:
             try:
                 xtr, ytr, xte, yte = _torchvision(name, root, download=True)
             except Exception as exc:
-                raise DataError(f"could not download {name} ({_first_line(exc)}); "
-                                f"{_advice(name, root, suggest_download=False)}") from None
+                raise DataError(
+                    f"could not download {name} ({_first_line(exc)}); {_advice(name, root, suggest_download=False)}"
+                ) from None
         else:
             raise DataError(f"{name} not found under {root}: {_advice(name, root)}")
     if cfg.test_limit is not None and cfg.test_limit < len(yte):
@@ -215,8 +222,9 @@ def _split_by_props(idx: np.ndarray, props: np.ndarray) -> list[np.ndarray]:
     return np.split(idx, cuts)
 
 
-def partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, num_classes: int,
-              seed: int) -> list[np.ndarray]:
+def partition(
+    labels: np.ndarray, num_clients: int, cfg: PartitionConfig, num_classes: int, seed: int
+) -> list[np.ndarray]:
     """Assign every index of ``labels`` to exactly one client (iid / dirichlet / shards); sorted arrays."""
     labels = np.asarray(labels, dtype=np.int64)
     n, k, m = len(labels), num_clients, cfg.min_samples
@@ -224,8 +232,10 @@ def partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, num_cl
     if k < 1:
         raise DataError(f"num_clients must be >= 1, got {k}")
     if n < k * m:
-        raise DataError(f"cannot give {k} clients at least {m} samples each from {n} samples; "
-                        f"lower num_clients or partition.min_samples")
+        raise DataError(
+            f"cannot give {k} clients at least {m} samples each from {n} samples; "
+            f"lower num_clients or partition.min_samples"
+        )
     if n and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
     by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
@@ -244,14 +254,18 @@ def partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, num_cl
             if min(len(p) for p in parts) >= m:
                 break
         else:
-            raise DataError(f"dirichlet(alpha={cfg.alpha}) left a client under {m} samples in 100 tries; "
-                            f"raise partition.alpha or lower num_clients or partition.min_samples")
+            raise DataError(
+                f"dirichlet(alpha={cfg.alpha}) left a client under {m} samples in 100 tries; "
+                f"raise partition.alpha or lower num_clients or partition.min_samples"
+            )
     elif cfg.method == "shards":
         cpc = cfg.classes_per_client
         if cpc > num_classes or k * cpc < num_classes:
-            raise DataError(f"shards: {k} clients x {cpc} classes each cannot cover {num_classes} classes "
-                            f"(need classes_per_client <= {num_classes} and num_clients * classes_per_client "
-                            f">= {num_classes}); change partition.classes_per_client or num_clients")
+            raise DataError(
+                f"shards: {k} clients x {cpc} classes each cannot cover {num_classes} classes "
+                f"(need classes_per_client <= {num_classes} and num_clients * classes_per_client "
+                f">= {num_classes}); change partition.classes_per_client or num_clients"
+            )
         order = rng.permutation(num_classes)
         held = [[int(order[(i * cpc + j) % num_classes]) for j in range(cpc)] for i in range(k)]
         holders = [[i for i in range(k) if c in held[i]] for c in range(num_classes)]
@@ -262,15 +276,18 @@ def partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, num_cl
         parts = [np.concatenate(b) for b in buckets]
         short = [i for i, p in enumerate(parts) if len(p) < m]
         if short:
-            raise DataError(f"shards({cpc}) gives client {short[0]} only {len(parts[short[0]])} samples "
-                            f"(< {m}); lower num_clients or partition.min_samples")
+            raise DataError(
+                f"shards({cpc}) gives client {short[0]} only {len(parts[short[0]])} samples "
+                f"(< {m}); lower num_clients or partition.min_samples"
+            )
     else:
         raise DataError(f"unknown partition.method {cfg.method!r}; one of iid, dirichlet, shards")
     return [np.sort(p).astype(np.int64) for p in parts]
 
 
-def client_test_indices(test_labels: np.ndarray, train_counts: np.ndarray, n: int,
-                        rng: np.random.Generator) -> np.ndarray:
+def client_test_indices(
+    test_labels: np.ndarray, train_counts: np.ndarray, n: int, rng: np.random.Generator
+) -> np.ndarray:
     """n test indices (without replacement, sorted) whose label mix follows ``train_counts``."""
     test_labels = np.asarray(test_labels, dtype=np.int64)
     counts = np.asarray(train_counts, dtype=np.float64)
@@ -298,8 +315,7 @@ class Split:
     num_classes: int
 
 
-def build_split(cfg: ExperimentConfig, train_labels: np.ndarray, test_labels: np.ndarray,
-                num_classes: int) -> Split:
+def build_split(cfg: ExperimentConfig, train_labels: np.ndarray, test_labels: np.ndarray, num_classes: int) -> Split:
     """Partition (an optional seeded subset of) the train set and draw each client's local test set."""
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
@@ -311,8 +327,7 @@ def build_split(cfg: ExperimentConfig, train_labels: np.ndarray, test_labels: np
     train = [pool[p] for p in parts]
     rng = np.random.default_rng(cfg.seed + 1)
     n = min(cfg.partition.test_per_client, len(test_labels))
-    test = [client_test_indices(test_labels, label_counts(train_labels[t], num_classes), n, rng)
-            for t in train]
+    test = [client_test_indices(test_labels, label_counts(train_labels[t], num_classes), n, rng) for t in train]
     return Split(train, test, np.arange(len(test_labels)), num_classes)
 
 

@@ -57,7 +57,9 @@ def class_moments(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[st
     return {"counts": onehot.sum(0), "sums": onehot.T @ h, "gram": h.T @ h}
 
 
-def class_posterior(moments: list[dict[str, torch.Tensor]], shrinkage: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+def class_posterior(
+    moments: list[dict[str, torch.Tensor]], shrinkage: float = 1e-2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The network's linear discriminant from pooled moments: ``(weight [d, C], bias [C])`` so that
     ``softmax(h @ weight + bias)`` is p(c | h) under a uniform class prior.
 

@@ -40,8 +40,13 @@ def noisy_topk(
     return idx, torch.softmax(top, dim=-1)
 
 
-def random_routing(batch: int, num_experts: int, k: int, generator: torch.Generator | None = None,
-                   available: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_routing(
+    batch: int,
+    num_experts: int,
+    k: int,
+    generator: torch.Generator | None = None,
+    available: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RanGate: k distinct (available) experts per row uniformly at random, equal weights."""
     idx, w = noisy_topk(torch.rand(batch, num_experts, generator=generator), k, available=available)
     return idx, torch.full_like(w, 1.0 / w.shape[1])
@@ -69,8 +74,9 @@ class ClassReadout(NamedTuple):
     own_log_prior: torch.Tensor
 
 
-def combine(weights: torch.Tensor, plan: Plan, answers: dict[int, torch.Tensor],
-            readout: ClassReadout | None = None) -> torch.Tensor:
+def combine(
+    weights: torch.Tensor, plan: Plan, answers: dict[int, torch.Tensor], readout: ClassReadout | None = None
+) -> torch.Tensor:
     """Weighted sum of the experts' answers; ``answers[j]`` holds expert j's logits for ``plan[j]``'s rows.
 
     With a ``readout`` the chosen experts vote per class instead (``combine_by_class``).
@@ -131,8 +137,15 @@ def routed_bytes(plan: Plan, local_expert: int, latent_dim: int, num_classes: in
     return remote_rows * latent_bytes_per_row(latent_dim, fp16), remote_rows * num_classes * 4
 
 
-def route_in_process(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts, local_expert: int,
-                     fp16: bool, readout: ClassReadout | None = None) -> torch.Tensor:
+def route_in_process(
+    h: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    experts,
+    local_expert: int,
+    fp16: bool,
+    readout: ClassReadout | None = None,
+) -> torch.Tensor:
     """The routed output computed in one process, with every expert at hand.
 
     Remote experts see the latents as they would arrive (float16 when ``fp16``), so this is

@@ -104,9 +104,17 @@ RESULT_FIELDS = ("config", "methods", "bytes", "missing_clients", "dropped_clien
 
 def new_state(mlflow_run_id: Optional[str]) -> RunState:
     """The state of a run that has done nothing yet."""
-    return {"completed": [], "stage1_round": -1, "history": {"stage1": [], "stage3": {}},
-            "bytes": {"stage1": 0, "stage2": 0, "stage3": 0, "stage3_variants": {}},
-            "missing_clients": [], "timings": {}, "mlflow_run_id": mlflow_run_id, "meta": {}, "dropped": []}
+    return {
+        "completed": [],
+        "stage1_round": -1,
+        "history": {"stage1": [], "stage3": {}},
+        "bytes": {"stage1": 0, "stage2": 0, "stage3": 0, "stage3_variants": {}},
+        "missing_clients": [],
+        "timings": {},
+        "mlflow_run_id": mlflow_run_id,
+        "meta": {},
+        "dropped": [],
+    }
 
 
 def after_stage2(state: RunState, centralized: Optional[MethodScore] = None) -> RunState:

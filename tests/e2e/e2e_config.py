@@ -38,17 +38,23 @@ def main() -> None:
     cfg["cluster_name"] = args.name
     cfg["provider"]["worker_ips"] = []
     cfg["max_workers"] = 0
-    cfg["auth"] = {"ssh_user": "root", "ssh_private_key": args.key,
-                   # Ray's ssh has no port option: the port goes through a proxy command
-                   "ssh_proxy_command": f"nc 127.0.0.1 {args.ssh_port}"}
+    cfg["auth"] = {
+        "ssh_user": "root",
+        "ssh_private_key": args.key,
+        # Ray's ssh has no port option: the port goes through a proxy command
+        "ssh_proxy_command": f"nc 127.0.0.1 {args.ssh_port}",
+    }
     cfg["file_mounts"] = {"~/nmoe": str(ROOT), "~/.ray/auth_token": args.token}
     cfg["setup_commands"] = [f"bash ~/nmoe/tests/e2e/node_setup.sh {args.base_venv}"]
     start = cfg["head_start_ray_commands"]
     assert any("--port=6379" in c and "--dashboard-port=8265" in c for c in start), start
     cfg["head_start_ray_commands"] = [
         c.replace("--port=6379", f"--port={gcs}").replace("--dashboard-port=8265", f"--dashboard-port={dash}")
-        + (f" --dashboard-agent-listen-port={agent} --ray-client-server-port={client} --disable-usage-stats"
-           if "ray start" in c else "")
+        + (
+            f" --dashboard-agent-listen-port={agent} --ray-client-server-port={client} --disable-usage-stats"
+            if "ray start" in c
+            else ""
+        )
         for c in start
     ]
     args.out.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -58,8 +58,10 @@ def start_cluster() -> tuple[Cluster, dict]:
 def smoke_config(data_root: str, *overrides: str):
     from training.config import load_config
 
-    return load_config(SMOKE, [f"data.root={data_root}", "cluster.client_resource=nmoe_client",
-                               "stage3.variants=[fedgate]", *overrides])
+    return load_config(
+        SMOKE,
+        [f"data.root={data_root}", "cluster.client_resource=nmoe_client", "stage3.variants=[fedgate]", *overrides],
+    )
 
 
 def coordinator(cfg, out: Path):
@@ -67,9 +69,11 @@ def coordinator(cfg, out: Path):
     from actors.coordinator import Coordinator
 
     head = ray.get_runtime_context().get_node_id()
-    return ray.remote(Coordinator).options(
-        num_cpus=0, max_concurrency=2, scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)
-    ).remote(cfg.to_dict(), str(out), threads=1)
+    return (
+        ray.remote(Coordinator)
+        .options(num_cpus=0, max_concurrency=2, scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False))
+        .remote(cfg.to_dict(), str(out), threads=1)
+    )
 
 
 def cli(*argv: str) -> tuple[int, str]:
@@ -86,8 +90,9 @@ def cli(*argv: str) -> tuple[int, str]:
 
 
 def placement(args, workers: dict) -> dict:
-    from actors.coordinator import client_resources
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from actors.coordinator import client_resources
 
     out: dict = {"head": ray.get_runtime_context().get_node_id(), "workers": sorted(workers)}
     base = ["--config", str(SMOKE), "--set", f"data.root={args.data_root}", "--no-tracking"]
@@ -96,8 +101,17 @@ def placement(args, workers: dict) -> dict:
     rc, err = cli(*base, "--out", str(args.work / "bad1"), "--set", "cluster.client_resource=edge_slot")
     out["unoffered"] = {"rc": rc, "stderr": err, "state": (args.work / "bad1" / "state.json").exists()}
     t0 = time.monotonic()
-    rc, err = cli(*base, "--out", str(args.work / "bad2"), "--set", "num_clients=4",
-                  "--set", "cluster.client_resource=nmoe_client", "--set", "cluster.placement=STRICT_SPREAD")
+    rc, err = cli(
+        *base,
+        "--out",
+        str(args.work / "bad2"),
+        "--set",
+        "num_clients=4",
+        "--set",
+        "cluster.client_resource=nmoe_client",
+        "--set",
+        "cluster.placement=STRICT_SPREAD",
+    )
     out["strict_spread"] = {"rc": rc, "stderr": err, "seconds": time.monotonic() - t0}
 
     # more clients than nodes, SPREAD: each bundle asks for a slice small enough to share a node
@@ -105,8 +119,11 @@ def placement(args, workers: dict) -> dict:
     bundle, _ = client_resources(cfg4)
     pg = placement_group([dict(bundle) for _ in range(4)], strategy="SPREAD")
     ready = pg.wait(timeout_seconds=60)
-    out["four_on_three"] = {"bundle": bundle, "ready": ready,
-                            "nodes": sorted(set(placement_group_table(pg)["bundles_to_node_id"].values()))}
+    out["four_on_three"] = {
+        "bundle": bundle,
+        "ready": ready,
+        "nodes": sorted(set(placement_group_table(pg)["bundles_to_node_id"].values())),
+    }
     remove_placement_group(pg)
 
     # the smoke run: 3 clients, one per worker node
@@ -122,8 +139,15 @@ def placement(args, workers: dict) -> dict:
     ds = load_dataset(cfg.data)
     x = ds.x_test[:16]
     routed = ray.get([c.route.remote(x, "fedgate", 3) for c in clients])
-    out["routed"] = [{"experts": sorted(set(r["experts"].reshape(-1).tolist())), "rows": len(r["logits"]),
-                      "finite": bool(r["logits"].isfinite().all()), "bytes_out": r["bytes_out"]} for r in routed]
+    out["routed"] = [
+        {
+            "experts": sorted(set(r["experts"].reshape(-1).tolist())),
+            "rows": len(r["logits"]),
+            "finite": bool(r["logits"].isfinite().all()),
+            "bytes_out": r["bytes_out"],
+        }
+        for r in routed
+    ]
     out["latent_dim"] = cfg.model.latent_dim
     ray.get(coord.shutdown.remote())
     out["serve"] = serve_across_nodes(args.work / "run", x)
@@ -151,15 +175,22 @@ def serve_across_nodes(run: Path, x) -> dict:
         pixels = denormalize(x, "fashion_mnist").numpy().tolist()
         r = httpx.post(f"{url}/v1/clients/0/predict", json={"inputs": pixels, "top_k": 3}, timeout=60)
         nodes = [serve.get_app_handle(client_app_name(i)).node_id.remote().result() for i in range(3)]
-        return {"status": r.status_code, "body": r.json() if r.status_code == 200 else r.text,
-                "replica_nodes": sorted(set(nodes))}
+        return {
+            "status": r.status_code,
+            "body": r.json() if r.status_code == 200 else r.text,
+            "replica_nodes": sorted(set(nodes)),
+        }
     finally:
         launch.shutdown()
 
 
 def node_loss(args, workers: dict, cluster: Cluster) -> dict:
-    cfg = smoke_config(args.data_root, f"stage1.rounds={args.rounds}", "stage1.local_epochs=2",
-                       f"cluster.round_timeout_s={args.round_timeout}")
+    cfg = smoke_config(
+        args.data_root,
+        f"stage1.rounds={args.rounds}",
+        "stage1.local_epochs=2",
+        f"cluster.round_timeout_s={args.round_timeout}",
+    )
     coord = coordinator(cfg, args.work / "run")
     pending = coord.run.remote()
     deadline = time.monotonic() + 180
@@ -177,9 +208,14 @@ def node_loss(args, workers: dict, cluster: Cluster) -> dict:
     res = ray.get(pending, timeout=args.timeout)
     finished = time.monotonic() - removed_at
     ray.get(coord.shutdown.remote())
-    return {"victim_node": victim, "removed_in_round": p["round"], "seconds_after_removal": finished,
-            "round_timeout_s": args.round_timeout, "rounds": args.rounds,
-            "results": {k: res[k] for k in ("methods", "missing_clients", "dropped_clients", "history", "routing")}}
+    return {
+        "victim_node": victim,
+        "removed_in_round": p["round"],
+        "seconds_after_removal": finished,
+        "round_timeout_s": args.round_timeout,
+        "rounds": args.rounds,
+        "results": {k: res[k] for k in ("methods", "missing_clients", "dropped_clients", "history", "routing")},
+    }
 
 
 def main() -> int:

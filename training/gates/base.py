@@ -127,14 +127,22 @@ class GateVariant:
             gate.load_state_dict(federated.partial_sync(gate.state_dict(), incoming))
         h, y, answers = self.training_data(client)
         r = client.cfg.routing
-        return local.fit_gate(gate, h, answers, y, client.cfg.stage3, r.top_k, r.noise_std, seed=seed,
-                              available=client.available)
+        return local.fit_gate(
+            gate, h, answers, y, client.cfg.stage3, r.top_k, r.noise_std, seed=seed, available=client.available
+        )
 
     # ------------------------------------------------------------------ routed inference
 
     @torch.no_grad()
-    def choose(self, gate: nn.Module | None, h: torch.Tensor, k: int, available: torch.Tensor | None,
-               num_experts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose(
+        self,
+        gate: nn.Module | None,
+        h: torch.Tensor,
+        k: int,
+        available: torch.Tensor | None,
+        num_experts: int,
+        seed: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(experts [B, k], weights [B, k])`` for latents ``h``; ``seed`` is the client's routing seed."""
         return routing.noisy_topk(gate(h), k, available=available)
 

@@ -45,9 +45,21 @@ class ClassGateModule(nn.Module):
         self.register_buffer("settings", torch.tensor([0.0, 0.0, 1.0, 0.0]))  # see SETTINGS
         self.expert = Expert(latent_dim, expert_hidden, num_classes)  # a frozen copy of the own expert
 
-    def configure(self, class_weight: torch.Tensor, class_bias: torch.Tensor, log_prior: torch.Tensor,
-                  competence: torch.Tensor, expert_log_prior: torch.Tensor, own: int, expert_state: dict,
-                  own_expert: float, prior: float, own_bias: float, temperature: float, prior_cap: float) -> None:
+    def configure(
+        self,
+        class_weight: torch.Tensor,
+        class_bias: torch.Tensor,
+        log_prior: torch.Tensor,
+        competence: torch.Tensor,
+        expert_log_prior: torch.Tensor,
+        own: int,
+        expert_state: dict,
+        own_expert: float,
+        prior: float,
+        own_bias: float,
+        temperature: float,
+        prior_cap: float,
+    ) -> None:
         self.class_weight.copy_(class_weight)
         self.class_bias.copy_(class_bias)
         self.log_prior.copy_(log_prior)
@@ -81,8 +93,10 @@ class ClassGateModule(nn.Module):
 class ClassGate(GateVariant):
     describe = "once: class moments up; discriminant, competence and label priors down"
     bytes_formula = "N × 8(C + Cd + d²) + N × 4(dC + C + 2NC)"
-    reveals = ("each client's label histogram, its class-mean latents and the second moments of its latents "
-               "(a client with fewer than d samples reveals the subspace its latents span)")
+    reveals = (
+        "each client's label histogram, its class-mean latents and the second moments of its latents "
+        "(a client with fewer than d samples reveals the subspace its latents span)"
+    )
     trains = False
     needs_answers = False
     exchanges = True
@@ -92,11 +106,16 @@ class ClassGate(GateVariant):
 
     def check_config(self, cfg) -> list[tuple[str, str]]:
         s = cfg.stage3
-        return [(f"stage3.{key}", msg) for key, ok, msg in (
-            ("classgate_own_expert", 0 <= s.classgate_own_expert <= 1, "must be between 0 and 1"),
-            ("classgate_prior", s.classgate_prior >= 0, "must be >= 0"),
-            ("classgate_prior_cap", s.classgate_prior_cap >= 0, "must be >= 0"),
-            ("classgate_temperature", s.classgate_temperature > 0, "must be > 0")) if not ok]
+        return [
+            (f"stage3.{key}", msg)
+            for key, ok, msg in (
+                ("classgate_own_expert", 0 <= s.classgate_own_expert <= 1, "must be between 0 and 1"),
+                ("classgate_prior", s.classgate_prior >= 0, "must be >= 0"),
+                ("classgate_prior_cap", s.classgate_prior_cap >= 0, "must be >= 0"),
+                ("classgate_temperature", s.classgate_temperature > 0, "must be > 0"),
+            )
+            if not ok
+        ]
 
     def client_stats(self, client: ClientView) -> dict:
         return prototypes.class_moments(client.latents(), client.y, client.num_classes)
@@ -107,16 +126,31 @@ class ClassGate(GateVariant):
         counts = torch.zeros(num_clients, len(bias))
         for i, m in stats.items():
             counts[i] = m["counts"].float()
-        return {"weight": weight, "bias": bias, "competence": prototypes.expert_competence(counts),
-                "expert_log_prior": prototypes.label_log_prior(counts)}
+        return {
+            "weight": weight,
+            "bias": bias,
+            "competence": prototypes.expert_competence(counts),
+            "expert_log_prior": prototypes.label_log_prior(counts),
+        }
 
     def install(self, client: ClientView, gate: ClassGateModule, shared: dict):
         """The shared router plus this client's own label prior and expert; nothing is trained."""
         s = client.cfg.stage3
         prior = prototypes.label_log_prior(torch.bincount(client.y, minlength=client.num_classes))
-        gate.configure(shared["weight"], shared["bias"], prior, shared["competence"], shared["expert_log_prior"],
-                       client.id, client.expert.state_dict(), s.classgate_own_expert, s.classgate_prior,
-                       s.classgate_own_bias, s.classgate_temperature, s.classgate_prior_cap)
+        gate.configure(
+            shared["weight"],
+            shared["bias"],
+            prior,
+            shared["competence"],
+            shared["expert_log_prior"],
+            client.id,
+            client.expert.state_dict(),
+            s.classgate_own_expert,
+            s.classgate_prior,
+            s.classgate_own_bias,
+            s.classgate_temperature,
+            s.classgate_prior_cap,
+        )
         return super().install(client, gate, shared)
 
     def readout(self, gate: ClassGateModule) -> ClassReadout:

@@ -18,8 +18,9 @@ class Objective:
     name: ClassVar[str] = ""  # set by the registry
     prefixes: ClassVar[tuple[str, ...]] = ("extractor.", "classifier.")  # what FedAvg averages
 
-    def loss(self, model, xb: torch.Tensor, yb: torch.Tensor, shift: torch.Tensor, gen: torch.Generator,
-             cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, model, xb: torch.Tensor, yb: torch.Tensor, shift: torch.Tensor, gen: torch.Generator, cfg
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, logits)`` on one batch; ``shift`` is added to the logits the supervised term sees,
         ``gen`` draws any randomness (augmentations), ``cfg`` is ``stage1``'s config."""
         raise NotImplementedError
