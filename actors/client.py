@@ -15,6 +15,7 @@ import numpy as np
 import ray
 import torch
 
+from actors import peers
 from training import federated, gates, local, routing, seeds
 from training.config import ExperimentConfig, from_dict
 from training.data import label_counts, load_dataset
@@ -35,6 +36,7 @@ class Client:
         test_idx: np.ndarray,
         global_idx: np.ndarray,
         threads: int = 1,
+        coordinator=None,
     ):
         torch.set_num_threads(max(1, threads))
         self.id = client_id
@@ -61,7 +63,25 @@ class Client:
         self.stage = "init"  # the last stage whose weights this actor holds
         self._h: dict[str, torch.Tensor] = {}
         self._answers: torch.Tensor | None = None
+        self.refusal: str | None = None  # set when a restart could not restore: this expert is unavailable
         self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        if self.reconstructed and coordinator is not None:
+            self._restore_from(coordinator)
+
+    def _restore_from(self, coordinator) -> None:
+        """A restarted client takes the latest state the coordinator holds before it answers anyone
+        (Ray runs no method before ``__init__`` returns); if it cannot, it refuses every call."""
+        try:
+            snap = ray.get(coordinator.snapshot_for.remote(self.id), timeout=self.cfg.cluster.round_timeout_s)
+        except ray.exceptions.RayError as exc:
+            self.refusal = f"client {self.id} restarted and could not restore its state ({type(exc).__name__})"
+            return
+        self.load_state(snap["state"])
+        self.set_peers(snap["peers"], snap["available"])
+
+    def _serving(self) -> None:
+        if self.refusal:
+            raise peers.ExpertUnavailable(self.refusal)
 
     # ----------------------------------------------------------------- bookkeeping
 
@@ -93,9 +113,13 @@ class Client:
         }
 
     def load_state(self, state: dict) -> None:
-        """Restore weights (after a restart, or on resume); ``state`` may hold any subset."""
+        """Restore weights (after a restart, or on resume); ``state`` may hold any subset:
+        ``stage1`` (all of F and its helpers), ``global`` (what stage 1 federates), ``expert``,
+        ``gates`` and ``stage``."""
         if "stage1" in state:
             self.model.load_state_dict(state["stage1"])
+        if "global" in state:
+            self.model.load_state_dict(federated.partial_sync(self.model.state_dict(), state["global"]))
         if "expert" in state:
             self.expert.load_state_dict(state["expert"])
         for v, g in state.get("gates", {}).items():
@@ -108,6 +132,7 @@ class Client:
     # ----------------------------------------------------------------- stages
 
     def fit_extractor(self, global_state: dict, round_: int) -> tuple[dict, dict]:
+        self._serving()
         """Stage 1, one round: start from the global F (+ helpers), train locally, send weights back."""
         self.model.load_state_dict(federated.partial_sync(self.model.state_dict(), global_state))
         state, metrics = local.fit_stage1(
@@ -130,6 +155,7 @@ class Client:
         return self._h[which]
 
     def fit_expert(self) -> dict:
+        self._serving()
         """Stage 2: F frozen, the expert learns this client's data. Nothing travels."""
         torch.manual_seed(seeds.expert_init(self.cfg.seed, self.id))
         self.expert = make_expert(self.cfg.model, self.num_classes)
@@ -142,6 +168,7 @@ class Client:
     @torch.no_grad()
     def expert_forward(self, latents: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """A peer's request: this client's expert on (some rows of) the peer's latents."""
+        self._serving()
         h = latents if rows is None else latents[rows]
         return self.expert(h.float())
 
@@ -149,27 +176,46 @@ class Client:
         """Every expert's answer on latents ``h`` ([n, N, C]) and the bytes it cost.
 
         The latents go into the object store once; each peer reads them by reference. An
-        expert that left the run is masked out of routing; zeros stand in for its answers.
+        expert that left the run, or that does not answer (``lost_peers``), is masked out of
+        this client's routing; zeros stand in for its answers.
         """
         fp16 = self.cfg.routing.fp16_latents
         ref = ray.put(h.half() if fp16 else h)
-        live = self.available if self.available is not None else torch.ones(len(self.peers), dtype=torch.bool)
-        futures = {j: p.expert_forward.remote(ref) for j, p in enumerate(self.peers) if j != self.id and live[j]}
-        answers = dict(zip(futures, ray.get(list(futures.values()))))
+        live = self._live()
+        asked = [j for j in range(len(self.peers)) if j != self.id and live[j]]
+        answers, lost = peers.ask({j: self.peers[j].expert_forward.remote(ref) for j in asked}, self._peer_timeout())
+        self._lose(lost)
         answers[self.id] = self.expert_forward(h)
         for j in range(len(self.peers)):
             answers.setdefault(j, torch.zeros_like(answers[self.id]))
-        remote = len(futures) * len(h)
+        sent, back = len(asked) * len(h), (len(asked) - len(lost)) * len(h)
         return torch.stack([answers[j] for j in range(len(self.peers))], dim=1), {
-            "bytes_out": remote * routing.latent_bytes_per_row(h.shape[1], fp16),
-            "bytes_in": remote * self.num_classes * 4,
+            "bytes_out": sent * routing.latent_bytes_per_row(h.shape[1], fp16),
+            "bytes_in": back * self.num_classes * 4,
+            "lost_peers": lost,
         }
+
+    def _live(self) -> torch.Tensor:
+        return self.available.clone() if self.available is not None else torch.ones(len(self.peers), dtype=torch.bool)
+
+    def _lose(self, lost: list[int]) -> None:
+        """Peers that did not answer leave this client's routing (the coordinator decides whether they
+        leave the run)."""
+        if lost:
+            live = self._live()
+            live[lost] = False
+            self.available = live
+
+    def _peer_timeout(self) -> float:
+        c = self.cfg.cluster
+        return c.peer_timeout_s or c.round_timeout_s / 2
 
     def collect_answers(self) -> dict:
         """Stage 3 prep: every expert's answer on this client's train latents, fetched once.
 
         The experts are frozen, so the cached answers stay valid for every gate round.
         """
+        self._serving()
         self._answers, cost = self._ask_every_expert(self._latents("train"))
         return cost
 
@@ -194,16 +240,19 @@ class Client:
 
     def exchange_stats(self, variant: str) -> dict:
         """A variant's one-off exchange, client side: statistics of the own latents, never a sample."""
+        self._serving()
         return self.variants[variant].client_stats(self._view())
 
     def install_exchange(self, variant: str, shared) -> dict:
         """A variant's one-off exchange, back on the client: returns the bytes using it cost."""
+        self._serving()
         cost = self.variants[variant].install(self._view(), self.gates.get(variant), shared)
         self.stage = "stage3"
         return cost
 
     def fit_gate(self, variant: str, incoming: dict | None, round_: int) -> tuple[dict, dict]:
         """Stage 3, one round of ``variant``: merge what was synced in, train its gate locally."""
+        self._serving()
         state, metrics = self.variants[variant].fit(
             self._view(), self.gates[variant], incoming, seeds.client_round(self.cfg.seed, round_, self.id)
         )
@@ -215,32 +264,54 @@ class Client:
         gate = self.gates[variant]
         gate.load_state_dict(federated.partial_sync(gate.state_dict(), shared))
 
+    def gate_state(self, variant: str) -> dict | None:
+        """The gate of ``variant`` as it is now (checkpoints; None for a variant without a gate)."""
+        gate = self.gates.get(variant)
+        return None if gate is None else gate.state_dict()
+
     # ----------------------------------------------------------------- inference
 
-    def choose(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose(self, h: torch.Tensor, variant: str, top_k: int | None = None, available=None):
+        """``(experts [B, k], weights [B, k])``: the variant's choice among the available experts."""
         return self.variants[variant].choose(
             self.gates.get(variant),
             h,
             top_k or self.cfg.routing.top_k,
-            self.available,
+            self.available if available is None else available,
             len(self.peers),
             seeds.routing(self.cfg.seed, self.id),
         )
 
     def route_latents(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
-        """Routed inference on latents: dispatch through the object store, combine, count bytes."""
-        idx, w = self.choose(h, variant, top_k)
-        plan = routing.dispatch_plan(idx)
-        fp16 = self.cfg.routing.fp16_latents
-        remote = [j for j in plan if j != self.id]
-        answers: dict[int, torch.Tensor] = {}
-        if remote:
-            ref = ray.put(h.half() if fp16 else h)  # once, however many peers read it
-            futures = [self.peers[j].expert_forward.remote(ref, plan[j][0]) for j in remote]
-            answers = dict(zip(remote, ray.get(futures)))
+        """Routed inference on latents: dispatch through the object store, combine, count bytes.
+
+        A chosen peer that does not answer is replaced by the gate's next-best available expert
+        (``lost_peers`` says which); the bytes sent to it still count.
+        """
+        self._serving()
+        fp16, live, lost_all, out, back = self.cfg.routing.fp16_latents, self._live(), [], 0, 0
+        ref = None
+        while True:
+            idx, w = self.choose(h, variant, top_k, live if lost_all else None)
+            plan = routing.dispatch_plan(idx)
+            remote = [j for j in plan if j != self.id]
+            answers: dict[int, torch.Tensor] = {}
+            lost: list[int] = []
+            if remote:
+                if ref is None:
+                    ref = ray.put(h.half() if fp16 else h)  # once, however many peers read it
+                futures = {j: self.peers[j].expert_forward.remote(ref, plan[j][0]) for j in remote}
+                answers, lost = peers.ask(futures, self._peer_timeout())
+            sent, got = routing.routed_bytes(plan, self.id, h.shape[1], self.num_classes, fp16)
+            out += sent  # sent, even to a peer that was lost
+            back += got - sum(len(plan[j][0]) for j in lost) * self.num_classes * 4
+            if not lost:
+                break
+            lost_all += lost
+            live[lost] = False
+        self._lose(lost_all)
         if self.id in plan:
             answers[self.id] = self.expert_forward(h[plan[self.id][0]])
-        out, back = routing.routed_bytes(plan, self.id, h.shape[1], self.num_classes, fp16)
         readout = self.variants[variant].readout(self.gates.get(variant))
         return {
             "logits": routing.combine(w, plan, answers, readout),
@@ -248,6 +319,7 @@ class Client:
             "weights": w,
             "bytes_out": out,
             "bytes_in": back,
+            "lost_peers": lost_all,
         }
 
     def route(self, x: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
@@ -256,7 +328,8 @@ class Client:
 
     def evaluate(self, variant: str) -> dict:
         """Personalized (own test split) and global (balanced test set) accuracy of routed inference."""
-        out = {"routed_samples": 0, "bytes_out": 0, "bytes_in": 0}
+        self._serving()
+        out = {"routed_samples": 0, "bytes_out": 0, "bytes_in": 0, "lost_peers": []}
         usage = torch.zeros(len(self.peers))
         for name, y in (("test", self.y_test), ("global", self.y_global)):
             h, correct = self._latents(name), 0
@@ -266,6 +339,7 @@ class Client:
                 out["bytes_out"] += r["bytes_out"]
                 out["bytes_in"] += r["bytes_in"]
                 out["routed_samples"] += len(r["logits"])
+                out["lost_peers"] += [j for j in r["lost_peers"] if j not in out["lost_peers"]]
                 if name == "test":
                     usage += torch.bincount(r["experts"].reshape(-1), minlength=len(self.peers)).float()
             out["personalized_acc" if name == "test" else "global_acc"] = correct / max(len(y), 1)
@@ -275,6 +349,7 @@ class Client:
     @torch.no_grad()
     def evaluate_baselines(self) -> dict:
         """local_only (own expert alone) and fedavg_global (stage-1 F + linear classifier)."""
+        self._serving()
         res = {}
         for name, y in (("test", self.y_test), ("global", self.y_global)):
             h = self._latents(name)

@@ -5,10 +5,11 @@
 3. stage 3: every gate variant on the same stage-1/2 result, then routed evaluation,
    plus the baselines (local_only, fedavg_global, centralized_moe).
 
-It checkpoints after every stage (and every K stage-1 rounds) so ``--resume`` skips
-what is done; a client that dies or stays silent past the timeout misses the round. A
-client that stays unreachable (its node is gone and no other node can take it) leaves the
-run: the rest carry on, and its expert is no longer routed to.
+It checkpoints after every stage, every K stage-1 rounds and every gate round, so
+``--resume`` skips what is done. Faults (``actors/fleet.py``): every wait is bounded by
+``cluster.round_timeout_s``; a client that dies is restarted and restores the latest state
+held here before it answers anyone; a client that stays unreachable (its node is gone and no
+other node can take it) leaves the run, and its expert is no longer routed to.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.client import STAGE_ORDER, Client
+from actors.fleet import Fleet
+from actors.stage3 import Stage3
 from actors.tracking import Tracker
 from training import checkpoint as ckpt
-from training import federated, gates, local, objectives, schema, seeds
+from training import federated, local, objectives, schema, seeds
 from training.config import PAPER_VARIANT, STAGES, from_dict
 from training.data import build_split, load_dataset
 from training.models import Gate, Stage1Model, make_expert
@@ -84,6 +87,7 @@ class Coordinator:
         self._progress = {"stage": "setup", "round": 0, "rounds": 0, "message": "starting"}
         self.state.setdefault("dropped", [])  # clients out of the run for good (absent in older runs)
         self.clients: list = []
+        self.fleet = Fleet([], self.state, self.cfg.cluster.round_timeout_s)
         self.pg = None
 
     # ------------------------------------------------------------- plumbing
@@ -94,84 +98,15 @@ class Coordinator:
     def client_handles(self) -> list:
         return self.clients
 
+    def snapshot_for(self, i: int) -> dict:
+        """Called by client ``i`` when Ray has restarted it: the state it restores first."""
+        return self.fleet.snapshot_for(i, self.progress())
+
     def _say(self, stage: str, message: str, round_: int = 0, rounds: int = 0) -> None:
         self._progress = {"stage": stage, "round": round_, "rounds": rounds, "message": message}
 
     def _save_state(self) -> None:
         ckpt.save_json(self.out / "state.json", self.state)
-
-    @property
-    def active(self) -> list[int]:
-        """The clients still in the run."""
-        return [i for i in range(len(self.clients)) if i not in self.state["dropped"]]
-
-    def _mask(self) -> list[bool]:
-        """Which experts can answer: index = expert id."""
-        return [i not in self.state["dropped"] for i in range(len(self.clients))]
-
-    def _gather(
-        self,
-        refs: dict[int, ray.ObjectRef],
-        stage: str,
-        round_: int = 0,
-        timeout: float | None = None,
-        probe: bool = False,
-        required: bool = True,
-    ) -> dict:
-        """Results of the clients that answered (within ``timeout``); the others are recorded missing.
-
-        A client whose call failed leaves the run (its weights are gone) unless ``probe``: then it
-        gets one more timeout to answer a ping (a restarted actor does, and misses only this round).
-        """
-        if not refs:
-            return {}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
-        ready = set(ready)
-        results, failed = {}, []
-        for i, ref in refs.items():
-            try:
-                if ref not in ready:
-                    raise TimeoutError
-                results[i] = ray.get(ref)
-            except (ray.exceptions.RayError, TimeoutError) as exc:
-                self.state["missing_clients"].append(
-                    {"stage": stage, "round": round_, "client": i, "reason": type(exc).__name__}
-                )
-                if probe or not isinstance(exc, TimeoutError):
-                    failed.append(i)
-        if probe:
-            failed = self._unreachable(failed)
-        for i in failed:
-            self._drop(i, stage, round_)
-        if required and not results:
-            raise RuntimeError(
-                f"{stage} round {round_}: no client answered" + (f" within {timeout}s" if timeout else "")
-            )
-        return results
-
-    def _unreachable(self, ids: list[int]) -> list[int]:
-        """Those of ``ids`` that do not answer a ping within the round timeout (restarts included)."""
-        deadline = time.monotonic() + self.cfg.cluster.round_timeout_s
-        waiting = list(ids)
-        while waiting and time.monotonic() < deadline:
-            for i in list(waiting):
-                try:
-                    ray.get(self.clients[i].ping.remote(), timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                    waiting.remove(i)
-                except ray.exceptions.RayError:  # restarting (or gone for good): ask again
-                    pass
-            if waiting:
-                time.sleep(0.5)
-        return waiting
-
-    def _drop(self, i: int, stage: str, round_: int) -> None:
-        """Client ``i`` leaves the run; the others stop routing to its expert."""
-        if i in self.state["dropped"]:
-            return
-        self.state["dropped"].append(i)
-        self.state["missing_clients"].append({"stage": stage, "round": round_, "client": i, "reason": "gone"})
-        refs = [self.clients[j].set_peers.remote(self.clients, self._mask()) for j in self.active]
-        ray.wait(refs, num_returns=len(refs))  # a client that fails here fails its next call too
 
     def _start_clients(self) -> None:
         cfg = self.cfg
@@ -190,20 +125,26 @@ class Coordinator:
             ) from None
         actor = ray.remote(Client)
         cfg_dict = cfg.to_dict()
+        try:
+            me = ray.get_runtime_context().current_actor  # restarted clients ask it for their state
+        except RuntimeError:  # not running as an actor: restarted clients start from their initial weights
+            me = None
         self.clients = [
             actor.options(
                 max_restarts=cfg.cluster.max_restarts,
+                max_task_retries=-1,  # a call in flight when its client died runs again on the restored client
                 max_concurrency=4,
                 num_cpus=bundle["CPU"],
                 resources={k: v for k, v in bundle.items() if k != "CPU"},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(i, cfg_dict, split.train[i], split.test[i], split.global_test, threads)
+            ).remote(i, cfg_dict, split.train[i], split.test[i], split.global_test, threads, me)
             for i in range(cfg.num_clients)
         ]
-        ray.get(
-            [c.set_peers.remote(self.clients, self._mask()) for c in self.clients]
-        )  # threaded actors: wait, order is not kept
-        infos = ray.get([c.info.remote() for c in self.clients])
+        self.fleet.clients = self.clients
+        timeout = cfg.cluster.round_timeout_s
+        mask = self.fleet.mask()  # threaded actors: wait, order is not kept
+        ray.get([c.set_peers.remote(self.clients, mask) for c in self.clients], timeout=timeout)
+        infos = ray.get([c.info.remote() for c in self.clients], timeout=timeout)
         self.state["meta"] = {
             "dataset": ds.name,
             "num_classes": ds.num_classes,
@@ -213,35 +154,39 @@ class Coordinator:
         }
 
     def _restore(self, required: str, stage: str) -> None:
-        """Push checkpointed weights to clients that are behind (restarted, or a resumed run)."""
-        infos = self._gather({i: self.clients[i].info.remote() for i in self.active}, stage)
-        self._gather(
-            {
-                i: self.clients[i].set_peers.remote(self.clients, self._mask())
-                for i, f in infos.items()
-                if f["peers"] == 0
-            },
-            stage,
-        )
-        behind = [i for i, f in infos.items() if STAGE_ORDER.index(f["stage"]) < STAGE_ORDER.index(required)]
-        if ckpt.stage_file(self.out, "stage1").exists():
-            g = ray.put(ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"])
-            self._gather({i: self.clients[i].set_global.remote(g) for i in behind}, stage)
+        """Push checkpointed weights to clients that are behind (a resumed run), and hold them for
+        clients that Ray restarts later."""
+        f = self.fleet
+        infos = f.call("info", stage=stage)
+        f.call("set_peers", self.clients, f.mask(), ids=[i for i, x in infos.items() if x["peers"] == 0], stage=stage)
+        behind = [i for i, x in infos.items() if STAGE_ORDER.index(x["stage"]) < STAGE_ORDER.index(required)]
+        snap = f.snapshot
+        if ckpt.stage_file(self.out, "stage1").exists() and snap["global"] is None:
+            prefixes = objectives.prefixes(self.cfg.stage1.method)
+            full = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"]
+            snap.update(stage="stage1", **{"global": {k: v for k, v in full.items() if k.startswith(prefixes)}})
+        if snap["global"] is not None and behind:
+            f.call("set_global", ray.put(snap["global"]), ids=behind, stage=stage, essential=True)
         if "stage2" in self.state["completed"]:
-            pieces = ckpt.load_torch(ckpt.stage_file(self.out, "stage2"))["experts"]
-            self._gather(
-                {i: self.clients[i].load_state.remote({"expert": pieces[i], "stage": "stage2"}) for i in behind}, stage
+            if not snap["experts"]:
+                snap.update(stage="stage2", experts=ckpt.load_torch(ckpt.stage_file(self.out, "stage2"))["experts"])
+            pieces = snap["experts"]
+            f.call(
+                "load_state",
+                ids=behind,
+                stage=stage,
+                essential=True,
+                per_client=lambda i: ({"expert": pieces[i], "stage": "stage2"},),
             )
         if "stage3" in self.state["completed"]:
             gates = ckpt.load_torch(ckpt.stage_file(self.out, "stage3"))["gates"]
-            self._gather(
-                {
-                    i: self.clients[i].load_state.remote(
-                        {"gates": {v: g[i] for v, g in gates.items()}, "stage": "stage3"}
-                    )
-                    for i in behind
-                },
-                stage,
+            snap.update(stage="stage3", gates=gates)
+            f.call(
+                "load_state",
+                ids=behind,
+                stage=stage,
+                essential=True,
+                per_client=lambda i: ({"gates": {v: g[i] for v, g in gates.items() if i in g}, "stage": "stage3"},),
             )
 
     # ------------------------------------------------------------- stages
@@ -260,15 +205,10 @@ class Coordinator:
             self._say("stage1", f"{s1.method} round {r + 1}/{s1.rounds}", r + 1, s1.rounds)
             rt = time.perf_counter()
             glob = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+            self.fleet.snapshot.update(stage="stage1", **{"global": glob})  # what a restarted client restores
             ref = ray.put(glob)
-            live = self.active
-            results = self._gather(
-                {i: self.clients[i].fit_extractor.remote(ref, r) for i in live},
-                "stage1",
-                r,
-                timeout=cfg.cluster.round_timeout_s,
-                probe=True,
-            )
+            live = self.fleet.active
+            results = self.fleet.call("fit_extractor", ref, r, ids=live, stage="stage1", round_=r)
             states, metrics = zip(*results.values())
             weights = [m["samples"] for m in metrics]
             model.load_state_dict(federated.partial_sync(model.state_dict(), federated.fedavg(states, weights)))
@@ -292,107 +232,32 @@ class Coordinator:
                 self.state["timings"]["stage1"] = self.state["timings"].get("stage1", 0.0) + time.perf_counter() - t0
                 t0 = time.perf_counter()
                 self._save_state()
-        glob = ray.put({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)})
-        self._gather({i: self.clients[i].set_global.remote(glob) for i in self.active}, "stage1", s1.rounds - 1)
+        glob = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+        self.fleet.snapshot.update(stage="stage1", **{"global": glob})
+        self.fleet.call("set_global", ray.put(glob), stage="stage1", round_=s1.rounds - 1, essential=True)
 
     def stage2(self) -> None:
         self._restore("stage1", "stage2")
         self._say("stage2", "local experts")
         t0 = time.perf_counter()
-        metrics = list(self._gather({i: self.clients[i].fit_expert.remote() for i in self.active}, "stage2").values())
+        metrics = list(self.fleet.call("fit_expert", stage="stage2", essential=True).values())
         self.tracker.log(
             {
                 "stage2/loss": float(np.mean([m["loss"] for m in metrics])),
                 "stage2/accuracy": float(np.mean([m["accuracy"] for m in metrics])),
             }
         )
-        states = self._gather({i: self.clients[i].get_state.remote() for i in self.active}, "stage2")
-        ckpt.save_torch(ckpt.stage_file(self.out, "stage2"), {"experts": {i: s["expert"] for i, s in states.items()}})
+        states = self.fleet.call("get_state", stage="stage2", essential=True)
+        experts = {i: s["expert"] for i, s in states.items()}
+        self.fleet.snapshot.update(stage="stage2", experts=experts)
+        ckpt.save_torch(ckpt.stage_file(self.out, "stage2"), {"experts": experts})
         self.state["timings"]["stage2"] = time.perf_counter() - t0
-
-    def _train_gates(self, v: str, spec: gates.GateVariant) -> int:
-        """One variant's gate rounds; returns the bytes its synchronisation cost."""
-        if not spec.trains:
-            return 0
-        if spec.sync == "ring":
-            return self._train_ring(v)
-        rounds, sent, shared = self.cfg.stage3.rounds, 0, None
-        for r in range(rounds):
-            self._say("stage3", f"{v} round {r + 1}/{rounds}", r + 1, rounds)
-            results = self._gather(
-                {i: self.clients[i].fit_gate.remote(v, shared, r) for i in self.active},
-                f"stage3/{v}",
-                r,
-                timeout=self.cfg.cluster.round_timeout_s,
-            )
-            states, metrics = zip(*results.values())
-            self.tracker.log(
-                {
-                    f"stage3/{v}/loss": float(np.mean([m["loss"] for m in metrics])),
-                    f"stage3/{v}/accuracy": float(np.mean([m["accuracy"] for m in metrics])),
-                },
-                step=r,
-            )
-            shared = spec.aggregate(list(states), [m["samples"] for m in metrics])
-            if shared is not None:
-                size = federated.state_bytes(shared)
-                sent += size * len(results) + size * len(self.active)  # up from those who answered, down to all
-        if shared is not None:
-            self._gather(
-                {i: self.clients[i].sync_gate.remote(v, shared) for i in self.active}, f"stage3/{v}", rounds - 1
-            )
-        return sent
-
-    def _train_ring(self, v: str) -> int:
-        """A ring variant: one gate travels around the clients; each trains it in turn, all end with it."""
-        rounds, sent, state = self.cfg.stage3.rounds, 0, None
-        for r in range(rounds):
-            for i in self.active:
-                self._say("stage3", f"{v} round {r + 1}/{rounds}, client {i}", r + 1, rounds)
-                answer = self._gather(
-                    {i: self.clients[i].fit_gate.remote(v, state, r)}, f"stage3/{v}", r, required=False
-                )
-                if answer:
-                    state = answer[i][0]
-                    sent += federated.state_bytes(state)
-        self._gather({i: self.clients[i].sync_gate.remote(v, state) for i in self.active}, f"stage3/{v}", rounds - 1)
-        return sent + federated.state_bytes(state) * len(self.active)
-
-    def _exchange(self, v: str, spec: gates.GateVariant) -> int:
-        """A variant's one-off exchange: each client's statistics up, the coordinator's combine down,
-        each client installs it. Returns its bytes: statistics up, the combined payload down to every
-        client, and whatever installing it cost the clients (ProtoGate asks every expert)."""
-        self._say("stage3", f"{v}: one-off exchange")
-        stats = self._gather({i: self.clients[i].exchange_stats.remote(v) for i in self.active}, f"stage3/{v}")
-        combined = spec.combine(stats, self.cfg.num_clients)
-        ref = ray.put(combined)
-        costs = self._gather({i: self.clients[i].install_exchange.remote(v, ref) for i in self.active}, f"stage3/{v}")
-        up = sum(spec.payload_bytes(s) for s in stats.values())
-        return (
-            up
-            + spec.payload_bytes(combined) * len(self.active)
-            + sum(c["bytes_out"] + c["bytes_in"] for c in costs.values())
-        )
 
     def stage3(self) -> None:
         self._restore("stage2", "stage3")
         t0 = time.perf_counter()
-        specs = {v: gates.get(v) for v in self.cfg.stage3.variants}
-        self.state["bytes"]["stage3_answers"] = 0
-        if any(spec.needs_answers for spec in specs.values()):  # some gate trains on the experts' answers
-            self._say("stage3", "collecting expert answers")
-            answered = self._gather({i: self.clients[i].collect_answers.remote() for i in self.active}, "stage3")
-            self.state["bytes"]["stage3_answers"] = sum(a["bytes_out"] + a["bytes_in"] for a in answered.values())
-        for v, spec in specs.items():
-            exchange = self._exchange(v, spec) if spec.exchanges else 0
-            self.state["bytes"]["stage3_variants"][v] = exchange + self._train_gates(v, spec)
-        self.state["bytes"]["stage3"] = self.state["bytes"]["stage3_answers"] + sum(
-            self.state["bytes"]["stage3_variants"].values()
-        )
-        states = self._gather({i: self.clients[i].get_state.remote() for i in self.active}, "stage3")
-        saved = {v: {i: s["gates"][v] for i, s in states.items()} for v, spec in specs.items() if spec.has_gate}
-        ckpt.save_torch(ckpt.stage_file(self.out, "stage3"), {"gates": saved})
-        self.state["timings"]["stage3"] = time.perf_counter() - t0
+        Stage3(self).run()
+        self.state["timings"]["stage3"] = self.state["timings"].get("stage3", 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------- evaluation
 
@@ -434,14 +299,12 @@ class Coordinator:
         methods, usage, routed = {}, {}, {}
         for v in self.cfg.stage3.variants:
             self._say("evaluate", f"routed inference: nmoe/{v}")
-            per = list(self._gather({i: self.clients[i].evaluate.remote(v) for i in self.active}, "evaluate").values())
+            per = list(self.fleet.call("evaluate", v, stage="evaluate", essential=True).values())
             methods[f"nmoe/{v}"] = self._summary([{k: p[k] for k in ("personalized_acc", "global_acc")} for p in per])
             usage[f"nmoe/{v}"] = [p["expert_usage"] for p in per]
             routed[v] = sum(p["bytes_out"] + p["bytes_in"] for p in per) / max(1, sum(p["routed_samples"] for p in per))
         self._say("evaluate", "baselines")
-        base = list(
-            self._gather({i: self.clients[i].evaluate_baselines.remote() for i in self.active}, "evaluate").values()
-        )
+        base = list(self.fleet.call("evaluate_baselines", stage="evaluate", essential=True).values())
         for name in ("local_only", "fedavg_global"):
             methods[name] = self._summary([b[name] for b in base])
         if "centralized_moe" not in self.state:  # stages 1-2 decide it: computed once per run, kept in state.json

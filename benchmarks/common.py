@@ -134,7 +134,7 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
     t0 = time.perf_counter()
     coord = (
         ray.remote(Coordinator)
-        .options(num_cpus=0, max_concurrency=2)
+        .options(num_cpus=0, max_concurrency=4)
         .remote(cfg.to_dict(), str(run_dir), None, None, resume=donor is not None)
     )
     try:

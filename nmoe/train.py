@@ -51,7 +51,16 @@ def _prepare(args):
     out = Path(args.out or Path("runs") / cfg.name)
     if (out / "state.json").exists():
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+    _check_data(cfg)
     return cfg, out, False
+
+
+def _check_data(cfg) -> None:
+    """Refuse, before Ray starts, a config the data cannot satisfy (``DataError`` names why)."""
+    from training.data import build_split, load_dataset
+
+    ds = load_dataset(cfg.data)
+    build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
 
 
 def run(args) -> int:
@@ -86,20 +95,30 @@ def run(args) -> int:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     coord = (
         ray.remote(Coordinator)
-        .options(num_cpus=0, max_concurrency=2, scheduling_strategy=here)
+        .options(num_cpus=0, max_concurrency=4, scheduling_strategy=here)
         .remote(cfg.to_dict(), str(out.resolve()), uri, run_id, resume)
     )  # on the driver's node: losing a worker can't take it
     pending = coord.run.remote(args.stop_after)
+    resumable = f"continue with: nmoe train --resume {out}"
     try:
         results = _follow(coord, pending, console)
-    except ray.exceptions.RayTaskError as exc:
+    except KeyboardInterrupt:
+        tracking.Tracker(uri, run_id).finish("KILLED")
+        console.print(f"interrupted; {resumable}" if (out / "state.json").exists() else "interrupted")
+        raise
+    except ray.exceptions.RayError as exc:
         tracking.Tracker(uri, run_id).finish("FAILED")
-        cause = exc.cause if isinstance(exc.cause, Exception) else exc
+        cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception) else exc
         if fresh and not (out / "state.json").exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing a later --resume could trust
         if isinstance(cause, (PlacementError, ckpt.RunFolderError)):
             raise UserError(str(cause)) from None
-        raise
+        if isinstance(cause, ray.exceptions.RayActorError):
+            what = "the coordinator died (killed, out of memory, or its node was lost)"
+        else:
+            what = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[-1]}"
+        hint = resumable if (out / "state.json").exists() else "nothing was finished; run it again"
+        raise UserError(f"training stopped: {what}; {hint}") from None
     finally:
         try:
             ray.get(coord.shutdown.remote())

@@ -115,7 +115,8 @@ class ClusterConfig:
     cpus_per_client: Optional[float] = None  # None: share the cluster's CPUs evenly
     client_resource: Optional[str] = None  # custom resource each client asks for (one per node)
     placement: str = "SPREAD"  # placement-group strategy for the clients
-    round_timeout_s: float = 300.0  # a client silent this long misses the round
+    round_timeout_s: float = 300.0  # a client silent this long misses the step (every wait is bounded by it)
+    peer_timeout_s: Optional[float] = None  # a peer's expert silent this long is routed around (None: half the above)
     max_restarts: int = 2
     checkpoint_every: int = 1  # stage-1 rounds between checkpoints
 
@@ -272,6 +273,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         c.placement in ("SPREAD", "PACK", "STRICT_SPREAD"), "cluster.placement", "one of SPREAD, PACK, STRICT_SPREAD"
     )
     _check(c.round_timeout_s > 0, "cluster.round_timeout_s", "must be > 0")
+    _check(
+        c.peer_timeout_s is None or 0 < c.peer_timeout_s < c.round_timeout_s,
+        "cluster.peer_timeout_s",
+        f"must be > 0 and below cluster.round_timeout_s={c.round_timeout_s:g} (or null)",
+    )
     _check(c.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
     _check(c.checkpoint_every >= 1, "cluster.checkpoint_every", "must be >= 1")
     return cfg

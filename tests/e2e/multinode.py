@@ -71,7 +71,7 @@ def coordinator(cfg, out: Path):
     head = ray.get_runtime_context().get_node_id()
     return (
         ray.remote(Coordinator)
-        .options(num_cpus=0, max_concurrency=2, scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False))
+        .options(num_cpus=0, max_concurrency=4, scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False))
         .remote(cfg.to_dict(), str(out), threads=1)
     )
 

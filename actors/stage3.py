@@ -1,0 +1,157 @@
+"""Stage 3 on the coordinator: every gate variant, driven through ``training.gates.GateVariant``.
+
+For each variant in ``stage3.variants``: its one-off exchange, then its rounds (FedAvg by
+prefix or whole, or around the ring), then its gates are checkpointed
+(``checkpoints/stage3/<variant>.pt``, also after every round) and it is marked finished in
+``state.json``, so ``--resume`` never trains a finished variant again. A restarted client
+restores its gates from the latest round the coordinator holds (``Fleet.snapshot``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from training import checkpoint as ckpt
+from training import federated, gates
+
+
+def variant_file(out: Path, v: str) -> Path:
+    return Path(out) / "checkpoints" / "stage3" / f"{v}.pt"
+
+
+class Stage3:
+    def __init__(self, coordinator):
+        self.co = coordinator
+        self.cfg, self.fleet, self.state = coordinator.cfg, coordinator.fleet, coordinator.state
+
+    def run(self) -> None:
+        specs = {v: gates.get(v) for v in self.cfg.stage3.variants}
+        b = self.state["bytes"]
+        done = self.state.setdefault("stage3_done", [])
+        todo = {v: s for v, s in specs.items() if v not in done}
+        self._reinstall([v for v in specs if v in done and specs[v].has_gate])
+        b.setdefault("stage3_answers", 0)
+        if any(spec.needs_answers for spec in todo.values()):  # some gate trains on the experts' answers
+            self.co._say("stage3", "collecting expert answers")
+            answered = self.fleet.call("collect_answers", stage="stage3", essential=True)
+            b["stage3_answers"] += sum(a["bytes_out"] + a["bytes_in"] for a in answered.values())
+        for v, spec in todo.items():
+            t0 = time.perf_counter()
+            exchange = self._exchange(v, spec) if spec.exchanges else 0
+            b["stage3_variants"][v] = exchange + self._train(v, spec)
+            self._finish(v, spec)
+            self.state["timings"][f"stage3/{v}"] = time.perf_counter() - t0
+            done.append(v)
+            self.co._save_state()
+        b["stage3"] = b["stage3_answers"] + sum(b["stage3_variants"].values())
+        saved = {v: self._load(v) for v, spec in specs.items() if spec.has_gate}
+        ckpt.save_torch(ckpt.stage_file(self.co.out, "stage3"), {"gates": saved})
+
+    # ------------------------------------------------------------------ one variant
+
+    def _exchange(self, v: str, spec: gates.GateVariant) -> int:
+        """Each client's statistics up, the coordinator's combine down, each client installs it.
+        Returns its bytes: statistics up, the combined payload down to every client, and whatever
+        installing it cost the clients (ProtoGate asks every expert)."""
+        self.co._say("stage3", f"{v}: one-off exchange")
+        stage = f"stage3/{v}"
+        stats = self.fleet.call("exchange_stats", v, stage=stage, essential=True)
+        combined = spec.combine(stats, self.cfg.num_clients)
+        ref = ray.put(combined)
+        costs = self.fleet.call("install_exchange", v, ref, stage=stage, essential=True)
+        self._snapshot(v, spec)
+        up = sum(spec.payload_bytes(s) for s in stats.values())
+        return (
+            up
+            + spec.payload_bytes(combined) * len(self.fleet.active)
+            + sum(c["bytes_out"] + c["bytes_in"] for c in costs.values())
+        )
+
+    def _train(self, v: str, spec: gates.GateVariant) -> int:
+        """The variant's gate rounds; returns the bytes its synchronisation cost."""
+        if not spec.trains:
+            return 0
+        if spec.sync == "ring":
+            return self._ring(v)
+        rounds, sent, shared, stage = self.cfg.stage3.rounds, 0, None, f"stage3/{v}"
+        history = self.state["history"]["stage3"].setdefault(v, [])
+        for r in range(rounds):
+            self.co._say("stage3", f"{v} round {r + 1}/{rounds}", r + 1, rounds)
+            rt = time.perf_counter()
+            results = self.fleet.call("fit_gate", v, shared, r, stage=stage, round_=r)
+            states, metrics = zip(*results.values())
+            row = {
+                "round": r,
+                "loss": float(np.mean([m["loss"] for m in metrics])),
+                "accuracy": float(np.mean([m["accuracy"] for m in metrics])),
+            }
+            self.co.tracker.log({f"stage3/{v}/loss": row["loss"], f"stage3/{v}/accuracy": row["accuracy"]}, step=r)
+            self._checkpoint(v, r, dict(zip(results, states)))
+            shared = spec.aggregate(list(states), [m["samples"] for m in metrics])
+            if shared is not None:
+                size = federated.state_bytes(shared)
+                sent += size * len(results) + size * len(self.fleet.active)  # up from those who answered, down to all
+            missing = len(self.fleet.clients) - len(results)
+            history.append({**row, "seconds": time.perf_counter() - rt, "missing": missing})
+        if shared is not None:
+            self.fleet.call("sync_gate", v, shared, stage=stage, round_=rounds - 1, essential=True)
+        return sent
+
+    def _ring(self, v: str) -> int:
+        """One gate travels around the clients; each trains it in turn; all end with the last one."""
+        rounds, sent, state, stage = self.cfg.stage3.rounds, 0, None, f"stage3/{v}"
+        for r in range(rounds):
+            for i in self.fleet.active:
+                self.co._say("stage3", f"{v} round {r + 1}/{rounds}, client {i}", r + 1, rounds)
+                answer = self.fleet.call("fit_gate", v, state, r, ids=[i], stage=stage, round_=r, required=False)
+                if answer:
+                    state = answer[i][0]
+                    sent += federated.state_bytes(state)
+            if state is not None:
+                self._checkpoint(v, r, {i: state for i in self.fleet.active})
+        if state is None:  # nobody ever answered: the clients keep their initial gates, recorded missing
+            return sent
+        self.fleet.call("sync_gate", v, state, stage=stage, round_=rounds - 1, essential=True)
+        return sent + federated.state_bytes(state) * len(self.fleet.active)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _snapshot(self, v: str, spec: gates.GateVariant) -> dict:
+        """Every client's gate as it is now, for restarts and checkpoints."""
+        if not spec.has_gate:
+            return {}
+        states = self.fleet.call("gate_state", v, stage=f"stage3/{v}", essential=True)
+        self.fleet.snapshot["gates"][v] = states
+        self.fleet.snapshot["stage"] = "stage3"
+        return states
+
+    def _checkpoint(self, v: str, round_: int, states: dict, done: bool = False) -> None:
+        self.fleet.snapshot["gates"].setdefault(v, {}).update(states)
+        self.fleet.snapshot["stage"] = "stage3"
+        ckpt.save_torch(
+            variant_file(self.co.out, v), {"round": round_, "done": done, "gates": self.fleet.snapshot["gates"][v]}
+        )
+
+    def _finish(self, v: str, spec: gates.GateVariant) -> None:
+        states = self._snapshot(v, spec)
+        if spec.has_gate:
+            self._checkpoint(v, self.cfg.stage3.rounds - 1, states, done=True)
+
+    def _load(self, v: str) -> dict:
+        return ckpt.load_torch(variant_file(self.co.out, v))["gates"]
+
+    def _reinstall(self, finished: list[str]) -> None:
+        """A resumed run: the finished variants' gates back into the clients, without training."""
+        for v in finished:
+            gates_v = self._load(v)
+            self.fleet.snapshot["gates"][v] = gates_v
+            self.fleet.call(
+                "load_state",
+                stage=f"stage3/{v}",
+                essential=True,
+                per_client=lambda i, g=gates_v, v=v: ({"gates": {v: g[i]}},),
+            )
