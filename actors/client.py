@@ -359,4 +359,6 @@ class Client:
         return res
 
     def ping(self) -> float:
+        """Alive and serving: a client that could not restore refuses pings too, so it leaves the run."""
+        self._serving()
         return time.time()

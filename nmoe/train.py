@@ -104,7 +104,8 @@ def run(args) -> int:
         results = _follow(coord, pending, console)
     except KeyboardInterrupt:
         tracking.Tracker(uri, run_id).finish("KILLED")
-        console.print(f"interrupted; {resumable}" if (out / "state.json").exists() else "interrupted")
+        if (out / "state.json").exists():
+            console.print(resumable)
         raise
     except ray.exceptions.RayError as exc:
         tracking.Tracker(uri, run_id).finish("FAILED")

@@ -48,3 +48,55 @@ def smoke_run(ray_session, data_root, tmp_path_factory):
         os.chdir(cwd)
     assert rc == 0
     return work
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smoke_train_args(data_root, *settings: str) -> list[str]:
+    """``nmoe train`` on the smoke config with the test data and ``--set`` for each of ``settings``."""
+    sets = [arg for s in (f"data.root={data_root}", *settings) for arg in ("--set", s)]
+    return ["train", "--config", str(SMOKE), *sets]
+
+
+class Nmoe:
+    """``python -m nmoe ARGS`` in a process of its own on loopback, its output collected as it comes."""
+
+    def __init__(self, args: list[str], cwd, new_session: bool = False):
+        import subprocess
+        import sys
+        import threading
+
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        out, cmd = subprocess.PIPE, [sys.executable, "-m", "nmoe", *args]
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, text=True, stdout=out, stderr=subprocess.STDOUT, start_new_session=new_session
+        )
+        self.lines: list[str] = []
+        read = lambda: self.lines.extend(iter(self.proc.stdout.readline, ""))  # noqa: E731
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, line: str, seconds: float = 150) -> bool:
+        """Until a line containing ``line`` was printed (True), the process ended or time ran out."""
+        import time
+
+        deadline = time.time() + seconds
+        while time.time() < deadline and self.proc.poll() is None and not any(line in ln for ln in self.lines):
+            time.sleep(0.2)
+        return any(line in ln for ln in self.lines)
+
+    def finish(self, seconds: float = 600) -> str:
+        """Wait for the process to end; returns all it printed."""
+        self.proc.wait(timeout=seconds)
+        self.reader.join(timeout=30)
+        return self.text

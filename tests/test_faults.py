@@ -11,12 +11,11 @@ collection the dying client's peers are asking it for answers at the same time.
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import Nmoe, smoke_train_args
 
 from training.config import SMOKE_CONFIG, load_config
 
@@ -139,23 +138,10 @@ def test_a_client_sleeping_past_the_timeout_misses_its_gate_round_and_the_round_
     assert res["dropped_clients"] == [] and len(res["methods"]["nmoe/fedgate"]["per_client"]) == 3
 
 
-def _nmoe(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "nmoe", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        **kw,
-    )
-
-
-def _wait_for(path: Path, ok, proc: subprocess.Popen, seconds: float = 240) -> dict:
+def _wait_for(path: Path, ok, run: Nmoe, seconds: float = 240) -> dict:
+    """The run's state.json once ``ok(state)`` holds."""
     deadline = time.time() + seconds
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and run.proc.poll() is None:
         try:
             state = json.loads(path.read_text())
             if ok(state):
@@ -163,48 +149,40 @@ def _wait_for(path: Path, ok, proc: subprocess.Popen, seconds: float = 240) -> d
         except (OSError, ValueError):
             pass
         time.sleep(0.05)
-    raise AssertionError(f"never saw the state waited for; output:\n{proc.communicate(timeout=60)[0]}")
+    raise AssertionError(f"never saw the state waited for; output:\n{run.text}")
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(run: Nmoe) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver's own local Ray with it
+        os.killpg(run.proc.pid, signal.SIGKILL)  # the driver's own local Ray with it
     except ProcessLookupError:
         pass
-    proc.wait(timeout=60)
+    run.proc.wait(timeout=60)
 
 
-def _train_args(data_root, tmp_path: Path) -> list[str]:
-    return [
-        "train",
-        "--config",
-        str(SMOKE_CONFIG),
-        "--set",
-        f"data.root={data_root}",
-        "--set",
-        "stage1.rounds=2",
-        "--set",
-        "stage3.rounds=60",
-        "--set",
-        "stage3.variants=[fedgate,localgate,fullgate]",
+def _train(data_root, tmp_path: Path) -> Nmoe:
+    sets = ["stage1.rounds=2", "stage3.rounds=60", "stage3.variants=[fedgate,localgate,fullgate]"]
+    args = [
+        *smoke_train_args(data_root, *sets),
         "--tracking-uri",
         f"sqlite:///{tmp_path / 'mlflow.db'}",
         "--out",
         "run",
     ]
+    return Nmoe(args, tmp_path, new_session=True)
 
 
 def test_a_driver_killed_in_stage3_resumes_without_retraining_what_finished(data_root, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    proc = _nmoe(_train_args(data_root, tmp_path), tmp_path)
-    before = _wait_for(tmp_path / "run" / "state.json", lambda s: "fedgate" in s.get("stage3_done", []), proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    _kill_group(proc)
+    first = _train(data_root, tmp_path)
+    before = _wait_for(tmp_path / "run" / "state.json", lambda s: "fedgate" in s.get("stage3_done", []), first)
+    os.kill(first.proc.pid, signal.SIGKILL)
+    _kill_group(first)
     assert "localgate" not in json.loads((tmp_path / "run" / "state.json").read_text())["stage3_done"]
-    resumed = _nmoe(["train", "--resume", "run", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path)
-    out = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, out
+    resumed = Nmoe(["train", "--resume", "run", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path)
+    out = resumed.finish()
+    assert resumed.proc.returncode == 0, out
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert {"nmoe/fedgate", "nmoe/localgate", "nmoe/fullgate"} <= set(res["methods"])
     assert res["timings"]["stage1"] == before["timings"]["stage1"]  # stages 1 and 2 did not run again
@@ -220,24 +198,22 @@ def test_a_dead_coordinator_ends_nmoe_train_with_one_line_and_a_failed_mlflow_ru
     import psutil
     from mlflow.tracking import MlflowClient
 
-    proc = _nmoe(_train_args(data_root, tmp_path), tmp_path)
-    state = _wait_for(tmp_path / "run" / "state.json", lambda s: "stage1" in s["completed"], proc)
-    deadline = time.time() + 60
-    coordinators = []
-    while not coordinators and time.time() < deadline:
-        coordinators = [
-            p for p in psutil.Process(proc.pid).children(recursive=True) if "ray::Coordinator" in " ".join(p.cmdline())
-        ]
+    training = _train(data_root, tmp_path)
+    state = _wait_for(tmp_path / "run" / "state.json", lambda s: "stage1" in s["completed"], training)
+    deadline, found = time.time() + 60, []
+    while not found and time.time() < deadline:
+        children = psutil.Process(training.proc.pid).children(recursive=True)
+        found = [p for p in children if "ray::Coordinator" in " ".join(p.cmdline())]
         time.sleep(0.2)
-    assert coordinators
-    coordinators[0].send_signal(signal.SIGKILL)
+    assert found
+    found[0].send_signal(signal.SIGKILL)
     try:
-        out = proc.communicate(timeout=180)[0]
+        out = training.finish(seconds=180)
     finally:
-        _kill_group(proc)
-    assert proc.returncode == 2, out
-    last = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert last == [
+        _kill_group(training)
+    assert training.proc.returncode == 2, out
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert errors == [
         "error: training stopped: the coordinator died (killed, out of memory, or its node was lost); "
         "continue with: nmoe train --resume run"
     ], out
@@ -248,19 +224,7 @@ def test_a_dead_coordinator_ends_nmoe_train_with_one_line_and_a_failed_mlflow_ru
 
 def test_a_config_the_data_cannot_satisfy_is_refused_before_ray_starts(data_root, tmp_path):
     t0 = time.time()
-    proc = _nmoe(
-        [
-            "train",
-            "--config",
-            str(SMOKE_CONFIG),
-            "--set",
-            f"data.root={data_root}",
-            "--set",
-            "num_clients=100000",
-            "--no-tracking",
-        ],
-        tmp_path,
-    )
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 2 and out.strip().splitlines()[-1].startswith("error:"), out
+    refused = Nmoe([*smoke_train_args(data_root, "num_clients=100000"), "--no-tracking"], tmp_path)
+    out = refused.finish(seconds=120)
+    assert refused.proc.returncode == 2 and out.strip().splitlines()[-1].startswith("error:"), out
     assert "Ray" not in out and "Traceback" not in out and time.time() - t0 < 60

@@ -9,11 +9,6 @@ exchange: label counts up, the network's counts table down. The config names thi
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -80,15 +75,11 @@ class OwnPlusHolder(GateVariant):
         return super().install(client, gate, shared)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def plugin_run(ray_session, data_root, tmp_path_factory):
     """``nmoe train`` on the smoke config with the plug-in beside FedGate (real Ray, real MLflow)."""
+    from conftest import smoke_train_args
+
     from nmoe.cli import main
 
     work = tmp_path_factory.mktemp("plugin_run")
@@ -96,19 +87,7 @@ def plugin_run(ray_session, data_root, tmp_path_factory):
     os.chdir(work)
     try:
         rc = main(
-            [
-                "train",
-                "--config",
-                str(SMOKE_CONFIG),
-                "--set",
-                f"data.root={data_root}",
-                "--set",
-                f"plugins=[{HERE}]",
-                "--set",
-                f"stage3.variants=[fedgate,{NAME}]",
-                "--out",
-                "run",
-            ]
+            [*smoke_train_args(data_root, f"plugins=[{HERE}]", f"stage3.variants=[fedgate,{NAME}]"), "--out", "run"]
         )
     finally:
         os.chdir(cwd)
@@ -159,39 +138,28 @@ def test_a_name_taken_by_another_class_and_a_missing_plugin_are_clear_errors(tmp
 
 
 def test_nmoe_serve_answers_with_the_plugin_variant_over_http(plugin_run, data_root, tmp_path):
-    port = _free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nmoe", "serve", "--run", str(plugin_run), "--variant", NAME, "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    from conftest import Nmoe, free_port
+
+    port = free_port()
+    serving = Nmoe(["serve", "--run", str(plugin_run), "--variant", NAME, "--port", str(port)], tmp_path)
     try:
-        deadline = time.time() + 150
-        while time.time() < deadline and proc.poll() is None and not any("Ctrl-C to stop" in ln for ln in lines):
-            time.sleep(0.5)
-        assert f"({NAME}) at http://127.0.0.1:{port}" in "".join(lines), "".join(lines)
+        serving.wait_for("Ctrl-C to stop")
+        assert f"({NAME}) at http://127.0.0.1:{port}" in serving.text, serving.text
         pixels = np.random.default_rng(0).random((4, 1, 28, 28)).astype(np.float32)
         for client in range(3):
-            r = httpx.post(
-                f"http://127.0.0.1:{port}/v1/clients/{client}/predict", json={"inputs": pixels.tolist()}, timeout=60
-            )
+            url = f"http://127.0.0.1:{port}/v1/clients/{client}/predict"
+            r = httpx.post(url, json={"inputs": pixels.tolist()}, timeout=60)
             assert r.status_code == 200, r.text
             body = r.json()
             for route in body["routes"]:  # the own expert first, then one peer, weights softmax(1, 0)
                 assert route[0]["expert"] == client and route[1]["expert"] != client
                 assert route[0]["weight"] == pytest.approx(float(torch.tensor([1.0, 0.0]).softmax(0)[0]), abs=1e-6)
             assert body["bytes_out"] == 4 * 32 * 2 and not body["degraded"]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=90) == 0, "".join(lines)
+        serving.proc.send_signal(signal.SIGINT)
+        assert serving.proc.wait(timeout=90) == 0, serving.text
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if serving.proc.poll() is None:
+            serving.proc.kill()
 
 
 def test_the_readme_shows_the_registry_and_its_example_plugin_works(tmp_path):
