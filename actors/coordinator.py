@@ -141,7 +141,7 @@ class Coordinator:
             for i in range(cfg.num_clients)
         ]
         self.fleet.clients = self.clients
-        timeout = cfg.cluster.round_timeout_s
+        timeout = max(120.0, cfg.cluster.round_timeout_s)  # processes starting: torch imported, shards loaded
         mask = self.fleet.mask()  # threaded actors: wait, order is not kept
         ray.get([c.set_peers.remote(self.clients, mask) for c in self.clients], timeout=timeout)
         infos = ray.get([c.info.remote() for c in self.clients], timeout=timeout)

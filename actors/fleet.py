@@ -1,14 +1,15 @@
 """``Fleet``: the coordinator's view of its client actors, and what keeps a run alive when one fails.
 
 - Every call has a timeout. A client that does not answer in time misses the step (recorded in
-  ``missing_clients``), and sits out later steps while its late call still runs ("busy").
+  ``missing_clients``), and sits out later steps while its late call still runs ("busy"); a
+  step it cannot miss waits (bounded) for that call to end first.
 - A client that dies mid-call is restarted by Ray and the call is retried (``max_task_retries``):
   the restarted actor first restores the latest state the coordinator holds (``snapshot_for``),
   so it never answers with weights it did not train, and the step's result is what it would have
   been. Its restart is recorded.
-- A client whose call failed is asked to answer a ping: one that answers stays in the run (it
-  gets the call again for steps it cannot miss); one that stays unreachable leaves the run and
-  every other client stops routing to its expert.
+- A client whose call failed or timed out is asked to answer a ping: one that answers stays in
+  the run (it gets the call again for steps it cannot miss); one that stays unreachable (its
+  node is gone) leaves the run and every other client stops routing to its expert.
 - A client that reports a lost peer (``lost_peers`` in its answer) keeps its result; the peer
   is recorded missing and, when it does not answer a ping either, leaves the run.
 """
@@ -73,7 +74,7 @@ class Fleet:
             return {}
         timeout = self.timeout if timeout is None else timeout
         results, failed = self._call_once(method, args, ids, stage, round_, timeout, per_client, essential)
-        failed = self._keep_reachable(failed, stage, round_)
+        failed = self._keep_reachable(failed, stage, round_)  # failed or silent: gone, or still there?
         if essential and failed:
             again, lost = self._call_once(method, args, failed, stage, round_, timeout, per_client, True)
             results.update(again)
@@ -103,6 +104,7 @@ class Fleet:
             if ref not in ready:
                 self._late[i] = ref
                 self._missing(stage, round_, i, "TimeoutError")
+                failed.append(i)
                 continue
             try:
                 results[i] = ray.get(ref)

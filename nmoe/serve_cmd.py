@@ -49,7 +49,9 @@ def serve_cmd(args) -> int:
     from actors.tracking import resolve_uri
     from serve import launch
     from training.checkpoint import RunFolderError
+    from training.config import PAPER_VARIANT
 
+    args.variant = args.variant or PAPER_VARIANT
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port: {args.port} is not a TCP port")
     try:

@@ -4,7 +4,8 @@
     <run>/state.json           what is finished (written last, atomically: resume trusts it)
     <run>/checkpoints/stage1.pt  {"round": r, "state": Stage1Model state}
     <run>/checkpoints/stage2.pt  {"experts": {client: Expert state}}
-    <run>/checkpoints/stage3.pt  {"gates": {variant: {client: Gate state}}}
+    <run>/checkpoints/stage3/<variant>.pt  {"round": r, "done": bool, "gates": {client: gate state}}
+    <run>/checkpoints/stage3.pt  {"gates": {variant: {client: gate state}}}  (when stage 3 is done)
     <run>/results.json         the final comparison
 
 Files are written to a temporary name and renamed, so a killed run never leaves a

@@ -61,12 +61,13 @@ class RunState(TypedDict, total=False):
     """``state.json``: written after every checkpoint; ``nmoe train --resume`` trusts it."""
 
     completed: list[str]  # finished stages, in order
+    stage3_done: list[str]  # finished gate variants (their gates in checkpoints/stage3/<variant>.pt)
     stage1_round: int  # last finished stage-1 round (-1: none)
-    history: History
+    history: History  # stage3: per variant, one row per gate round (loss, accuracy, seconds, missing)
     bytes: StateBytes
     missing_clients: list[Missing]
     dropped: list[int]  # clients out of the run for good
-    timings: dict[str, float]  # seconds per stage
+    timings: dict[str, float]  # seconds per stage, and per gate variant ("stage3/<variant>")
     mlflow_run_id: Optional[str]
     meta: dict[str, Any]  # dataset, classes, image shape, each client's info()
     centralized_moe: MethodScore  # decided by stages 1-2: computed once per run
@@ -123,6 +124,7 @@ def after_stage2(state: RunState, centralized: Optional[MethodScore] = None) -> 
     decided by stages 1-2, so it may be kept."""
     out: RunState = json.loads(json.dumps(state))  # a deep copy
     out["completed"] = ["stage1", "stage2"]
+    out["stage3_done"] = []
     out["history"]["stage3"] = {}
     out["bytes"].update({"stage3": 0, "stage3_variants": {}, "stage3_answers": 0})
     out["timings"] = {k: v for k, v in out["timings"].items() if k in ("stage1", "stage2")}
