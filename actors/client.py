@@ -132,8 +132,8 @@ class Client:
     # ----------------------------------------------------------------- stages
 
     def fit_extractor(self, global_state: dict, round_: int) -> tuple[dict, dict]:
-        self._serving()
         """Stage 1, one round: start from the global F (+ helpers), train locally, send weights back."""
+        self._serving()
         self.model.load_state_dict(federated.partial_sync(self.model.state_dict(), global_state))
         state, metrics = local.fit_stage1(
             self.model, self.x, self.y, self.cfg.stage1, seed=seeds.client_round(self.cfg.seed, round_, self.id)
@@ -154,16 +154,17 @@ class Client:
             self._h[which] = local.compute_latents(self.model.extractor, x)
         return self._h[which]
 
-    def fit_expert(self) -> dict:
+    def fit_expert(self) -> tuple[dict, dict]:
+        """Stage 2: F frozen, the expert learns this client's data. Nothing travels; the trained
+        expert goes back to the coordinator only for its checkpoint."""
         self._serving()
-        """Stage 2: F frozen, the expert learns this client's data. Nothing travels."""
         torch.manual_seed(seeds.expert_init(self.cfg.seed, self.id))
         self.expert = make_expert(self.cfg.model, self.num_classes)
         _, metrics = local.fit_expert(
             self.expert, self._latents("train"), self.y, self.cfg.stage2, seed=seeds.expert_fit(self.cfg.seed, self.id)
         )
         self.stage = "stage2"
-        return metrics
+        return self.expert.state_dict(), metrics
 
     @torch.no_grad()
     def expert_forward(self, latents: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,11 +245,12 @@ class Client:
         return self.variants[variant].client_stats(self._view())
 
     def install_exchange(self, variant: str, shared) -> dict:
-        """A variant's one-off exchange, back on the client: returns the bytes using it cost."""
+        """A variant's one-off exchange, back on the client: returns the bytes using it cost, and the
+        gate as installed (for the coordinator's checkpoint)."""
         self._serving()
         cost = self.variants[variant].install(self._view(), self.gates.get(variant), shared)
         self.stage = "stage3"
-        return cost
+        return {**cost, "gate": self.gate_state(variant)}
 
     def fit_gate(self, variant: str, incoming: dict | None, round_: int) -> tuple[dict, dict]:
         """Stage 3, one round of ``variant``: merge what was synced in, train its gate locally."""
@@ -259,10 +261,11 @@ class Client:
         self.stage = "stage3"
         return state, metrics
 
-    def sync_gate(self, variant: str, shared: dict) -> None:
-        """Overwrite the synced part of a gate (FedGate: body.*, FullGate/RollGate: all)."""
+    def sync_gate(self, variant: str, shared: dict) -> dict:
+        """Overwrite the synchronised part of a gate (what the variant's aggregate or ring handed out)."""
         gate = self.gates[variant]
         gate.load_state_dict(federated.partial_sync(gate.state_dict(), shared))
+        return gate.state_dict()
 
     def gate_state(self, variant: str) -> dict | None:
         """The gate of ``variant`` as it is now (checkpoints; None for a variant without a gate)."""

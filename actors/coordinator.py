@@ -176,7 +176,7 @@ class Coordinator:
                 ids=behind,
                 stage=stage,
                 essential=True,
-                per_client=lambda i: ({"expert": pieces[i], "stage": "stage2"},),
+                per_client=lambda i: ({"expert": pieces[i], "stage": "stage2"} if i in pieces else {},),
             )
         if "stage3" in self.state["completed"]:
             gates = ckpt.load_torch(ckpt.stage_file(self.out, "stage3"))["gates"]
@@ -240,15 +240,15 @@ class Coordinator:
         self._restore("stage1", "stage2")
         self._say("stage2", "local experts")
         t0 = time.perf_counter()
-        metrics = list(self.fleet.call("fit_expert", stage="stage2", essential=True).values())
+        fitted = self.fleet.call("fit_expert", stage="stage2", essential=True)
+        metrics = [m for _, m in fitted.values()]
         self.tracker.log(
             {
                 "stage2/loss": float(np.mean([m["loss"] for m in metrics])),
                 "stage2/accuracy": float(np.mean([m["accuracy"] for m in metrics])),
             }
         )
-        states = self.fleet.call("get_state", stage="stage2", essential=True)
-        experts = {i: s["expert"] for i, s in states.items()}
+        experts = {i: state for i, (state, _) in fitted.items()}
         self.fleet.snapshot.update(stage="stage2", experts=experts)
         ckpt.save_torch(ckpt.stage_file(self.out, "stage2"), {"experts": experts})
         self.state["timings"]["stage2"] = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from typing import Any
 
 import ray
 
+from actors.peers import ExpertUnavailable
 from training import schema
 
 
@@ -89,17 +90,19 @@ class Fleet:
         return results
 
     def _call_once(self, method, args, ids, stage, round_, timeout, per_client, wait) -> tuple[dict, list[int]]:
-        refs = {}
+        refs, failed = {}, []
         for i in ids:
             late = self._late.get(i)  # a step it cannot miss waits (bounded) for its last call to end
             if late is not None and not ray.wait([late], timeout=timeout if wait else 0)[0]:
                 self._missing(stage, round_, i, "busy")  # still on its last, timed-out call
+                if wait:
+                    failed.append(i)
                 continue
             self._late.pop(i, None)
             refs[i] = getattr(self.clients[i], method).remote(*(per_client(i) if per_client else args))
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout) if refs else ([], [])
         ready = set(ready)
-        results, failed = {}, []
+        results = {}
         for i, ref in refs.items():
             if ref not in ready:
                 self._late[i] = ref
@@ -131,17 +134,21 @@ class Fleet:
     def unreachable(self, ids: list[int]) -> list[int]:
         """Those of ``ids`` that do not answer a ping within the timeout (restarts included)."""
         deadline = time.monotonic() + self.timeout
-        waiting = list(ids)
+        waiting, refused = list(ids), []
         while waiting and time.monotonic() < deadline:
             for i in list(waiting):
                 try:
                     ray.get(self.clients[i].ping.remote(), timeout=max(0.1, min(5.0, deadline - time.monotonic())))
                     waiting.remove(i)
+                except ray.exceptions.RayTaskError as exc:  # it answered: it refuses (could not restore)
+                    if isinstance(exc.cause, ExpertUnavailable):
+                        waiting.remove(i)
+                        refused.append(i)
                 except ray.exceptions.RayError:  # restarting (or gone for good): ask again
                     pass
             if waiting:
                 time.sleep(0.5)
-        return waiting
+        return sorted(waiting + refused)
 
     def drop(self, i: int, stage: str, round_: int) -> None:
         """Client ``i`` leaves the run; the others stop routing to its expert."""
@@ -158,11 +165,11 @@ class Fleet:
         """What restarted client ``i`` restores before it answers anyone; ``where`` is the
         coordinator's progress (recorded with the restart)."""
         self._missing(where["stage"], where["round"], i, "restarted")
-        snap = self.snapshot
-        state: dict[str, Any] = {"stage": snap["stage"]}
-        if snap["global"] is not None:
-            state["global"] = snap["global"]
-        if i in snap["experts"]:
-            state["expert"] = snap["experts"][i]
-        state["gates"] = {v: g[i] for v, g in snap["gates"].items() if i in g}
+        snap = self.snapshot  # run() replaces its values, never changes them in place: safe to read here
+        stage, glob, experts, gates = snap["stage"], snap["global"], snap["experts"], snap["gates"]
+        state: dict[str, Any] = {"stage": stage, "gates": {v: g[i] for v, g in gates.items() if i in g}}
+        if glob is not None:
+            state["global"] = glob
+        if i in experts:
+            state["expert"] = experts[i]
         return {"state": state, "peers": self.clients, "available": self.mask()}

@@ -63,7 +63,8 @@ class Stage3:
         combined = spec.combine(stats, self.cfg.num_clients)
         ref = ray.put(combined)
         costs = self.fleet.call("install_exchange", v, ref, stage=stage, essential=True)
-        self._snapshot(v, spec)
+        if spec.has_gate:  # what was installed, for restarts and checkpoints
+            self._checkpoint(v, -1, {i: c["gate"] for i, c in costs.items()})
         up = sum(spec.payload_bytes(s) for s in stats.values())
         return (
             up
@@ -98,7 +99,8 @@ class Stage3:
             missing = len(self.fleet.clients) - len(results)
             history.append({**row, "seconds": time.perf_counter() - rt, "missing": missing})
         if shared is not None:
-            self.fleet.call("sync_gate", v, shared, stage=stage, round_=rounds - 1, essential=True)
+            synced = self.fleet.call("sync_gate", v, shared, stage=stage, round_=rounds - 1, essential=True)
+            self._checkpoint(v, rounds - 1, synced)
         return sent
 
     def _ring(self, v: str) -> int:
@@ -115,31 +117,29 @@ class Stage3:
                 self._checkpoint(v, r, {i: state for i in self.fleet.active})
         if state is None:  # nobody ever answered: the clients keep their initial gates, recorded missing
             return sent
-        self.fleet.call("sync_gate", v, state, stage=stage, round_=rounds - 1, essential=True)
+        synced = self.fleet.call("sync_gate", v, state, stage=stage, round_=rounds - 1, essential=True)
+        self._checkpoint(v, rounds - 1, synced)
         return sent + federated.state_bytes(state) * len(self.fleet.active)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _snapshot(self, v: str, spec: gates.GateVariant) -> dict:
-        """Every client's gate as it is now, for restarts and checkpoints."""
-        if not spec.has_gate:
-            return {}
-        states = self.fleet.call("gate_state", v, stage=f"stage3/{v}", essential=True)
-        self.fleet.snapshot["gates"][v] = states
-        self.fleet.snapshot["stage"] = "stage3"
-        return states
-
     def _checkpoint(self, v: str, round_: int, states: dict, done: bool = False) -> None:
-        self.fleet.snapshot["gates"].setdefault(v, {}).update(states)
-        self.fleet.snapshot["stage"] = "stage3"
-        ckpt.save_torch(
-            variant_file(self.co.out, v), {"round": round_, "done": done, "gates": self.fleet.snapshot["gates"][v]}
-        )
+        """The clients' gates of ``v`` after a step: held for restarted clients and written to disk.
+        The snapshot's dicts are replaced, never changed in place: ``snapshot_for`` reads them from
+        another thread."""
+        snap = self.fleet.snapshot
+        merged = {**snap["gates"].get(v, {}), **states}
+        snap["gates"] = {**snap["gates"], v: merged}
+        snap["stage"] = "stage3"
+        ckpt.save_torch(variant_file(self.co.out, v), {"round": round_, "done": done, "gates": merged})
 
     def _finish(self, v: str, spec: gates.GateVariant) -> None:
-        states = self._snapshot(v, spec)
-        if spec.has_gate:
-            self._checkpoint(v, self.cfg.stage3.rounds - 1, states, done=True)
+        """The variant's final gates on disk, marked done (a gate no step changed is asked for)."""
+        if not spec.has_gate:
+            return
+        if v not in self.fleet.snapshot["gates"]:
+            self._checkpoint(v, -1, self.fleet.call("gate_state", v, stage=f"stage3/{v}", essential=True))
+        self._checkpoint(v, self.cfg.stage3.rounds - 1, {}, done=True)
 
     def _load(self, v: str) -> dict:
         return ckpt.load_torch(variant_file(self.co.out, v))["gates"]
@@ -148,10 +148,10 @@ class Stage3:
         """A resumed run: the finished variants' gates back into the clients, without training."""
         for v in finished:
             gates_v = self._load(v)
-            self.fleet.snapshot["gates"][v] = gates_v
+            self.fleet.snapshot["gates"] = {**self.fleet.snapshot["gates"], v: gates_v}
             self.fleet.call(
                 "load_state",
                 stage=f"stage3/{v}",
                 essential=True,
-                per_client=lambda i, g=gates_v, v=v: ({"gates": {v: g[i]}},),
+                per_client=lambda i, g=gates_v, v=v: ({"gates": {v: g[i]} if i in g else {}},),
             )

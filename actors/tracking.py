@@ -75,8 +75,11 @@ class Tracker:
 
 
 def make_plots(results: dict, out: Path) -> list[Path]:
-    """Stage-1 accuracy per round, fedgate's client x expert routing heatmap, per-client accuracy."""
+    """Stage-1 accuracy per round, the paper's variant's client x expert routing heatmap (or the first
+    variant's), per-client accuracy."""
     import matplotlib
+
+    from training.config import PAPER_VARIANT
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,7 +95,9 @@ def make_plots(results: dict, out: Path) -> list[Path]:
         paths.append(out / "stage1_accuracy.png")
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
-    usage = results.get("routing", {}).get("nmoe/fedgate") or next(iter(results.get("routing", {}).values()), None)
+    usage = results.get("routing", {}).get(f"nmoe/{PAPER_VARIANT}") or next(
+        iter(results.get("routing", {}).values()), None
+    )
     if usage:
         fig, ax = plt.subplots(figsize=(4.5, 4))
         im = ax.imshow(np.array(usage), cmap="viridis", vmin=0)

@@ -142,8 +142,8 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
         wall = time.perf_counter() - t0
     finally:
         try:
-            ray.get(coord.shutdown.remote())
-        except ray.exceptions.RayError:
+            ray.get(coord.shutdown.remote(), timeout=60)
+        except ray.exceptions.RayError:  # GetTimeoutError included: it is killed anyway
             pass
         ray.kill(coord)
     say(f"{ctx.suite}: {name}: {wall:.1f}s ({run_dir})")

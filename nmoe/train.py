@@ -122,9 +122,9 @@ def run(args) -> int:
         raise UserError(f"training stopped: {what}; {hint}") from None
     finally:
         try:
-            ray.get(coord.shutdown.remote())
-        except ray.exceptions.RayError:
-            pass
+            ray.get(coord.shutdown.remote(), timeout=60)
+        except ray.exceptions.RayError:  # GetTimeoutError included: the coordinator goes with the driver
+            ray.kill(coord)
     tracker = tracking.Tracker(uri, run_id)
     if "stopped_after" in results:
         console.print(f"stopped after {results['stopped_after']}; continue with: nmoe train --resume {out}")

@@ -18,7 +18,10 @@ import yaml
 
 from training.registry import GATES, OBJECTIVES, PluginError, load_plugins
 
-SHIPPED = files("training.configs")  # configs/ of a checkout, or its copy inside an installed wheel
+try:  # configs/ of an installed checkout, or its copy inside a wheel
+    SHIPPED = files("training.configs")
+except ModuleNotFoundError:  # a checkout on PYTHONPATH, not installed
+    SHIPPED = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = Path(str(SHIPPED / "default.yaml"))  # the main job
 SMOKE_CONFIG = Path(str(SHIPPED / "smoke.yaml"))  # tiny: tests and --quick benchmarks
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
