@@ -133,6 +133,25 @@ def test_routed_inference_through_actors_equals_the_in_process_reference(ray_ses
         ray.kill(c)
 
 
+def test_a_dead_peer_is_routed_around_and_named_and_the_caller_still_answers(ray_session, smoke_run, data_root):
+    ray = ray_session
+    cfg, ds, split, trained, clients = _load_clients(ray, smoke_run / "run", data_root)
+    x = ds.x_test[split.test[0][:40]]
+    before = ray.get(clients[0].route.remote(x, "fedgate"))
+    victim = int(torch.bincount(before["experts"][before["experts"] != 0], minlength=3).argmax())
+    assert victim != 0 and (before["experts"] == victim).any()
+    ray.kill(clients[victim])  # no restarts: gone for good
+    after = ray.get(clients[0].route.remote(x, "fedgate"), timeout=120)
+    assert after["lost_peers"] == [victim] and not (after["experts"] == victim).any()
+    kept = before["experts"][:, 0] != victim  # rows whose first choice lived keep it
+    assert torch.equal(after["experts"][kept, 0], before["experts"][kept, 0])
+    again = ray.get(clients[0].evaluate.remote("fedgate"), timeout=120)  # the caller keeps the peer masked
+    assert again["lost_peers"] == [] and again["expert_usage"][victim] == 0.0
+    for c in clients:
+        if c is not clients[victim]:
+            ray.kill(c)
+
+
 def _contains_sample(value, samples: np.ndarray) -> bool:
     """Whether any tensor/array inside ``value`` holds one of ``samples`` (rows) as a contiguous run."""
     if isinstance(value, dict):
