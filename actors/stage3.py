@@ -48,7 +48,8 @@ class Stage3:
             done.append(v)
             self.co._save_state()
         b["stage3"] = b["stage3_answers"] + sum(b["stage3_variants"].values())
-        saved = {v: self._load(v) for v, spec in specs.items() if spec.has_gate}
+        held = self.fleet.snapshot["gates"]  # every finished variant's gates, as just written to disk
+        saved = {v: held[v] for v, spec in specs.items() if spec.has_gate}
         ckpt.save_torch(ckpt.stage_file(self.co.out, "stage3"), {"gates": saved})
 
     # ------------------------------------------------------------------ one variant
@@ -141,13 +142,10 @@ class Stage3:
             self._checkpoint(v, -1, self.fleet.call("gate_state", v, stage=f"stage3/{v}", essential=True))
         self._checkpoint(v, self.cfg.stage3.rounds - 1, {}, done=True)
 
-    def _load(self, v: str) -> dict:
-        return ckpt.load_torch(variant_file(self.co.out, v))["gates"]
-
     def _reinstall(self, finished: list[str]) -> None:
         """A resumed run: the finished variants' gates back into the clients, without training."""
         for v in finished:
-            gates_v = self._load(v)
+            gates_v = ckpt.load_torch(variant_file(self.co.out, v))["gates"]
             self.fleet.snapshot["gates"] = {**self.fleet.snapshot["gates"], v: gates_v}
             self.fleet.call(
                 "load_state",
