@@ -2,19 +2,21 @@
 
     nmoe bench serve [--run runs/default] [--requests 200]
 
-For batch sizes 1 and 32 at concurrency 1, 8 and 32 (top-k = 2): p50/p99 latency and
-samples/s over real HTTP on 127.0.0.1, beside the in-process routed forward
-(``training.routing.route_in_process``), and the bytes per routed sample vs the raw input.
+For (batch, concurrency, body format) cells (top-k = 2): p50/p99 latency, requests/s and samples/s
+over real HTTP on 127.0.0.1 from one async HTTP client, beside the in-process routed forward
+(``training.routing.route_in_process``); the bytes per routed sample vs the raw input; the HTTP
+floor (a client route with no model work); and the time from deploy to healthy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
 import socket
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -27,7 +29,9 @@ from training import gates, routing, seeds  # noqa: E402
 from training.config import PAPER_VARIANT  # noqa: E402
 from training.data import denormalize, load_dataset, normalize  # noqa: E402
 
-BATCHES, CONCURRENCY, TOP_K = (1, 32), (1, 8, 32), 2
+TOP_K = 2
+# (batch, concurrency, body format): the targets' cells first, then the JSON path beside them
+CELLS = ((1, 1, "npy"), (32, 8, "npy"), (1, 32, "npy"), (1, 8, "npy"), (32, 1, "npy"), (1, 1, "json"), (32, 8, "json"))
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -58,42 +62,68 @@ def in_process(run: Path, pixels: np.ndarray, batch: int, repeats: int) -> dict:
     }
 
 
-def over_http(url: str, pixels: np.ndarray, batch: int, concurrency: int, requests: int, clients: int = 3) -> dict:
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+async def _load(url: str, bodies: list[tuple[str, bytes]], path, concurrency: int, requests: int) -> dict:
+    """``concurrency`` users of one async HTTP client, ``requests`` in all; latency per request."""
     import httpx
 
-    bodies = [
-        json.dumps({"inputs": pixels[(r * batch) % (len(pixels) - batch) :][:batch].tolist(), "top_k": TOP_K})
-        for r in range(min(requests, 64))
-    ]
-    lat, sent = [], [0, 0]
-    with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as http:
+    lat: list[float] = []
+    tally = [0, 0]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
 
-        def one(r: int) -> float:
+        async def one(r: int) -> None:
+            kind, body = bodies[r % len(bodies)]
             t0 = time.perf_counter()
-            resp = http.post(
-                f"/v1/clients/{r % clients}/predict",
-                content=bodies[r % len(bodies)],
-                headers={"Content-Type": "application/json"},
+            resp = await (
+                http.post(path(r), content=body, headers={"Content-Type": kind}) if body else http.get(path(r))
             )
             resp.raise_for_status()
-            body = resp.json()
-            sent[0] += body["bytes_out"] + body["bytes_in"]
-            sent[1] += len(body["predictions"])
-            return time.perf_counter() - t0
+            lat.append(time.perf_counter() - t0)
+            if body:
+                reply = resp.json()
+                tally[0] += reply["bytes_out"] + reply["bytes_in"]
+                tally[1] += len(reply["predictions"])
 
-        for r in range(min(8, requests)):  # warm-up: handles, batching queues, connections
-            one(r)
-        sent[:] = [0, 0]
+        async def user(u: int, count: int) -> None:
+            for r in range(u, count, concurrency):
+                await one(r)
+
+        await asyncio.gather(*(user(u, min(requests, 2 * concurrency)) for u in range(concurrency)))  # warm-up
+        lat.clear()
+        tally[:] = [0, 0]
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            lat = list(pool.map(one, range(requests)))
+        await asyncio.gather(*(user(u, requests) for u in range(concurrency)))
         wall = time.perf_counter() - t0
     return {
         "p50_ms": 1e3 * statistics.median(lat),
         "p99_ms": 1e3 * _pct(lat, 0.99),
-        "samples_per_s": batch * requests / wall,
-        "bytes_per_sample": sent[0] / max(1, sent[1]),
+        "requests_per_s": requests / wall,
+        "bytes_per_sample": tally[0] / max(1, tally[1]),
     }
+
+
+def over_http(url: str, pixels: np.ndarray, batch: int, concurrency: int, requests: int, clients: int, fmt: str):
+    """Routed predicts, ``batch`` images each, as .npy bodies (what nmoe predict sends) or JSON."""
+    chunks = [pixels[(r * batch) % (len(pixels) - batch) :][:batch] for r in range(32)]
+    if fmt == "npy":
+        bodies = [("application/x-npy", _npy(c)) for c in chunks]
+    else:
+        bodies = [("application/json", json.dumps({"inputs": c.tolist()}).encode()) for c in chunks]
+    res = asyncio.run(
+        _load(url, bodies, lambda r: f"/v1/clients/{r % clients}/predict?top_k={TOP_K}", concurrency, requests)
+    )
+    return {**res, "samples_per_s": batch * res["requests_per_s"]}
+
+
+def http_floor(url: str, requests: int, clients: int) -> dict:
+    """GET /v1/clients/{i}: the same proxy and client replica with no model work, the HTTP floor."""
+    return asyncio.run(_load(url, [("", b"")], lambda r: f"/v1/clients/{r % clients}", 1, requests))
 
 
 def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> dict:
@@ -112,21 +142,23 @@ def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> di
             port = s.getsockname()[1]
     owned = not ray.is_initialized()  # a caller's Ray (tests, nmoe bench) stays up afterwards
     connect()
-    url = launch.deploy(run, PAPER_VARIANT, "127.0.0.1", port, max_batch=256)
+    served = launch.deploy(run, PAPER_VARIANT, "127.0.0.1", port, max_batch=256)
+    n = len(served.clients)
     rows = []
     try:
-        for batch in BATCHES:
-            local = in_process(run, pixels, batch, max(50, requests // 2))
-            for conc in CONCURRENCY:
-                rows.append(
-                    {
-                        "batch": batch,
-                        "concurrency": conc,
-                        **over_http(url, pixels, batch, conc, requests, cfg.num_clients),
-                        "in_process_p50_ms": local["p50_ms"],
-                        "in_process_samples_per_s": local["samples_per_s"],
-                    }
-                )
+        floor = http_floor(served.url, requests, n)
+        local = {b: in_process(run, pixels, b, max(50, requests // 2)) for b in {b for b, _, _ in CELLS}}
+        for batch, conc, fmt in CELLS:
+            rows.append(
+                {
+                    "batch": batch,
+                    "concurrency": conc,
+                    "format": fmt,
+                    **over_http(served.url, pixels, batch, conc, requests, n, fmt),
+                    "in_process_p50_ms": local[batch]["p50_ms"],
+                    "in_process_samples_per_s": local[batch]["samples_per_s"],
+                }
+            )
     finally:
         launch.shutdown()
         if owned:
@@ -135,6 +167,9 @@ def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> di
     return {
         "run": str(run),
         "top_k": TOP_K,
+        "clients": n,
+        "healthy_s": served.seconds,
+        "http_floor": floor,
         "raw_bytes_per_sample": raw,
         "rows": rows,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available()},
@@ -142,18 +177,22 @@ def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> di
 
 
 def markdown(res: dict) -> str:
+    f = res["http_floor"]
     lines = [
-        f"Routed inference over HTTP (top-k {res['top_k']}, client deployments on one machine, "
-        f"{res['machine']['cpus']} cores, GPU: {res['machine']['gpu']}). "
-        f"Raw input: {res['raw_bytes_per_sample']} B/sample.",
+        f"Routed inference over HTTP (top-k {res['top_k']}, {res['clients']} client applications, each its own "
+        f"ingress, on one machine: {res['machine']['cpus']} cores shared with the load generator; GPU: "
+        f"{res['machine']['gpu']}). Raw input: {res['raw_bytes_per_sample']} B/sample. Deploy to healthy: "
+        f"{res['healthy_s']:.1f} s. HTTP floor (GET /v1/clients/{{i}}, no model work): p50 {f['p50_ms']:.1f} ms, "
+        f"p99 {f['p99_ms']:.1f} ms.",
         "",
-        "| batch | concurrency | p50 ms | p99 ms | samples/s | bytes/sample on the wire "
+        "| batch | concurrency | body | p50 ms | p99 ms | requests/s | samples/s | bytes/sample on the wire "
         "| in-process p50 ms | in-process samples/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         lines.append(
-            f"| {r['batch']} | {r['concurrency']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['samples_per_s']:.0f} | "
-            f"{r['bytes_per_sample']:.0f} | {r['in_process_p50_ms']:.2f} | {r['in_process_samples_per_s']:.0f} |"
+            f"| {r['batch']} | {r['concurrency']} | {r['format']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+            f"| {r['requests_per_s']:.0f} | {r['samples_per_s']:.0f} | {r['bytes_per_sample']:.0f} "
+            f"| {r['in_process_p50_ms']:.2f} | {r['in_process_samples_per_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"

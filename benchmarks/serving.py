@@ -18,14 +18,16 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
         common.say("serve: training the run to serve")
         run_dir = common.train_run(ctx, ctx.cfg(), "served")["dir"]
     requests = ctx.requests or (16 if ctx.quick else 200)
-    common.say(f"serve: deploying {run_dir} on Ray Serve; {requests} requests per (batch, concurrency) cell")
+    common.say(f"serve: deploying {run_dir} on Ray Serve; {requests} requests per (batch, concurrency, body) cell")
     res = serve_latency.run_benchmark(run_dir, requests)
     res["requests"] = requests
     metrics = {
-        f"b{r['batch']}_c{r['concurrency']}/{k}": v
+        f"b{r['batch']}_c{r['concurrency']}_{r['format']}/{k}": v
         for r in res["rows"]
         for k, v in r.items()
-        if k not in ("batch", "concurrency")
+        if k not in ("batch", "concurrency", "format")
     }
+    metrics["healthy_s"] = res["healthy_s"]
+    metrics["http_floor_p50_ms"] = res["http_floor"]["p50_ms"]
     metrics["raw_bytes_per_sample"] = res["raw_bytes_per_sample"]
     return res, f"Run: `{run_dir}`, {requests} requests per cell.\n\n" + serve_latency.markdown(res), metrics

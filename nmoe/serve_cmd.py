@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import io
 import json
 import os
 import signal
@@ -29,6 +30,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
     s.add_argument("--max-batch", type=int, default=256, help="largest batch one request may send")
+    s.add_argument("--peer-timeout", type=float, default=2.0, help="seconds to wait for a peer's expert (default 2)")
+    s.add_argument(
+        "--token-file", default=None, help='JSON {"<client>": "<token>"}: client i\'s routes need client i\'s token'
+    )
     s.set_defaults(func=serve_cmd)
 
     p = sub.add_parser("predict", help="send an input to a served client and print its prediction and route")
@@ -36,9 +41,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--client", type=int, required=True)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--sample", type=int, help="index of a test-set image of the served dataset")
-    what.add_argument("--input", help="an image as .npy (pixels in [0, 1]) or .png")
+    what.add_argument("--input", help="an image file: .npy (uint8 or float32 pixels in [0, 1]), .png or .jpg")
     p.add_argument("--data-root", default="data", help="where the dataset lives (for --sample)")
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="send the pixels as JSON instead of an .npy body")
+    p.add_argument("--token", default=os.environ.get("NMOE_TOKEN"), help="bearer token (default: $NMOE_TOKEN)")
     p.set_defaults(func=predict_cmd)
 
 
@@ -54,6 +61,10 @@ def serve_cmd(args) -> int:
     args.variant = args.variant or PAPER_VARIANT
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port: {args.port} is not a TCP port")
+    if not args.peer_timeout > 0:
+        raise UserError(f"--peer-timeout: {args.peer_timeout} is not a positive number of seconds")
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch: {args.max_batch} is not a positive batch size")
     try:
         connect(args.address)
     except ClusterError as exc:
@@ -64,12 +75,22 @@ def serve_cmd(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         run = Path(args.run) if args.run else launch.run_from_mlflow(args.mlflow_run, resolve_uri(args.tracking_uri))
-        url = launch.deploy(run, args.variant, args.host, args.port, args.max_batch)
-        console.print(f"serving {run} ({args.variant}) at {url}")
-        console.print(
-            f"  health:  {url}/v1/health\n  clients: {url}/v1/clients\n"
-            f"  predict: POST {url}/v1/clients/<i>/predict\n  docs:    {url}/docs"
-        )
+        tokens = None
+        if args.token_file:
+            from training.checkpoint import load_trained
+
+            tokens = launch.read_tokens(Path(args.token_file), sorted(load_trained(run)["experts"]))
+        served = launch.deploy(run, args.variant, args.host, args.port, args.max_batch, args.peer_timeout, tokens)
+        url = served.url
+        console.print(f"serving {run} ({args.variant}) at {url}, healthy in {served.seconds:.1f} s")
+        console.print(f"  health:  {url}/v1/health\n  clients: {url}/v1/clients\n  docs:    {url}/docs")
+        console.print("  each client answers on its own node's proxy (raw inputs stay on that node):")
+        for i, w in served.clients.items():
+            console.print(f"    client {i}: POST {w['url']}/predict  (node {w['node_id'][:12]})")
+        for i in served.dropped:
+            console.print(f"    client {i}: not served (it left the run during training)")
+        if tokens:
+            console.print(f"  every route but health needs Authorization: Bearer <token> ({args.token_file})")
         console.print("Ctrl-C to stop")
         while not stop.wait(1.0):
             pass
@@ -107,6 +128,7 @@ def _within(seconds: float, fn) -> bool:
 
 
 def _load_input(args, health: dict) -> np.ndarray:
+    """The pixels to send: a test-set sample, or a file as the server would read it."""
 
     if args.sample is not None:
         from training.config import DataConfig
@@ -121,19 +143,25 @@ def _load_input(args, health: dict) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"--input: {path} not found")
     if path.suffix == ".npy":
-        return np.load(path).astype(np.float32)
-    if path.suffix.lower() == ".png":
-        from PIL import Image
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--input: {path}: not a readable .npy file ({exc})") from None
+        return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        from PIL import Image, UnidentifiedImageError
 
-        img = np.asarray(Image.open(path), dtype=np.float32) / 255.0
+        try:
+            img = np.asarray(Image.open(path), dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"--input: {path}: not a readable image ({exc})") from None
         return img if img.ndim == 2 else img.transpose(2, 0, 1)[:3]
-    raise UserError(f"--input: {path.suffix or path.name} is neither .npy nor .png")
+    raise UserError(f"--input: {path.suffix or path.name} is not .npy, .png or .jpg")
 
 
-def _http(url: str, body: dict | None = None) -> dict:
-
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+def _http(url: str, body: bytes | None = None, content_type: str = "application/json", token: str | None = None):
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
@@ -148,8 +176,15 @@ def predict_cmd(args) -> int:
     base = args.url.rstrip("/")
     health = _http(f"{base}/v1/health")
     x = _load_input(args, health)
-    body = {"inputs": x.tolist(), **({"top_k": args.top_k} if args.top_k else {})}
-    reply = _http(f"{base}/v1/clients/{args.client}/predict", body)
+    url = f"{base}/v1/clients/{args.client}/predict"
+    if args.json:
+        body = {"inputs": x.tolist(), **({"top_k": args.top_k} if args.top_k else {})}
+        reply = _http(url, json.dumps(body).encode(), token=args.token)
+    else:  # the default: the pixels as an .npy body, top_k in the query
+        buf = io.BytesIO()
+        np.save(buf, x.astype(np.float32))
+        query = f"?top_k={args.top_k}" if args.top_k else ""
+        reply = _http(url + query, buf.getvalue(), "application/x-npy", args.token)
     for pred, probs, route in zip(reply["predictions"], reply["probabilities"], reply["routes"]):
         experts = ", ".join(f"expert {r['expert']} (w={r['weight']:.2f})" for r in route)
         print(f"prediction: {pred} (p={probs[pred]:.3f})  route: {experts}")

@@ -1,29 +1,24 @@
-"""The HTTP API (FastAPI ingress, versioned under /v1, OpenAPI at /docs and /openapi.json).
+"""The HTTP contract (versioned under /v1, OpenAPI at /openapi.json and /docs) and the small index app.
 
-Every bad request gets a 4xx whose message names the problem; the service keeps answering.
+Client i's routes, ``/v1/clients/{i}`` and ``/v1/clients/{i}/predict``, are answered by client i's
+own deployment on client i's node (``serve.deployments``): no central ingress sits on that path.
+The index app at ``/`` answers health and the listing, publishes the schema of the whole API,
+and answers client routes only when that client's own app is not there (404, or 503).
+Every error body is ``{"detail": "<field or format>: <what is wrong>"}``.
 """
 
-from typing import Any, Optional
+import hashlib
+import hmac
+from typing import Optional
 
-import numpy as np
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field
-from ray import serve
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from serve.deployments import client_app_name
+from serve import inputs
 
-app = FastAPI(
-    title="NMoE routed inference",
-    version="1",
-    description="Each client extracts latents, its gate picks experts in the network, peers answer.",
-)
-
-
-class PredictRequest(BaseModel):
-    inputs: list[Any] = Field(
-        ..., description="one image [C,H,W] (or [H,W] for one channel) or a batch [B,C,H,W]; pixels in [0, 1]"
-    )
-    top_k: Optional[int] = Field(None, description="experts per sample; default: the trained top_k")
+NODE_HEADER = "X-NMoE-Node"  # the Ray node that decoded the input: client i's own node
 
 
 class Route(BaseModel):
@@ -41,77 +36,211 @@ class PredictResponse(BaseModel):
     unavailable_experts: list[int]
 
 
-def parse_inputs(inputs: list, channels: int, size: int, max_batch: int) -> np.ndarray:
-    """Nested lists -> float32 [B, C, H, W], or an HTTPException naming what is wrong."""
-    if len(inputs) == 0:
-        raise HTTPException(422, "inputs: empty; send one image or a non-empty batch")
-    try:
-        x = np.asarray(inputs, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise HTTPException(422, "inputs: not a rectangular array of numbers") from None
-    expected = f"[{channels},{size},{size}] or [B,{channels},{size},{size}]"
-    if x.ndim == 2 and channels == 1:
-        x = x[None, None]
-    elif x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4:
-        raise HTTPException(422, f"inputs: shape {list(np.shape(inputs))} is not {expected}")
-    if x.shape[0] > max_batch:
-        raise HTTPException(413, f"inputs: batch of {x.shape[0]} exceeds the limit of {max_batch}")
-    if x.shape[0] == 0:
-        raise HTTPException(422, "inputs: empty batch")
-    if x.shape[1] != channels:
-        raise HTTPException(422, f"inputs: {x.shape[1]} channels, this model takes {channels} (shape {expected})")
-    if x.shape[2:] != (size, size):
-        raise HTTPException(422, f"inputs: image size {list(x.shape[2:])}, expected {size}x{size} (shape {expected})")
-    if not np.isfinite(x).all():
-        raise HTTPException(422, "inputs: contains NaN or infinity")
-    return x
+class Error(BaseModel):
+    detail: str
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, graceful_shutdown_timeout_s=5)
-@serve.ingress(app)
-class Api:
-    def __init__(self, meta: dict, variant: str, top_k: int, max_batch: int = 256):
-        self.meta, self.variant, self.top_k, self.max_batch = meta, variant, top_k, max_batch
-        self.n = len(meta["clients"])
+class Tokens:
+    """Per-client bearer tokens, kept as SHA-256 digests: client i's token opens client i's routes only."""
 
-    def _client(self, i: int) -> dict:
-        if not 0 <= i < self.n:
-            raise HTTPException(404, f"client {i}: unknown; clients are 0..{self.n - 1}")
-        c = self.meta["clients"][i]
-        counts = c["label_counts"]
-        total = max(1, sum(counts))
-        top = sorted(range(len(counts)), key=lambda k: -counts[k])[:3]
-        return {
-            "id": i,
-            "expert": i,
-            "train_samples": c["train_samples"],
-            "label_counts": counts,
-            "top_labels": [{"label": k, "share": round(counts[k] / total, 3)} for k in top],
-        }
+    def __init__(self, digests: Optional[dict[int, str]]):
+        self.digests = digests
+
+    @staticmethod
+    def digest(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def check(self, request: Request, client: Optional[int]) -> None:
+        """401 without a known token, 403 with another client's; any client's token for shared routes."""
+        if self.digests is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise HTTPException(
+                401, "authorization: send Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
+            )
+        seen = self.digest(token.strip())
+        owner = next((i for i, d in self.digests.items() if hmac.compare_digest(d, seen)), None)
+        if owner is None:
+            raise HTTPException(401, "authorization: unknown token", {"WWW-Authenticate": "Bearer"})
+        if client is not None and owner != client:
+            raise HTTPException(403, f"authorization: this token opens client {owner}'s routes, not client {client}'s")
+
+
+def client_info(meta: dict, i: int, status: str, where: Optional[dict] = None) -> dict:
+    """What a user may know of client i: its data mix (counts only), status and where it is served."""
+    counts = meta["clients"][i]["label_counts"]
+    total = max(1, sum(counts))
+    top = sorted(range(len(counts)), key=lambda k: -counts[k])[:3]
+    return {
+        "id": i,
+        "expert": i,
+        "status": status,
+        "train_samples": meta["clients"][i]["train_samples"],
+        "label_counts": counts,
+        "top_labels": [{"label": k, "share": round(counts[k] / total, 3)} for k in top],
+        "node_id": (where or {}).get("node_id"),
+        "url": (where or {}).get("url"),
+    }
+
+
+def parse_top_k(request: Request, body_top_k: Optional[int], default: int, n: int) -> int:
+    """top_k from the JSON body, else from the query string, else the trained default; each 1..n."""
+    query = None
+    if "top_k" in request.query_params:
+        raw = request.query_params["top_k"]
+        if not raw.lstrip("-").isdigit():
+            raise HTTPException(422, f"top_k: must be an integer, got {raw!r}")
+        query = int(raw)
+    for k in (body_top_k, query):
+        if k is not None and not 1 <= k <= n:
+            raise HTTPException(422, f"top_k: must be between 1 and {n}, got {k}")
+    return next((k for k in (body_top_k, query) if k is not None), default)
+
+
+def _string_errors(app: FastAPI) -> None:
+    """FastAPI's own validation errors (a path or query parameter) as one string naming the field."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        field = str(err["loc"][-1]) if err.get("loc") else "request"
+        return JSONResponse({"detail": f"{field}: {err['msg']}"}, status_code=422)
+
+
+class _PrefixRoot:
+    """ASGI middleware: a request for exactly the mount prefix (/v1/clients/3) is the app's "/" route,
+    not a redirect to /v1/clients/3/."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("root_path") and scope["path"] == scope["root_path"]:
+            scope = {**scope, "path": scope["path"] + "/"}
+        await self.app(scope, receive, send)
+
+
+def bare_app(**kwargs) -> FastAPI:
+    """A FastAPI app whose validation errors are one string, and whose mount prefix is its root."""
+    app = FastAPI(**kwargs)
+    _string_errors(app)
+    app.add_middleware(_PrefixRoot)
+    return app
+
+
+def predict_openapi(meta: dict, n: int, max_batch: int, secured: bool) -> dict:
+    """The predict operation's request bodies (JSON with exact shapes, or a binary file) for the schema."""
+    c, s = meta["channels"], meta["image_size"]
+    pixel = {"type": "number", "minimum": 0, "maximum": 1}
+
+    def nested(dims: list[int]) -> dict:
+        out = pixel
+        for d in reversed(dims):
+            out = {"type": "array", "items": out, "minItems": d, "maxItems": d}
+        return out
+
+    shapes = [nested([c, s, s]), {**nested([1, c, s, s]), "minItems": 1, "maxItems": max_batch}]
+    if c == 1:
+        shapes.insert(0, nested([s, s]))
+    body = {
+        "type": "object",
+        "required": ["inputs"],
+        "additionalProperties": False,
+        "properties": {
+            "inputs": {"anyOf": shapes, "description": f"pixels in [0, 1]: [{c},{s},{s}] or [B,{c},{s},{s}]"},
+            "top_k": {"type": "integer", "minimum": 1, "maximum": n},
+        },
+    }
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    extra: dict = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                inputs.JSON: {"schema": body},
+                inputs.PNG: {**binary, "description": f"one {s}x{s} 8-bit image; pixels read as value / 255"},
+                inputs.JPEG: {**binary, "description": f"one {s}x{s} 8-bit image; pixels read as value / 255"},
+                inputs.NPY: {**binary, "description": "np.save of uint8 (0-255) or float32 (0-1) pixels"},
+            },
+        },
+        "parameters": [
+            {
+                "name": "top_k",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 1, "maximum": n},
+                "description": "experts per sample (a JSON body's own top_k wins)",
+            }
+        ],
+    }
+    if secured:
+        extra["security"] = [{"bearer": []}]
+    return extra
+
+
+def errors(*codes: int) -> dict:
+    return {code: {"model": Error} for code in codes}
+
+
+def index_app(meta: dict, variant: str, status: dict[int, str], where: dict[int, dict], tokens: Tokens, max_batch: int):
+    """Health, the listing and the schema; a client route lands here only when its client's app is absent."""
+    n = len(meta["clients"])
+    secured = tokens.digests is not None
+    app = bare_app(
+        title="NMoE routed inference",
+        version="1",
+        description=(
+            "Each client is served on its own node: it decodes its input, extracts latents, and its gate "
+            "sends only those latents to the chosen experts in the network."
+        ),
+    )
+    auth = [401, 403] if secured else []
+    doc = {"security": [{"bearer": []}]} if secured else None
+
+    def known(i: int) -> None:
+        if not 0 <= i < n:
+            raise HTTPException(404, f"client {i}: unknown; clients are 0..{n - 1}")
 
     @app.get("/v1/health")
-    def health(self) -> dict:
-        return {"status": "ok", "clients": self.n, "variant": self.variant, "dataset": self.meta["dataset"]}
+    def health() -> dict:
+        served = sorted(i for i, s in status.items() if s == "serving")
+        return {"status": "ok", "clients": n, "served": served, "variant": variant, "dataset": meta["dataset"]}
 
-    @app.get("/v1/clients")
-    def clients(self) -> list[dict]:
-        return [self._client(i) for i in range(self.n)]
+    @app.get("/v1/clients", responses=errors(*auth), openapi_extra=doc)
+    def clients(request: Request) -> list[dict]:
+        tokens.check(request, None)
+        return [client_info(meta, i, status[i], where.get(i)) for i in range(n)]
 
-    @app.get("/v1/clients/{i}")
-    def client(self, i: int) -> dict:
-        return self._client(i)
+    @app.get("/v1/clients/{i}", responses=errors(*auth, 404, 422), openapi_extra=doc)
+    def client(i: int, request: Request) -> dict:
+        known(i)
+        tokens.check(request, i)
+        return client_info(meta, i, "unavailable" if status[i] == "serving" else status[i], where.get(i))
 
-    @app.post("/v1/clients/{i}/predict", response_model=PredictResponse)
-    async def predict(self, i: int, req: PredictRequest) -> dict:
-        self._client(i)
-        k = req.top_k if req.top_k is not None else self.top_k
-        if not 1 <= k <= self.n:
-            raise HTTPException(422, f"top_k: must be between 1 and {self.n}, got {k}")
-        x = parse_inputs(req.inputs, self.meta["channels"], self.meta["image_size"], self.max_batch)
-        try:
-            handle = serve.get_app_handle(client_app_name(i))
-        except Exception:  # noqa: BLE001 - the app is gone: nothing to route from
-            raise HTTPException(503, f"client {i}: not being served right now") from None
-        return await handle.predict.remote(x, k)
+    @app.post(
+        "/v1/clients/{i}/predict",
+        response_model=PredictResponse,
+        responses={
+            200: {"headers": {NODE_HEADER: {"schema": {"type": "string"}, "description": "the node that decoded"}}},
+            **errors(*auth, 404, 413, 415, 422, 503),
+        },
+        openapi_extra=predict_openapi(meta, n, max_batch, secured),
+    )
+    def predict(i: int, request: Request) -> None:
+        known(i)
+        tokens.check(request, i)
+        if status[i] == "dropped":
+            raise HTTPException(404, f"client {i}: left the run during training; it is not served")
+        if request.url.path.rstrip("/") != f"/v1/clients/{i}/predict":
+            raise HTTPException(404, f"client {i}: its route is /v1/clients/{i}/predict")
+        raise HTTPException(503, f"client {i}: not being served right now")
+
+    if secured:
+
+        def with_bearer() -> dict:  # computed where the app runs: Serve copies the app before it serves
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            return schema
+
+        app.openapi = with_bearer
+    return app

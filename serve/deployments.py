@@ -1,19 +1,24 @@
-"""Ray Serve deployments: one per client, holding its F, its gate and its expert.
+"""Client i as a Ray Serve application on client i's node: its own HTTP ingress, F, gate and expert.
 
-A client's ``predict`` extracts latents, asks its gate, sends each chosen peer the rows
-routed to it (float16 when configured) through that peer's DeploymentHandle, and combines
-the answers with ``training.routing``. The expert path is batched with ``@serve.batch``.
-A peer that is gone or silent is masked out and the gate's next-best expert stands in.
+``POST /v1/clients/{i}/predict`` is decoded and featurised here, so raw inputs never leave the
+node. The gate picks experts; each chosen peer gets only the latent rows routed to it (float16
+when configured) through its DeploymentHandle, and ``training.routing`` combines the answers.
+Peers batch their expert forwards with ``@serve.batch``. A peer that is gone or silent is masked
+out and the gate's next-best expert stands in; clients that training dropped are masked from the
+start.
 """
 
-from __future__ import annotations
-
 import asyncio
+import collections
+import json
 
 import numpy as np
 import torch
+from fastapi import HTTPException, Request, Response
 from ray import serve
+from ray.serve.exceptions import DeploymentUnavailableError
 
+from serve import api, inputs
 from training import checkpoint as ckpt
 from training import gates, routing, seeds
 from training.data import normalize
@@ -25,62 +30,106 @@ def client_app_name(i: int) -> str:
     return f"{APP_PREFIX}{i}"
 
 
+def client_route(i: int) -> str:
+    return f"/v1/clients/{i}"
+
+
 # predict and expert_forward share a replica: a low request cap would let two clients wait on
 # each other's expert calls until the peer timeout fires, so the cap is generous; a request
 # takes milliseconds, so replicas need not wait Serve's default 20 s to drain on shutdown
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, graceful_shutdown_timeout_s=5)
+@serve.ingress()
 class ClientDeployment:
-    """Client i as a service: its own inputs in, routed predictions out; its expert for peers."""
+    """Client i as a service: its own inputs in over HTTP, routed predictions out; its expert for peers."""
 
-    def __init__(self, client_id: int, cfg: dict, meta: dict, weights: dict, variant: str, peer_timeout_s: float = 2.0):
+    def __init__(self, client_id: int, cfg: dict, meta: dict, weights: dict, variant: str, options: dict):
+        import ray
+
         from training.config import from_dict
 
         torch.set_num_threads(1)
-        self.id, self.variant, self.timeout = client_id, variant, peer_timeout_s
+        self.id, self.variant, self.meta = client_id, variant, meta
         self.cfg = from_dict(cfg)
-        self.dataset = meta["dataset"]
         self.n = self.cfg.num_clients
+        self.timeout = options["peer_timeout_s"]
+        self.max_batch = options["max_batch"]
+        self.served = torch.zeros(self.n, dtype=torch.bool)
+        self.served[options["served"]] = True  # clients training dropped are never asked
+        self.tokens = api.Tokens(options.get("token_digests"))
         self.extractor = ckpt.load_extractor(self.cfg, meta, weights["stage1"])
         self.expert = ckpt.load_expert(self.cfg, meta, weights["expert"])
         self.spec = gates.get(variant)
         self.gate = ckpt.load_gate(self.cfg, meta, variant, weights.get("gate"))
         self.num_classes = meta["num_classes"]
+        self.node = ray.get_runtime_context().get_node_id()
         self._peers: dict[int, object] = {}
+        self._received: collections.deque = collections.deque(maxlen=256)
 
-    def node_id(self) -> str:
+    def __serve_build_asgi_app__(self):
+        """Client i's own FastAPI app, mounted by Serve at /v1/clients/{i} (no docs: the index has them)."""
+        app = api.bare_app(openapi_url=None, docs_url=None, redoc_url=None)
+        c, s = self.meta["channels"], self.meta["image_size"]
+
+        @app.get("/")
+        def info(request: Request) -> dict:
+            self.tokens.check(request, self.id)
+            return api.client_info(self.meta, self.id, "serving", {"node_id": self.node})
+
+        @app.post("/predict")
+        async def predict(request: Request) -> Response:
+            self.tokens.check(request, self.id)
+            kind = inputs.media_type(request.headers.get("content-type"))
+            x, body_k = inputs.decode(await request.body(), kind, c, s, self.max_batch)
+            k = api.parse_top_k(request, body_k, self.cfg.routing.top_k, self.n)
+            reply = await self.predict(x, k)
+            return Response(json.dumps(reply), media_type="application/json", headers={api.NODE_HEADER: self.node})
+
+        return app
+
+    def where(self) -> dict:
         """The Ray node this client's deployment runs on (placement checks, operators)."""
-        import ray
+        return {"node_id": self.node}
 
-        return ray.get_runtime_context().get_node_id()
+    def received(self) -> list[dict]:
+        """Shape and dtype of the last payloads peers sent this expert: latents [n, d], never inputs."""
+        return list(self._received)
 
     def _peer(self, j: int):
         if j not in self._peers:
             self._peers[j] = serve.get_app_handle(client_app_name(j))
         return self._peers[j]
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
     async def expert_forward(self, requests: list[np.ndarray]) -> list[np.ndarray]:
         """Peers' latents (any float dtype) -> this expert's logits, many requests in one forward."""
+        self._received.extend({"shape": list(r.shape), "dtype": str(r.dtype)} for r in requests)
         sizes = np.cumsum([len(r) for r in requests])[:-1]
         with torch.no_grad():
             out = self.expert(torch.from_numpy(np.concatenate(requests)).float()).numpy()
         return np.split(out, sizes)
 
     async def _ask(self, j: int, payload: np.ndarray) -> np.ndarray:
-        return await asyncio.wait_for(self._peer(j).expert_forward.remote(payload), timeout=self.timeout)
+        try:
+            return await asyncio.wait_for(self._peer(j).expert_forward.remote(payload), timeout=self.timeout)
+        except DeploymentUnavailableError:
+            # the peer's application was deleted: this handle stays unavailable for good, so the
+            # next call makes a new one (which finds the peer once it is redeployed); a handle whose
+            # call merely timed out is kept, since a fresh one would start cold and time out again
+            self._peers.pop(j, None)
+            raise
 
     def choose(self, h: torch.Tensor, k: int, available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.spec.choose(self.gate, h, k, available, self.n, seeds.routing(self.cfg.seed, self.id))
 
     async def predict(self, pixels: np.ndarray, top_k: int | None = None) -> dict:
         """Routed inference for a batch of pixels in [0, 1], shape [B, C, H, W]."""
-        x = normalize(torch.from_numpy(pixels).float(), self.dataset)
+        x = normalize(torch.from_numpy(pixels).float(), self.meta["dataset"])
         with torch.no_grad():
             h = self.extractor(x)
-        k = top_k or self.cfg.routing.top_k
+        k = min(top_k or self.cfg.routing.top_k, int(self.served.sum()))
         fp16 = self.cfg.routing.fp16_latents
         payload = (h.half() if fp16 else h).numpy()
-        available = torch.ones(self.n, dtype=torch.bool)
+        available = self.served.clone()
         bytes_out = bytes_in = 0
         failed: list[int] = []
         while True:
@@ -102,6 +151,9 @@ class ClientDeployment:
                 break
             failed += lost
             available[lost] = False  # the gate's next-best experts stand in
+            if not available.any():
+                raise HTTPException(503, f"client {self.id}: no expert in the network answered")
+            k = min(k, int(available.sum()))
         answers = {j: torch.from_numpy(np.asarray(r)) for j, r in zip(remote, replies)}
         if self.id in plan:
             with torch.no_grad():

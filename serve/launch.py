@@ -1,18 +1,47 @@
-"""Deploy a trained run on Ray Serve: one application per client plus the HTTP ingress."""
+"""Deploy a trained run on Ray Serve: each client's own application on its node, plus the index.
+
+Client i goes to the node it trained on when that node is still in the cluster (recorded in
+the run's state), otherwise to a node offering ``cluster.client_resource`` (any node if none
+is set), round-robin. Serve runs a proxy on every node; client i is reached through the proxy
+of its own node, at the URL ``deploy`` reports. All applications are deployed in one call.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray import serve
 
-from serve.api import Api
-from serve.deployments import ClientDeployment, client_app_name
+from serve import api
+from serve.deployments import ClientDeployment, client_app_name, client_route
 from training import checkpoint as ckpt
 from training.config import PAPER_VARIANT
 
-INGRESS_APP = "nmoe"
+INDEX_APP = "nmoe"
+PORT_ENV = "RAY_SERVE_WORKER_PROXY_HTTP_PORT"  # a worker node's own proxy port (co-located nodes)
+# a replica runs its handlers and its handles' router on its own event loop, not on extra threads:
+# about 2 ms less per request on 2 cores (benchmarks/results/serve.md)
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+@dataclass
+class Served:
+    """What ``deploy`` started: the index URL, each served client's node and URL, and the time taken."""
+
+    url: str
+    clients: dict[int, dict] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    targets: dict[int, serve.RunTarget] = field(default_factory=dict, repr=False)
+
+    def redeploy(self, i: int) -> None:
+        """Deploy client i's application again, as it was (after it was deleted or lost)."""
+        serve.run_many([self.targets[i]])
 
 
 def run_from_mlflow(run_id: str, tracking_uri: str) -> Path:
@@ -28,6 +57,50 @@ def run_from_mlflow(run_id: str, tracking_uri: str) -> Path:
     return dest
 
 
+def read_tokens(path: Path, clients: list[int]) -> dict[int, str]:
+    """A token file: a JSON object {"<client>": "<token>"} with one distinct token per served client."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ckpt.RunFolderError(f"--token-file {path}: {exc}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and v.strip() for v in raw.values()):
+        raise ckpt.RunFolderError(f"--token-file {path}: expected a JSON object of client id -> non-empty token")
+    tokens = {int(k): v.strip() for k, v in raw.items() if str(k).isdigit()}
+    if len(tokens) != len(raw) or sorted(set(clients) - set(tokens)):
+        missing = sorted(set(clients) - set(tokens))
+        raise ckpt.RunFolderError(f"--token-file {path}: needs a token for every served client (missing {missing})")
+    if len(set(tokens.values())) != len(tokens):
+        raise ckpt.RunFolderError(f"--token-file {path}: two clients share a token")
+    return tokens
+
+
+def place(cfg, trained_on: dict[int, str], clients: list[int]) -> dict[int, str]:
+    """client -> node id: its training node if alive, else round-robin over the client nodes."""
+    import ray
+
+    alive = [nd for nd in ray.nodes() if nd["Alive"]]
+    name = cfg.cluster.client_resource
+    pool = [nd for nd in alive if name and nd["Resources"].get(name, 0) > 0] or alive
+    pool = sorted(nd["NodeID"] for nd in pool)
+    ids = {nd["NodeID"] for nd in alive}
+    return {i: trained_on[i] if trained_on.get(i) in ids else pool[k % len(pool)] for k, i in enumerate(clients)}
+
+
+def proxy_ports(nodes: set[str], port: int) -> dict[str, int]:
+    """Each node's proxy port: the head's is ``port``; a worker's may be overridden by PORT_ENV."""
+    import ray
+
+    head = {nd["NodeID"] for nd in ray.nodes() if "node:__internal_head__" in nd["Resources"]}
+
+    @ray.remote(num_cpus=0)
+    def env_port() -> str | None:
+        return os.environ.get(PORT_ENV)
+
+    workers = sorted(nodes - head)
+    found = ray.get([env_port.options(label_selector={"ray.io/node-id": nd}).remote() for nd in workers])
+    return {**{nd: port for nd in nodes & head}, **{nd: int(p or port) for nd, p in zip(workers, found)}}
+
+
 def deploy(
     run: Path,
     variant: str = PAPER_VARIANT,
@@ -35,32 +108,55 @@ def deploy(
     port: int = 8000,
     max_batch: int = 256,
     peer_timeout_s: float = 2.0,
-) -> str:
-    """Start Serve's HTTP proxy on host:port and deploy every client; returns the base URL."""
+    tokens: dict[int, str] | None = None,
+) -> Served:
+    """Start a Serve proxy on every node (host:port) and deploy every client that training kept."""
+    t0 = time.monotonic()
     trained = ckpt.load_trained(run)
-    cfg = trained["config"]
+    cfg, meta = trained["config"], trained["meta"]
     if variant not in cfg.stage3.variants:
         raise ckpt.RunFolderError(
             f"variant {variant!r} was not trained in {run} (trained: {', '.join(cfg.stage3.variants)})"
         )
-    meta = trained["meta"]
-    serve.start(http_options={"host": host, "port": port})
-    # on a cluster, client deployments go where the clients live: nodes offering the client resource
-    placement = {"num_cpus": 0}
-    if cfg.cluster.client_resource:
-        placement["resources"] = {cfg.cluster.client_resource: 0.01}
-    for i in sorted(trained["experts"]):  # a client that left the run has no expert to serve
+    clients = sorted(trained["experts"])  # a client that left the run has no expert to serve
+    n = len(meta["clients"])
+    status = {i: "serving" if i in trained["experts"] else "dropped" for i in range(n)}
+    nodes = place(cfg, {i: c.get("node_id") for i, c in enumerate(meta["clients"])}, clients)
+    ports = proxy_ports(set(nodes.values()), port)
+    where = {i: {"node_id": nodes[i], "url": f"http://{host}:{ports[nodes[i]]}{client_route(i)}"} for i in clients}
+    digests = {i: api.Tokens.digest(t) for i, t in tokens.items()} if tokens else None
+    options = {"peer_timeout_s": peer_timeout_s, "max_batch": max_batch, "served": clients, "token_digests": digests}
+    serve.start(proxy_location="EveryNode", http_options={"host": host, "port": port})
+    targets = {}
+    for i in clients:
         weights = {
             "stage1": trained["stage1"],
             "expert": trained["experts"][i],
             "gate": trained["gates"].get(variant, {}).get(i),
         }  # None for a variant without a gate
-        app = ClientDeployment.options(name="client", ray_actor_options=placement).bind(
-            i, cfg.to_dict(), meta, weights, variant, peer_timeout_s
+        actor = {
+            "num_cpus": 0,
+            "label_selector": {"ray.io/node-id": nodes[i]},
+            "runtime_env": {"env_vars": REPLICA_ENV},
+        }
+        app = ClientDeployment.options(name="client", ray_actor_options=actor).bind(
+            i, cfg.to_dict(), meta, weights, variant, options
         )
-        serve.run(app, name=client_app_name(i), route_prefix=None)
-    serve.run(Api.bind(meta, variant, cfg.routing.top_k, max_batch), name=INGRESS_APP, route_prefix="/")
-    return f"http://{host}:{port}"
+        targets[i] = serve.RunTarget(app, name=client_app_name(i), route_prefix=client_route(i))
+    index = serve.deployment(
+        serve.ingress(api.index_app(meta, variant, status, where, api.Tokens(digests), max_batch))(_Index),
+        name="index",
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=256,
+        graceful_shutdown_timeout_s=5,
+    )
+    serve.run_many([*targets.values(), serve.RunTarget(index.bind(), name=INDEX_APP, route_prefix="/")])
+    dropped = [i for i in range(n) if status[i] == "dropped"]
+    return Served(f"http://{host}:{port}", where, dropped, time.monotonic() - t0, targets)
+
+
+class _Index:
+    """The index deployment's class: all its behaviour is the FastAPI app it is wrapped with."""
 
 
 def shutdown() -> None:

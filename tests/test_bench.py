@@ -128,10 +128,11 @@ def test_comm_bytes_and_fp16_vs_fp32(bench, capsys):
 
 def test_serve_runs_in_process_and_leaves_the_session_ray_up(bench, capsys, ray_session):
     res, md = bench(capsys, "serve")  # serves the reused smoke-sized run
-    assert len(res["rows"]) == 6 and res["requests"] == 16
+    assert len(res["rows"]) == 7 and res["requests"] == 16 and res["healthy_s"] > 0
+    assert {r["format"] for r in res["rows"]} == {"npy", "json"} and res["http_floor"]["p50_ms"] > 0
     for r in res["rows"]:
         assert r["p50_ms"] > 0 and r["samples_per_s"] > 0 and 0 < r["bytes_per_sample"] < res["raw_bytes_per_sample"]
-        assert f"{r['p50_ms']:.1f}" in _row(md, str(r["batch"]), str(r["concurrency"]))
+        assert f"{r['p50_ms']:.1f}" in _row(md, str(r["batch"]), str(r["concurrency"]), r["format"])
     assert ray_session.is_initialized()  # run_benchmark must not shut down the caller's Ray
     assert ray_session.get(ray_session.remote(lambda: 7).remote()) == 7
 

@@ -150,13 +150,23 @@ def test_the_run_finishes_and_latents_cross_nodes(placement):
         assert r["bytes_out"] == r["rows"] * 2 * placement["latent_dim"] * 2
 
 
-def test_the_cluster_serves_a_predict_that_routes_to_experts_on_other_nodes(placement):
+def test_the_cluster_serves_each_client_on_its_own_node_and_only_latents_travel(placement):
     served = placement["serve"]
-    assert served["status"] == 200, served["body"]
-    experts = {e["expert"] for row in served["body"]["routes"] for e in row}
-    assert experts == {0, 1, 2} and served["body"]["degraded"] is False
-    assert served["body"]["bytes_out"] > 0  # latents crossed to the peers' deployments
-    assert set(served["replica_nodes"]) <= set(placement["workers"])  # deployments sit on client nodes
+    trained_on = {str(i): c["node_id"] for i, c in enumerate(placement["state_meta_clients"])}
+    assert served["replica_nodes"] == trained_on  # each client is served where it trained
+    ports = {w["url"].split(":")[2].split("/")[0] for w in served["served"].values()}
+    assert len(ports) == 3  # three nodes on one machine: three proxies, each on a port of its own
+    for i, reply in served["clients"].items():
+        assert reply["status"] == 200, reply["body"]
+        assert reply["decoded_on"] == trained_on[i]  # the input was decoded on client i's own node
+        experts = {e["expert"] for row in reply["body"]["routes"] for e in row}
+        assert experts == {0, 1, 2} and reply["body"]["degraded"] is False
+        assert reply["body"]["bytes_out"] > 0  # latents crossed to the peers' nodes
+    # what every expert received from its peers: latents [rows, d] in float16, never [B, 1, 28, 28]
+    rows = served["input_shape"][0]
+    for i, got in served["received"].items():
+        assert got, f"expert {i} was sent nothing"
+        assert all(p["shape"] == [rows, placement["latent_dim"]] and p["dtype"] == "float16" for p in got), got
 
 
 def test_a_resource_no_node_offers_fails_at_once_naming_it(placement):

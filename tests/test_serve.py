@@ -1,25 +1,35 @@
 """Routed inference over real HTTP on 127.0.0.1 (Ray Serve), from the smoke run's checkpoint."""
 
+import io
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
+from PIL import Image
 
 from training import checkpoint as ckpt
 from training import gates, routing
 from training.data import build_split, denormalize, load_dataset, normalize
 
 JSON = {"Content-Type": "application/json"}
+NPY = {"Content-Type": "application/x-npy"}
+PNG = {"Content-Type": "image/png"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def image(a: np.ndarray, fmt: str, mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).convert(mode).save(buf, format=fmt)
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module", params=["fedgate", "classgate"])
@@ -33,8 +43,8 @@ def served(ray_session, smoke_run, variant):
     from serve import launch
 
     run = smoke_run / "run"
-    url = launch.deploy(run, variant, "127.0.0.1", _free_port(), max_batch=64)
-    with httpx.Client(base_url=url, timeout=60) as http:
+    served = launch.deploy(run, variant, "127.0.0.1", free_port(), max_batch=64)
+    with httpx.Client(base_url=served.url, timeout=60) as http:
         yield run, http
     launch.shutdown()
 
@@ -101,7 +111,10 @@ def test_single_image_and_metadata_endpoints(served, reference):
     assert http.get("/v1/health").json()["status"] == "ok"
     clients = http.get("/v1/clients").json()
     assert [c["id"] for c in clients] == list(range(cfg.num_clients)) and all(c["expert"] == c["id"] for c in clients)
-    assert http.get("/v1/clients/1").json()["train_samples"] > 0
+    info = http.get("/v1/clients/1").json()  # answered by client 1's own app, on its node
+    assert info["train_samples"] > 0 and info["status"] == "serving"
+    assert one.headers["x-nmoe-node"] == http.get("/v1/clients/2").json()["node_id"]
+    assert http.get("/v1/health").json()["served"] == list(range(cfg.num_clients))
     assert "/v1/clients/{i}/predict" in http.get("/openapi.json").json()["paths"]
     assert http.get("/docs").status_code == 200
 
@@ -126,13 +139,19 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_service_survives(served, 
             "infinity",
         ),
         (http.post("/v1/clients/0/predict", json={"inputs": []}), 422, "empty"),
-        (http.post("/v1/clients/0/predict", json={"inputs": np.zeros((65, 1, 28, 28)).tolist()}), 413, "limit"),
+        (http.post("/v1/clients/0/predict", json={"inputs": np.zeros((65, 1, 28, 28)).tolist()}), 422, "limit"),
         (http.post("/v1/clients/0/predict", json={"inputs": good, "top_k": 0}), 422, "top_k"),
         (http.post("/v1/clients/0/predict", json={"inputs": good, "top_k": 4}), 422, "top_k"),
         (http.post("/v1/clients/7/predict", json={"inputs": good}), 404, "client 7"),
         (http.post("/v1/clients/0/predict", json={"wrong": good}), 422, "inputs"),
         (http.post("/v1/clients/0/predict", json={"inputs": [[["a"]]]}), 422, "numbers"),
         (http.get("/v1/clients/9"), 404, "client 9"),
+        (http.post("/v1/clients/0/predict", json={"inputs": (pixels[:1] * 255).tolist()}), 422, "[0, 1]"),
+        (http.post("/v1/clients/0/predict", json={"inputs": [[[True] * 28] * 28]}), 422, "numbers"),
+        (http.post("/v1/clients/0/predict", json={"inputs": good, "top_k": "2"}), 422, "top_k"),
+        (http.post("/v1/clients/0/predict", json={"inputs": good, "topk": 2}), 422, "topk"),
+        (http.post("/v1/clients/0/predict", content=b"x", headers={"Content-Type": "text/plain"}), 415, "text/plain"),
+        (http.post("/v1/clients/0/predict", content=b"x", headers={}), 415, "content-type"),
     ]
     for i, (r, status, word) in enumerate(cases):
         assert r.status_code == status, (i, r.status_code, r.text)
@@ -189,6 +208,85 @@ def test_a_run_can_be_served_from_its_mlflow_artifacts(smoke_run):
         run_from_mlflow("0" * 32, resolve_uri(f"sqlite:///{smoke_run / 'mlflow.db'}"))
 
 
+def test_png_jpeg_and_npy_bodies_answer_like_json_for_the_same_pixels(served, reference):
+    _, http = served
+    *_, pixels = reference
+    u8 = np.round(pixels[0, 0] * 255).astype(np.uint8)  # an 8-bit image, as a file would hold it
+    as_json = http.post("/v1/clients/1/predict", json={"inputs": (u8 / 255.0).tolist(), "top_k": 2}).json()
+    bodies = [
+        (PNG, image(u8, "PNG")),
+        (NPY, npy(u8)),  # uint8, one image [H, W]
+        (NPY, npy((u8 / 255.0).astype(np.float32)[None])),  # float32 [C, H, W]
+    ]
+    for headers, body in bodies:
+        r = http.post("/v1/clients/1/predict?top_k=2", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == as_json["predictions"]
+        assert r.json()["routes"] == as_json["routes"]
+        assert np.allclose(r.json()["probabilities"], as_json["probabilities"], atol=1e-5)
+    jpeg = image(u8, "JPEG")  # lossy: compare with JSON of the pixels JPEG decodes to
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)), dtype=np.float32) / 255.0
+    r = http.post("/v1/clients/1/predict?top_k=2", content=jpeg, headers={"Content-Type": "image/jpeg"})
+    ref = http.post("/v1/clients/1/predict", json={"inputs": decoded.tolist(), "top_k": 2}).json()
+    assert r.status_code == 200 and np.allclose(r.json()["probabilities"], ref["probabilities"], atol=1e-5)
+    # another size or colour: converted to grayscale and resized (bilinear), as Pillow would
+    big = Image.fromarray(u8).convert("RGB").resize((56, 56), Image.Resampling.NEAREST)
+    small = np.asarray(big.convert("L").resize((28, 28), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    r = http.post("/v1/clients/1/predict", content=buf.getvalue(), headers=PNG)
+    ref = http.post("/v1/clients/1/predict", json={"inputs": small.tolist()}).json()
+    assert r.status_code == 200 and r.json()["predictions"] == ref["predictions"]
+    batch = http.post("/v1/clients/1/predict", content=npy(pixels[:5]), headers=NPY).json()
+    assert len(batch["predictions"]) == 5 and all(len(row) == 2 for row in batch["routes"])  # trained top_k
+
+
+def test_every_binary_format_gets_the_same_4xx_checks(served, reference):
+    _, http = served
+    *_, pixels = reference
+    u8 = np.round(pixels[0, 0] * 255).astype(np.uint8)
+    cases = [
+        (PNG, b"not a png", 422, "png"),
+        (PNG, image(u8, "JPEG"), 422, "jpeg image sent as image/png"),
+        (PNG, image(np.zeros((4, 4), np.uint16), "PNG", "I;16"), 422, "not 8-bit"),
+        (PNG, image(u8, "PNG")[:60], 422, "png"),  # truncated
+        ({"Content-Type": "image/jpeg"}, b"\xff\xd8garbage", 422, "jpeg"),
+        (NPY, b"\x93NUMPY garbage", 422, ".npy"),
+        (NPY, npy(pixels[:1].astype(np.float64)), 422, "float64"),
+        (NPY, npy(np.zeros((1, 3, 28, 28), np.float32)), 422, "channels"),
+        (NPY, npy(np.zeros((2, 2), np.float32)), 422, "image size"),
+        (NPY, npy(pixels[:1] * 2), 422, "[0, 1]"),
+        (NPY, npy(np.full((1, 1, 28, 28), np.nan, np.float32)), 422, "nan"),
+        (NPY, npy(np.zeros((65, 1, 28, 28), np.float32)), 422, "limit"),
+        (NPY, b"", 422, "empty"),
+    ]
+    for i, (headers, body, status, word) in enumerate(cases):
+        r = http.post("/v1/clients/0/predict", content=body, headers=headers)
+        assert r.status_code == status, (i, r.status_code, r.text)
+        assert word in r.json()["detail"].lower(), (i, r.text)
+    for query, word in (("top_k=abc", "integer"), ("top_k=0", "between"), ("top_k=4", "between")):
+        r = http.post(f"/v1/clients/0/predict?{query}", content=npy(pixels[:1]), headers=NPY)
+        assert r.status_code == 422 and word in r.json()["detail"], r.text
+    assert http.post("/v1/clients/0/predict", content=npy(pixels[:1]), headers=NPY).status_code == 200
+
+
+def test_peers_experts_receive_latents_never_inputs(served, reference):
+    from ray import serve
+
+    from serve.deployments import client_app_name
+
+    _, http = served
+    cfg, *_, pixels = reference
+    body = http.post("/v1/clients/0/predict", content=npy(pixels[:6]), headers=NPY).json()
+    peers = {e["expert"] for row in body["routes"] for e in row} - {0}
+    assert peers, "the gate routed nothing away from client 0"
+    for j in peers:
+        got = serve.get_app_handle(client_app_name(j)).received.remote().result()
+        assert got and all(len(p["shape"]) == 2 and p["shape"][1] == cfg.model.latent_dim for p in got), got
+        assert {p["dtype"] for p in got} == {"float16"}  # fp16_latents in the smoke config
+
+
+# last: it deletes a client's application
 def test_deleted_expert_is_replaced_by_the_next_best_and_marked_degraded(served, reference):
     from ray import serve
 

@@ -47,12 +47,21 @@ def start_cluster() -> tuple[Cluster, dict]:
         generate_and_save_token()  # ~/.ray/auth_token, as a first local ray.init() would
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     workers = {}
-    for _ in range(WORKERS):
-        node = cluster.add_node(num_cpus=1, resources={"nmoe_client": 1})
+    for _ in range(WORKERS):  # co-located nodes: each worker's Serve proxy gets a port of its own
+        env = {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(free_port())}
+        node = cluster.add_node(num_cpus=1, resources={"nmoe_client": 1}, env_vars=env)
         workers[node.node_id] = node
     cluster.wait_for_nodes()
     cluster.connect()
     return cluster, workers
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def smoke_config(data_root: str, *overrides: str):
@@ -157,9 +166,8 @@ def placement(args, workers: dict) -> dict:
 
 
 def serve_across_nodes(run: Path, x) -> dict:
-    """The same cluster serves: client 0's predict routes (top-3) to experts on other nodes."""
-    import socket
-
+    """The same cluster serves. Each client's request goes to its own node's proxy: the reply names
+    the node that decoded it, and the peers' experts record what they were sent."""
     import httpx
     from ray import serve
 
@@ -167,19 +175,25 @@ def serve_across_nodes(run: Path, x) -> dict:
     from serve.deployments import client_app_name
     from training.data import denormalize
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = launch.deploy(run, "fedgate", "127.0.0.1", port)
+    served = launch.deploy(run, "fedgate", "127.0.0.1", free_port())
     try:
-        pixels = denormalize(x, "fashion_mnist").numpy().tolist()
-        r = httpx.post(f"{url}/v1/clients/0/predict", json={"inputs": pixels, "top_k": 3}, timeout=60)
-        nodes = [serve.get_app_handle(client_app_name(i)).node_id.remote().result() for i in range(3)]
-        return {
-            "status": r.status_code,
-            "body": r.json() if r.status_code == 200 else r.text,
-            "replica_nodes": sorted(set(nodes)),
+        pixels = denormalize(x, "fashion_mnist").numpy()
+        out: dict = {"clients": {}, "served": {str(i): w for i, w in served.clients.items()}}
+        for i, w in served.clients.items():
+            r = httpx.post(f"{w['url']}/predict", json={"inputs": pixels.tolist(), "top_k": 3}, timeout=60)
+            out["clients"][str(i)] = {
+                "status": r.status_code,
+                "body": r.json() if r.status_code == 200 else r.text,
+                "decoded_on": r.headers.get("x-nmoe-node"),
+            }
+        out["received"] = {
+            str(i): serve.get_app_handle(client_app_name(i)).received.remote().result() for i in served.clients
         }
+        out["replica_nodes"] = {
+            str(i): serve.get_app_handle(client_app_name(i)).where.remote().result()["node_id"] for i in served.clients
+        }
+        out["input_shape"] = list(pixels.shape)
+        return out
     finally:
         launch.shutdown()
 
