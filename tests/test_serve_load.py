@@ -94,7 +94,8 @@ def test_fifty_clients_for_30_s_with_a_peer_deleted_and_redeployed_get_no_error(
     codes = sorted({code for _, code, _ in seen})
     degraded = [t for t, _, d in seen if d]
     print(
-        f"{len(seen)} requests, codes {codes}, {len(degraded)} degraded, last at {max(degraded, default=0):.1f} s; {events}"
+        f"{len(seen)} requests, codes {codes}, {len(degraded)} degraded, "
+        f"the last at {max(degraded, default=0):.1f} s; {events}"
     )
     assert codes == [200]  # the peer's loss is answered by routing around it, never a 5xx
     assert degraded, "no reply was degraded while client 2 was gone"
