@@ -53,6 +53,7 @@ class ClientDeployment:
         self.n = self.cfg.num_clients
         self.timeout = options["peer_timeout_s"]
         self.max_batch = options["max_batch"]
+        self.url = options.get("url")  # where users reach this client: its own node's proxy
         self.served = torch.zeros(self.n, dtype=torch.bool)
         self.served[options["served"]] = True  # clients training dropped are never asked
         self.tokens = api.Tokens(options.get("token_digests"))
@@ -73,7 +74,7 @@ class ClientDeployment:
         @app.get("/")
         def info(request: Request) -> dict:
             self.tokens.check(request, self.id)
-            return api.client_info(self.meta, self.id, "serving", {"node_id": self.node})
+            return api.client_info(self.meta, self.id, "serving", {"node_id": self.node, "url": self.url})
 
         @app.post("/predict")
         async def predict(request: Request) -> Response:

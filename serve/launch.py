@@ -111,6 +111,8 @@ def deploy(
     tokens: dict[int, str] | None = None,
 ) -> Served:
     """Start a Serve proxy on every node (host:port) and deploy every client that training kept."""
+    import ray
+
     t0 = time.monotonic()
     trained = ckpt.load_trained(run)
     cfg, meta = trained["config"], trained["meta"]
@@ -123,7 +125,11 @@ def deploy(
     status = {i: "serving" if i in trained["experts"] else "dropped" for i in range(n)}
     nodes = place(cfg, {i: c.get("node_id") for i, c in enumerate(meta["clients"])}, clients)
     ports = proxy_ports(set(nodes.values()), port)
-    where = {i: {"node_id": nodes[i], "url": f"http://{host}:{ports[nodes[i]]}{client_route(i)}"} for i in clients}
+    ips = {nd["NodeID"]: nd["NodeManagerAddress"] for nd in ray.nodes()}
+    shown = {nd: ips[nd] if host in ("0.0.0.0", "::") else host for nd in ports}  # a wildcard bind: the node's IP
+    where = {
+        i: {"node_id": nodes[i], "url": f"http://{shown[nodes[i]]}:{ports[nodes[i]]}{client_route(i)}"} for i in clients
+    }
     digests = {i: api.Tokens.digest(t) for i, t in tokens.items()} if tokens else None
     options = {"peer_timeout_s": peer_timeout_s, "max_batch": max_batch, "served": clients, "token_digests": digests}
     serve.start(proxy_location="EveryNode", http_options={"host": host, "port": port})
@@ -140,7 +146,7 @@ def deploy(
             "runtime_env": {"env_vars": REPLICA_ENV},
         }
         app = ClientDeployment.options(name="client", ray_actor_options=actor).bind(
-            i, cfg.to_dict(), meta, weights, variant, options
+            i, cfg.to_dict(), meta, weights, variant, {**options, "url": where[i]["url"]}
         )
         targets[i] = serve.RunTarget(app, name=client_app_name(i), route_prefix=client_route(i))
     index = serve.deployment(

@@ -113,6 +113,7 @@ def test_single_image_and_metadata_endpoints(served, reference):
     assert [c["id"] for c in clients] == list(range(cfg.num_clients)) and all(c["expert"] == c["id"] for c in clients)
     info = http.get("/v1/clients/1").json()  # answered by client 1's own app, on its node
     assert info["train_samples"] > 0 and info["status"] == "serving"
+    assert info["url"] == f"{str(http.base_url).rstrip('/')}/v1/clients/1"
     assert one.headers["x-nmoe-node"] == http.get("/v1/clients/2").json()["node_id"]
     assert http.get("/v1/health").json()["served"] == list(range(cfg.num_clients))
     assert "/v1/clients/{i}/predict" in http.get("/openapi.json").json()["paths"]
