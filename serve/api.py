@@ -153,13 +153,14 @@ def predict_openapi(meta: dict, n: int, max_batch: int, secured: bool) -> dict:
         },
     }
     binary = {"schema": {"type": "string", "format": "binary"}}
+    image = f"one 8-bit image, pixels read as value / 255; another size is resized to {s}x{s} (bilinear)"
     extra: dict = {
         "requestBody": {
             "required": True,
             "content": {
                 inputs.JSON: {"schema": body},
-                inputs.PNG: {**binary, "description": f"one {s}x{s} 8-bit image; pixels read as value / 255"},
-                inputs.JPEG: {**binary, "description": f"one {s}x{s} 8-bit image; pixels read as value / 255"},
+                inputs.PNG: {**binary, "description": image},
+                inputs.JPEG: {**binary, "description": image},
                 inputs.NPY: {**binary, "description": "np.save of uint8 (0-255) or float32 (0-1) pixels"},
             },
         },
