@@ -75,11 +75,7 @@ def serve_cmd(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         run = Path(args.run) if args.run else launch.run_from_mlflow(args.mlflow_run, resolve_uri(args.tracking_uri))
-        tokens = None
-        if args.token_file:
-            from training.checkpoint import load_trained
-
-            tokens = launch.read_tokens(Path(args.token_file), sorted(load_trained(run)["experts"]))
+        tokens = launch.read_tokens(Path(args.token_file)) if args.token_file else None
         served = launch.deploy(run, args.variant, args.host, args.port, args.max_batch, args.peer_timeout, tokens)
         url = served.url
         console.print(f"serving {run} ({args.variant}) at {url}, healthy in {served.seconds:.1f} s")

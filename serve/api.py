@@ -9,6 +9,7 @@ Every error body is ``{"detail": "<field or format>: <what is wrong>"}``.
 
 import hashlib
 import hmac
+import re
 from typing import Optional
 
 from fastapi import FastAPI, HTTPException, Request
@@ -89,7 +90,7 @@ def parse_top_k(request: Request, body_top_k: Optional[int], default: int, n: in
     query = None
     if "top_k" in request.query_params:
         raw = request.query_params["top_k"]
-        if not raw.lstrip("-").isdigit():
+        if not re.fullmatch(r"-?[0-9]+", raw):
             raise HTTPException(422, f"top_k: must be an integer, got {raw!r}")
         query = int(raw)
     for k in (body_top_k, query):

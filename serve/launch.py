@@ -57,28 +57,24 @@ def run_from_mlflow(run_id: str, tracking_uri: str) -> Path:
     return dest
 
 
-def read_tokens(path: Path, clients: list[int]) -> dict[int, str]:
-    """A token file: a JSON object {"<client>": "<token>"} with one distinct token per served client."""
+def read_tokens(path: Path) -> dict[int, str]:
+    """A token file: a JSON object {"<client>": "<token>"}, one distinct non-empty token per client."""
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ckpt.RunFolderError(f"--token-file {path}: {exc}") from None
     if not isinstance(raw, dict) or not all(isinstance(v, str) and v.strip() for v in raw.values()):
         raise ckpt.RunFolderError(f"--token-file {path}: expected a JSON object of client id -> non-empty token")
-    tokens = {int(k): v.strip() for k, v in raw.items() if str(k).isdigit()}
-    if len(tokens) != len(raw) or sorted(set(clients) - set(tokens)):
-        missing = sorted(set(clients) - set(tokens))
-        raise ckpt.RunFolderError(f"--token-file {path}: needs a token for every served client (missing {missing})")
+    if not all(str(k).isdigit() for k in raw):
+        raise ckpt.RunFolderError(f"--token-file {path}: keys must be client ids, got {sorted(raw)}")
+    tokens = {int(k): v.strip() for k, v in raw.items()}
     if len(set(tokens.values())) != len(tokens):
         raise ckpt.RunFolderError(f"--token-file {path}: two clients share a token")
     return tokens
 
 
-def place(cfg, trained_on: dict[int, str], clients: list[int]) -> dict[int, str]:
+def place(cfg, alive: list[dict], trained_on: dict[int, str], clients: list[int]) -> dict[int, str]:
     """client -> node id: its training node if alive, else round-robin over the client nodes."""
-    import ray
-
-    alive = [nd for nd in ray.nodes() if nd["Alive"]]
     name = cfg.cluster.client_resource
     pool = [nd for nd in alive if name and nd["Resources"].get(name, 0) > 0] or alive
     pool = sorted(nd["NodeID"] for nd in pool)
@@ -86,11 +82,11 @@ def place(cfg, trained_on: dict[int, str], clients: list[int]) -> dict[int, str]
     return {i: trained_on[i] if trained_on.get(i) in ids else pool[k % len(pool)] for k, i in enumerate(clients)}
 
 
-def proxy_ports(nodes: set[str], port: int) -> dict[str, int]:
+def proxy_ports(alive: list[dict], nodes: set[str], port: int) -> dict[str, int]:
     """Each node's proxy port: the head's is ``port``; a worker's may be overridden by PORT_ENV."""
     import ray
 
-    head = {nd["NodeID"] for nd in ray.nodes() if "node:__internal_head__" in nd["Resources"]}
+    head = {nd["NodeID"] for nd in alive if "node:__internal_head__" in nd["Resources"]}
 
     @ray.remote(num_cpus=0)
     def env_port() -> str | None:
@@ -123,9 +119,13 @@ def deploy(
     clients = sorted(trained["experts"])  # a client that left the run has no expert to serve
     n = len(meta["clients"])
     status = {i: "serving" if i in trained["experts"] else "dropped" for i in range(n)}
-    nodes = place(cfg, {i: c.get("node_id") for i, c in enumerate(meta["clients"])}, clients)
-    ports = proxy_ports(set(nodes.values()), port)
-    ips = {nd["NodeID"]: nd["NodeManagerAddress"] for nd in ray.nodes()}
+    if tokens is not None and set(clients) - set(tokens):
+        missing = sorted(set(clients) - set(tokens))
+        raise ckpt.RunFolderError(f"--token-file: needs a token for every served client (missing {missing})")
+    alive = [nd for nd in ray.nodes() if nd["Alive"]]
+    nodes = place(cfg, alive, {i: c.get("node_id") for i, c in enumerate(meta["clients"])}, clients)
+    ports = proxy_ports(alive, set(nodes.values()), port)
+    ips = {nd["NodeID"]: nd["NodeManagerAddress"] for nd in alive}
     shown = {nd: ips[nd] if host in ("0.0.0.0", "::") else host for nd in ports}  # a wildcard bind: the node's IP
     where = {
         i: {"node_id": nodes[i], "url": f"http://{shown[nodes[i]]}:{ports[nodes[i]]}{client_route(i)}"} for i in clients

@@ -265,7 +265,12 @@ def test_every_binary_format_gets_the_same_4xx_checks(served, reference):
         r = http.post("/v1/clients/0/predict", content=body, headers=headers)
         assert r.status_code == status, (i, r.status_code, r.text)
         assert word in r.json()["detail"].lower(), (i, r.text)
-    for query, word in (("top_k=abc", "integer"), ("top_k=0", "between"), ("top_k=4", "between")):
+    for query, word in (
+        ("top_k=abc", "integer"),
+        ("top_k=--2", "integer"),
+        ("top_k=0", "between"),
+        ("top_k=4", "between"),
+    ):
         r = http.post(f"/v1/clients/0/predict?{query}", content=npy(pixels[:1]), headers=NPY)
         assert r.status_code == 422 and word in r.json()["detail"], r.text
     assert http.post("/v1/clients/0/predict", content=npy(pixels[:1]), headers=NPY).status_code == 200

@@ -143,10 +143,13 @@ def test_tokens_open_only_their_own_clients_routes(ray_session, smoke_run, tmp_p
     launch.shutdown()  # the open service above (if any): Serve's proxy port is fixed while it runs
     run = smoke_run / "run"
     bad = tmp_path / "bad.json"
-    for text, word in (("{", "--token-file"), ('{"0": "a", "1": "a", "2": "b"}', "share"), ('{"0": "a"}', "missing")):
+    for text, word in (("{", "--token-file"), ('{"0": "a", "1": "a", "2": "b"}', "share"), ('{"x": "a"}', "ids")):
         bad.write_text(text)
         with pytest.raises(RunFolderError, match=word):
-            launch.read_tokens(bad, [0, 1, 2])
+            launch.read_tokens(bad)
+    bad.write_text('{"0": "a"}')
+    with pytest.raises(RunFolderError, match="missing"):  # refused before anything is deployed
+        launch.deploy(run, "fedgate", "127.0.0.1", free_port(), tokens=launch.read_tokens(bad))
     tokens = {0: "tok-zero", 1: "tok-one", 2: "tok-two"}
     served = launch.deploy(run, "fedgate", "127.0.0.1", free_port(), tokens=tokens)
     body = io.BytesIO()
