@@ -1,9 +1,11 @@
 """``Client``: one edge device as a stateful Ray actor.
 
-It loads its own shard from its own disk (the coordinator only sends sample indices),
-keeps its feature extractor, its expert and one gate per stage-3 variant, and answers its
-peers' ``expert_forward`` calls. Raw samples never leave it: every method returns weights,
-metrics, latents-derived logits or counts.
+It reads its own rows from its own disk (the coordinator only sends row numbers) and holds
+nothing else of the dataset: the balanced global test set is read in chunks when its latents
+are needed (``training.shards``). It keeps its feature extractor, its expert and one gate per
+stage-3 variant on its device (``cluster.device``, the GPU share Ray assigned it), and answers
+its peers' ``expert_forward`` calls. Raw samples never leave it: every method returns weights,
+metrics, latents-derived logits or counts, on the CPU (``training.devices``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import ray
 import torch
 
 from actors import peers
-from training import federated, gates, local, routing, seeds
+from training import devices, federated, gates, local, routing, seeds
 from training.config import ExperimentConfig, from_dict
-from training.data import label_counts, load_dataset
+from training.data import label_counts
 from training.gates import ClientView
 from training.models import Stage1Model, make_expert
+from training.shards import NUM_CLASSES, load_rows
 
 STAGE_ORDER = ("init", "stage1", "stage2", "stage3")
+GLOBAL_CHUNK = 4096  # global test rows read at a time (a multiple of compute_latents' batches: same latents)
 
 
 class Client:
@@ -32,32 +36,36 @@ class Client:
         self,
         client_id: int,
         cfg: dict,
-        train_idx: np.ndarray,
-        test_idx: np.ndarray,
-        global_idx: np.ndarray,
+        train_rows: np.ndarray,
+        test_rows: np.ndarray,
+        global_rows: np.ndarray,
         threads: int = 1,
         coordinator=None,
+        device: str = "cpu",
     ):
+        """``*_rows``: row numbers in the dataset's train and test files (``training.shards``)."""
         torch.set_num_threads(max(1, threads))
         self.id = client_id
         self.cfg: ExperimentConfig = from_dict(cfg)
-        ds = load_dataset(self.cfg.data)
-        self.x, self.y = ds.x_train[train_idx], ds.y_train[train_idx]
-        self.x_test, self.y_test = ds.x_test[test_idx], ds.y_test[test_idx]
-        self.x_global, self.y_global = ds.x_test[global_idx], ds.y_test[global_idx]
-        self.num_classes = ds.num_classes
-        del ds
+        self.device = devices.local(device)
+        x, y = load_rows(self.cfg.data, True, train_rows)
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        x, y = load_rows(self.cfg.data, False, test_rows)
+        self.x_test, self.y_test = x.to(self.device), y.to(self.device)
+        self.global_rows = np.asarray(global_rows)  # read when their latents are needed (_latents)
+        self.y_global: torch.Tensor | None = None
+        self.num_classes = NUM_CLASSES
         torch.manual_seed(self.cfg.seed)  # same initial F everywhere; stage 1 overwrites it anyway
-        self.model = Stage1Model(self.cfg.model, self.x.shape[1], self.x.shape[2], self.num_classes)
+        self.model = Stage1Model(self.cfg.model, self.x.shape[1], self.x.shape[2], self.num_classes).to(self.device)
         torch.manual_seed(seeds.expert_init(self.cfg.seed, client_id))
-        self.expert = make_expert(self.cfg.model, self.num_classes).eval()
+        self.expert = make_expert(self.cfg.model, self.num_classes).eval().to(self.device)
         # one instance per variant: a variant may keep this client's state (ProtoGate's synthetic latents)
         self.variants = {v: gates.get(v) for v in self.cfg.stage3.variants}
         self.gates = {}
         for v, spec in self.variants.items():  # built in config order: each draws its initial weights in turn
             gate = spec.make_gate(self.cfg, self.num_classes)
             if gate is not None:
-                self.gates[v] = gate.eval()
+                self.gates[v] = gate.eval().to(self.device)
         self.peers: list = []
         self.available: torch.Tensor | None = None  # bool [N]: experts that can answer (None: all)
         self.stage = "init"  # the last stage whose weights this actor holds
@@ -92,7 +100,9 @@ class Client:
             "pid": os.getpid(),
             "train_samples": len(self.y),
             "test_samples": len(self.y_test),
-            "label_counts": label_counts(self.y.numpy(), self.num_classes).tolist(),
+            "label_counts": label_counts(self.y.cpu().numpy(), self.num_classes).tolist(),
+            "device": str(self.device),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "stage": self.stage,
             "peers": len(self.peers),
             "reconstructed": self.reconstructed,
@@ -105,12 +115,14 @@ class Client:
         self.available = None if available is None or all(available) else torch.tensor(available, dtype=torch.bool)
 
     def get_state(self) -> dict:
-        return {
-            "stage": self.stage,
-            "stage1": self.model.state_dict(),
-            "expert": self.expert.state_dict(),
-            "gates": {v: g.state_dict() for v, g in self.gates.items()},
-        }
+        return devices.cpu(
+            {
+                "stage": self.stage,
+                "stage1": self.model.state_dict(),
+                "expert": self.expert.state_dict(),
+                "gates": {v: g.state_dict() for v, g in self.gates.items()},
+            }
+        )
 
     def load_state(self, state: dict) -> None:
         """Restore weights (after a restart, or on resume); ``state`` may hold any subset:
@@ -140,7 +152,7 @@ class Client:
         )
         self.stage = "stage1"
         self._h.clear()
-        return {k: state[k] for k in global_state}, metrics
+        return devices.cpu({k: state[k] for k in global_state}), metrics
 
     def set_global(self, global_state: dict) -> None:
         """Take the aggregated stage-1 weights (end of stage 1, or a restore)."""
@@ -149,29 +161,49 @@ class Client:
         self._h.clear()
 
     def _latents(self, which: str) -> torch.Tensor:
+        """h = F(x) of the own train or test split, or of the global test set (read in chunks)."""
         if which not in self._h:
-            x = {"train": self.x, "test": self.x_test, "global": self.x_global}[which]
-            self._h[which] = local.compute_latents(self.model.extractor, x)
+            F = self.model.extractor
+            if which == "global":
+                hs, ys = [], []
+                for i in range(0, len(self.global_rows), GLOBAL_CHUNK):
+                    x, y = load_rows(self.cfg.data, False, self.global_rows[i : i + GLOBAL_CHUNK])
+                    hs.append(local.compute_latents(F, x.to(self.device)))
+                    ys.append(y)
+                self._h[which] = torch.cat(hs) if hs else local.compute_latents(F, self.x_test[:0])
+                self.y_global = torch.cat(ys).to(self.device) if ys else self.y_test[:0]
+            else:
+                self._h[which] = local.compute_latents(F, self.x if which == "train" else self.x_test)
         return self._h[which]
+
+    def _labelled(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(latents, labels)`` of the own test split (``"test"``) or the global test set."""
+        h = self._latents(which)
+        return h, self.y_test if which == "test" else self.y_global
 
     def fit_expert(self) -> tuple[dict, dict]:
         """Stage 2: F frozen, the expert learns this client's data. Nothing travels; the trained
         expert goes back to the coordinator only for its checkpoint."""
         self._serving()
         torch.manual_seed(seeds.expert_init(self.cfg.seed, self.id))
-        self.expert = make_expert(self.cfg.model, self.num_classes)
+        self.expert = make_expert(self.cfg.model, self.num_classes).to(self.device)
         _, metrics = local.fit_expert(
             self.expert, self._latents("train"), self.y, self.cfg.stage2, seed=seeds.expert_fit(self.cfg.seed, self.id)
         )
         self.stage = "stage2"
-        return self.expert.state_dict(), metrics
+        return devices.cpu(self.expert.state_dict()), metrics
 
     @torch.no_grad()
     def expert_forward(self, latents: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """A peer's request: this client's expert on (some rows of) the peer's latents."""
+        """A peer's request: this client's expert on (some rows of) the peer's latents; answers on the CPU."""
         self._serving()
         h = latents if rows is None else latents[rows]
-        return self.expert(h.float())
+        return self._expert(h).cpu()
+
+    @torch.no_grad()
+    def _expert(self, h: torch.Tensor) -> torch.Tensor:
+        """The own expert on latents from anywhere, on this client's device."""
+        return self.expert(h.to(self.device).float())
 
     def _ask_every_expert(self, h: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Every expert's answer on latents ``h`` ([n, N, C]) and the bytes it cost.
@@ -181,12 +213,14 @@ class Client:
         this client's routing; zeros stand in for its answers.
         """
         fp16 = self.cfg.routing.fp16_latents
-        ref = ray.put(h.half() if fp16 else h)
+        ref = ray.put((h.half() if fp16 else h).cpu())
         live = self._live()
         asked = [j for j in range(len(self.peers)) if j != self.id and live[j]]
         answers, lost = peers.ask({j: self.peers[j].expert_forward.remote(ref) for j in asked}, self._peer_timeout())
         self._lose(lost)
-        answers[self.id] = self.expert_forward(h)
+        answers = devices.to(answers, self.device)
+        self._serving()
+        answers[self.id] = self._expert(h)
         for j in range(len(self.peers)):
             answers.setdefault(j, torch.zeros_like(answers[self.id]))
         sent, back = len(asked) * len(h), (len(asked) - len(lost)) * len(h)
@@ -242,13 +276,13 @@ class Client:
     def exchange_stats(self, variant: str) -> dict:
         """A variant's one-off exchange, client side: statistics of the own latents, never a sample."""
         self._serving()
-        return self.variants[variant].client_stats(self._view())
+        return devices.cpu(self.variants[variant].client_stats(self._view()))
 
     def install_exchange(self, variant: str, shared) -> dict:
         """A variant's one-off exchange, back on the client: returns the bytes using it cost, and the
         gate as installed (for the coordinator's checkpoint)."""
         self._serving()
-        cost = self.variants[variant].install(self._view(), self.gates.get(variant), shared)
+        cost = self.variants[variant].install(self._view(), self.gates.get(variant), devices.to(shared, self.device))
         self.stage = "stage3"
         return {**cost, "gate": self.gate_state(variant)}
 
@@ -256,21 +290,24 @@ class Client:
         """Stage 3, one round of ``variant``: merge what was synced in, train its gate locally."""
         self._serving()
         state, metrics = self.variants[variant].fit(
-            self._view(), self.gates[variant], incoming, seeds.client_round(self.cfg.seed, round_, self.id)
+            self._view(),
+            self.gates[variant],
+            devices.to(incoming, self.device),
+            seeds.client_round(self.cfg.seed, round_, self.id),
         )
         self.stage = "stage3"
-        return state, metrics
+        return devices.cpu(state), metrics
 
     def sync_gate(self, variant: str, shared: dict) -> dict:
         """Overwrite the synchronised part of a gate (what the variant's aggregate or ring handed out)."""
         gate = self.gates[variant]
-        gate.load_state_dict(federated.partial_sync(gate.state_dict(), shared))
-        return gate.state_dict()
+        gate.load_state_dict(federated.partial_sync(gate.state_dict(), devices.to(shared, self.device)))
+        return devices.cpu(gate.state_dict())
 
     def gate_state(self, variant: str) -> dict | None:
         """The gate of ``variant`` as it is now (checkpoints; None for a variant without a gate)."""
         gate = self.gates.get(variant)
-        return None if gate is None else gate.state_dict()
+        return None if gate is None else devices.cpu(gate.state_dict())
 
     # ----------------------------------------------------------------- inference
 
@@ -286,14 +323,15 @@ class Client:
         )
 
     def route_latents(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
-        """Routed inference on latents: dispatch through the object store, combine, count bytes.
+        """Routed inference on latents: dispatch through the object store, combine, count bytes (the
+        reply's tensors are on the CPU).
 
         A chosen peer that does not answer is replaced by the gate's next-best available expert
         (``lost_peers`` says which); the bytes sent to it still count.
         """
         self._serving()
         fp16, live, lost_all, out, back = self.cfg.routing.fp16_latents, self._live(), [], 0, 0
-        ref = None
+        h, ref = h.to(self.device), None
         while True:
             idx, w = self.choose(h, variant, top_k, live if lost_all else None)
             plan = routing.dispatch_plan(idx)
@@ -302,9 +340,10 @@ class Client:
             lost: list[int] = []
             if remote:
                 if ref is None:
-                    ref = ray.put(h.half() if fp16 else h)  # once, however many peers read it
-                futures = {j: self.peers[j].expert_forward.remote(ref, plan[j][0]) for j in remote}
+                    ref = ray.put((h.half() if fp16 else h).cpu())  # once, however many peers read it
+                futures = {j: self.peers[j].expert_forward.remote(ref, plan[j][0].cpu()) for j in remote}
                 answers, lost = peers.ask(futures, self._peer_timeout())
+                answers = devices.to(answers, self.device)
             sent, got = routing.routed_bytes(plan, self.id, h.shape[1], self.num_classes, fp16)
             out += sent  # sent, even to a peer that was lost
             back += got - sum(len(plan[j][0]) for j in lost) * self.num_classes * 4
@@ -314,12 +353,12 @@ class Client:
             live[lost] = False
         self._lose(lost_all)
         if self.id in plan:
-            answers[self.id] = self.expert_forward(h[plan[self.id][0]])
+            answers[self.id] = self._expert(h[plan[self.id][0]])
         readout = self.variants[variant].readout(self.gates.get(variant))
         return {
-            "logits": routing.combine(w, plan, answers, readout),
-            "experts": idx,
-            "weights": w,
+            "logits": routing.combine(w, plan, answers, readout).cpu(),
+            "experts": idx.cpu(),
+            "weights": w.cpu(),
             "bytes_out": out,
             "bytes_in": back,
             "lost_peers": lost_all,
@@ -327,15 +366,16 @@ class Client:
 
     def route(self, x: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
         """Routed inference on raw inputs that belong to this client (they stay here)."""
-        return self.route_latents(local.compute_latents(self.model.extractor, x), variant, top_k)
+        return self.route_latents(local.compute_latents(self.model.extractor, x.to(self.device)), variant, top_k)
 
     def evaluate(self, variant: str) -> dict:
         """Personalized (own test split) and global (balanced test set) accuracy of routed inference."""
         self._serving()
         out = {"routed_samples": 0, "bytes_out": 0, "bytes_in": 0, "lost_peers": []}
         usage = torch.zeros(len(self.peers))
-        for name, y in (("test", self.y_test), ("global", self.y_global)):
-            h, correct = self._latents(name), 0
+        for name in ("test", "global"):
+            (h, y), correct = self._labelled(name), 0
+            y = y.cpu()
             for i in range(0, len(h), self.cfg.routing.eval_batch):
                 r = self.route_latents(h[i : i + self.cfg.routing.eval_batch], variant)
                 correct += int((r["logits"].argmax(1) == y[i : i + len(r["logits"])]).sum())
@@ -354,8 +394,8 @@ class Client:
         """local_only (own expert alone) and fedavg_global (stage-1 F + linear classifier)."""
         self._serving()
         res = {}
-        for name, y in (("test", self.y_test), ("global", self.y_global)):
-            h = self._latents(name)
+        for name in ("test", "global"):
+            h, y = self._labelled(name)
             key = "personalized_acc" if name == "test" else "global_acc"
             res.setdefault("local_only", {})[key] = local.accuracy(self.expert(h), y)
             res.setdefault("fedavg_global", {})[key] = local.accuracy(self.model.classifier(h), y)

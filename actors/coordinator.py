@@ -29,10 +29,11 @@ from actors.fleet import Fleet
 from actors.stage3 import Stage3
 from actors.tracking import Tracker
 from training import checkpoint as ckpt
-from training import federated, local, objectives, schema, seeds
+from training import devices, federated, local, objectives, schema, seeds
 from training.config import PAPER_VARIANT, STAGES, from_dict
-from training.data import build_split, load_dataset
+from training.data import build_split, label_counts, load_dataset
 from training.models import Gate, Stage1Model, make_expert
+from training.shards import load_labels
 
 
 class PlacementError(RuntimeError):
@@ -44,7 +45,8 @@ def client_resources(cfg) -> tuple[dict, int]:
 
     With ``cluster.client_resource`` the clients may only use the nodes that offer it: each
     bundle asks for a slice of it small enough that every such node holds its share of the
-    clients, and for the CPUs of such a node's slot (not a share of the head's CPUs).
+    clients, and for the CPUs of such a node's slot (not a share of the head's CPUs). With
+    ``cluster.device`` cuda (or auto on a cluster with GPUs) it asks for a GPU share too.
     """
     n, name, strategy = cfg.num_clients, cfg.cluster.client_resource, cfg.cluster.placement
     nodes = [nd["Resources"] for nd in ray.nodes() if nd["Alive"]]
@@ -66,7 +68,25 @@ def client_resources(cfg) -> tuple[dict, int]:
         share = max(0.01, math.floor(100 * min(r.get("CPU", 0) * bundle[name] / r[name] for r in nodes)) / 100)
     else:
         share = max(0.01, math.floor(100 * ray.cluster_resources().get("CPU", 1) / n) / 100)
-    return {"CPU": share, **bundle}, max(1, int(share))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    gpu = devices.gpu_share(client_device(cfg), cfg.cluster.gpus_per_client, gpus, n)
+    return {"CPU": share, **({"GPU": gpu} if gpu else {}), **bundle}, max(1, int(share))
+
+
+def client_device(cfg) -> str:
+    """``cluster.device`` resolved for this cluster (auto: cuda where Ray offers GPUs)."""
+    try:
+        return devices.resolve(cfg.cluster.device, ray.cluster_resources().get("GPU", 0))
+    except devices.DeviceError as exc:
+        raise PlacementError(str(exc)) from None
+
+
+def concurrency(cfg, threads: int) -> int:
+    """How many clients train at once: ``cluster.concurrent_clients``, else as many as the
+    cluster's CPUs hold at ``threads`` each (more would only time-slice the same cores)."""
+    if cfg.cluster.concurrent_clients:
+        return cfg.cluster.concurrent_clients
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
 
 
 class Coordinator:
@@ -109,11 +129,14 @@ class Coordinator:
         ckpt.save_json(self.out / "state.json", self.state)
 
     def _start_clients(self) -> None:
+        """Place the clients and start them without waiting: each reads its own rows as it comes up,
+        and the first round goes to the clients that are up first (``Fleet``)."""
         cfg = self.cfg
-        ds = load_dataset(cfg.data)
-        split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
-        self.ds, self.split = ds, split
+        self.labels = labels = load_labels(cfg.data)  # labels only: the images stay on the clients' disks
+        split = build_split(cfg, labels.y_train, labels.y_test, labels.num_classes)
+        self.split = split
         bundle, threads = client_resources(cfg)
+        device = client_device(cfg)
         self.pg = placement_group([dict(bundle) for _ in range(cfg.num_clients)], strategy=cfg.cluster.placement)
         try:
             ray.get(self.pg.ready(), timeout=max(30.0, cfg.cluster.round_timeout_s / 4))
@@ -129,28 +152,49 @@ class Coordinator:
             me = ray.get_runtime_context().current_actor  # restarted clients ask it for their state
         except RuntimeError:  # not running as an actor: restarted clients start from their initial weights
             me = None
+        rows = labels.test_rows
         self.clients = [
             actor.options(
                 max_restarts=cfg.cluster.max_restarts,
                 max_task_retries=-1,  # a call in flight when its client died runs again on the restored client
                 max_concurrency=4,
                 num_cpus=bundle["CPU"],
-                resources={k: v for k, v in bundle.items() if k != "CPU"},
+                num_gpus=bundle.get("GPU", 0),
+                resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(i, cfg_dict, split.train[i], split.test[i], split.global_test, threads, me)
+            ).remote(i, cfg_dict, split.train[i], rows[split.test[i]], rows[split.global_test], threads, me, device)
             for i in range(cfg.num_clients)
         ]
         self.fleet.clients = self.clients
-        timeout = max(120.0, cfg.cluster.round_timeout_s)  # processes starting: torch imported, shards loaded
-        mask = self.fleet.mask()  # threaded actors: wait, order is not kept
-        ray.get([c.set_peers.remote(self.clients, mask) for c in self.clients], timeout=timeout)
-        infos = ray.get([c.info.remote() for c in self.clients], timeout=timeout)
+        self.fleet.concurrency = concurrency(cfg, threads)
+        mask = self.fleet.mask()
+        timeout = max(120.0, cfg.cluster.round_timeout_s)  # processes starting: torch imported, shards read
+        self.fleet.starting({i: c.set_peers.remote(self.clients, mask) for i, c in enumerate(self.clients)}, timeout)
+        self._meta = False
+
+    def _record_meta(self) -> None:
+        """What serving and the results need to know of the clients (once they are all up)."""
+        if self._meta:
+            return
+        infos = self.fleet.call("info", ids=list(range(len(self.clients))), stage="setup", required=False)
+        lab = self.labels
         self.state["meta"] = {
-            "dataset": ds.name,
-            "num_classes": ds.num_classes,
-            "channels": ds.channels,
-            "image_size": ds.image_size,
-            "clients": infos,
+            "dataset": lab.name,
+            "num_classes": lab.num_classes,
+            "channels": lab.channels,
+            "image_size": lab.image_size,
+            "clients": [infos.get(i) or self._split_info(i) for i in range(len(self.clients))],
+        }
+        self._meta = True
+
+    def _split_info(self, i: int) -> dict:
+        """What the split says of a client that did not answer ``info``."""
+        y = self.labels.y_train[self.split.train[i]]
+        return {
+            "id": i,
+            "train_samples": len(y),
+            "test_samples": len(self.split.test[i]),
+            "label_counts": label_counts(y, self.labels.num_classes).tolist(),
         }
 
     def _restore(self, required: str, stage: str) -> None:
@@ -194,7 +238,8 @@ class Coordinator:
     def stage1(self) -> None:
         cfg, s1 = self.cfg, self.cfg.stage1
         torch.manual_seed(cfg.seed)
-        model = Stage1Model(cfg.model, self.ds.channels, self.ds.image_size, self.ds.num_classes)
+        lab = self.labels
+        model = Stage1Model(cfg.model, lab.channels, lab.image_size, lab.num_classes)
         start = self.state["stage1_round"] + 1
         if start > 0:
             model.load_state_dict(ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"])
@@ -207,12 +252,14 @@ class Coordinator:
             glob = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
             self.fleet.snapshot.update(stage="stage1", **{"global": glob})  # what a restarted client restores
             ref = ray.put(glob)
-            live = self.fleet.active
-            results = self.fleet.call("fit_extractor", ref, r, ids=live, stage="stage1", round_=r)
+            picked = federated.participants(
+                self.fleet.active, s1.clients_per_round, seeds.participants(cfg.seed, "stage1", r)
+            )
+            results = self.fleet.call("fit_extractor", ref, r, ids=picked, stage="stage1", round_=r)
             states, metrics = zip(*results.values())
-            weights = [m["samples"] for m in metrics]
+            weights = [m["samples"] for m in metrics]  # FedAvg over the participants that answered
             model.load_state_dict(federated.partial_sync(model.state_dict(), federated.fedavg(states, weights)))
-            down, up = size * len(live), size * len(results)
+            down, up = size * len(picked), size * len(results)
             self.state["bytes"]["stage1"] += down + up
             row = {
                 "round": r,
@@ -222,10 +269,12 @@ class Coordinator:
                 "bytes_up": up,
                 "seconds": time.perf_counter() - rt,
                 "client_seconds": {str(i): m["seconds"] for i, (_, m) in results.items()},
-                "missing": len(self.clients) - len(results),
+                "participants": picked,
+                "missing": len(picked) - len(results),
             }
             self.state["history"]["stage1"].append(row)
-            self.tracker.log({f"stage1/{k}": v for k, v in row.items() if k not in ("round", "client_seconds")}, step=r)
+            logged = {k: v for k, v in row.items() if k not in ("round", "client_seconds", "participants")}
+            self.tracker.log({f"stage1/{k}": v for k, v in logged.items()}, step=r)
             self.state["stage1_round"] = r
             if (r + 1) % cfg.cluster.checkpoint_every == 0 or r + 1 == s1.rounds:
                 ckpt.save_torch(ckpt.stage_file(self.out, "stage1"), {"round": r, "state": model.state_dict()})
@@ -263,7 +312,7 @@ class Coordinator:
 
     def centralized_moe(self) -> dict:
         """Upper bound, NOT private: pooled train data, the same F, N experts + one gate trained jointly."""
-        cfg, ds, split = self.cfg, self.ds, self.split
+        cfg, ds, split = self.cfg, load_dataset(self.cfg.data), self.split  # pooled: the coordinator reads it all
         g = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"]
         model = Stage1Model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
         model.load_state_dict(g)
@@ -331,11 +380,15 @@ class Coordinator:
         for stage, fn in (("stage1", self.stage1), ("stage2", self.stage2), ("stage3", self.stage3)):
             if stage not in self.state["completed"]:
                 fn()
+                self._record_meta()
                 self.state["completed"].append(stage)
                 self._save_state()
             if stop_after == stage:
+                self._record_meta()
+                self._save_state()
                 self._say("done", f"stopped after {stage}")
                 return {"stopped_after": stage, **self._results({})}
+        self._record_meta()
         t0 = time.perf_counter()
         ev = self.evaluate()
         self.state["timings"]["evaluate"] = time.perf_counter() - t0
@@ -360,7 +413,7 @@ class Coordinator:
                 "stage3_answers": b.get("stage3_answers", 0),
                 "per_routed_sample": per_sample.get(PAPER_VARIANT, next(iter(per_sample.values()), 0)),
                 "per_routed_sample_by_variant": per_sample,
-                "raw_input_per_sample": int(np.prod(self.ds.x_train.shape[1:])) * 4,
+                "raw_input_per_sample": self.labels.input_bytes,
             },
             "missing_clients": self.state["missing_clients"],
             "dropped_clients": sorted(self.state["dropped"]),

@@ -12,11 +12,16 @@
   node is gone) leaves the run and every other client stops routing to its expert.
 - A client that reports a lost peer (``lost_peers`` in its answer) keeps its result; the peer
   is recorded missing and, when it does not answer a ping either, leaves the run.
+- At most ``concurrency`` calls run at once (the cores, not ten one-thread processes
+  time-slicing them); the next goes to whichever waiting client is up already, so a client
+  still starting does not hold back the others. A call's timeout counts from its dispatch,
+  plus ``start_timeout`` for a client that has not started yet.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import ray
@@ -30,10 +35,13 @@ class NoClientAnswered(RuntimeError):
 
 
 class Fleet:
-    def __init__(self, clients: list, state: schema.RunState, timeout: float):
+    def __init__(self, clients: list, state: schema.RunState, timeout: float, concurrency: int | None = None):
         self.clients = clients
         self.state = state
         self.timeout = timeout
+        self.concurrency = concurrency  # None: every call at once
+        self.start_timeout = 0.0
+        self._starting: dict[int, ray.ObjectRef] = {}  # a client's first call, until it has answered
         self._late: dict[int, ray.ObjectRef] = {}  # a timed-out call still running on the client
         # what a restarted client restores: the shared stage-1 weights and each client's own pieces
         self.snapshot: dict[str, Any] = {"stage": "init", "global": None, "experts": {}, "gates": {}}
@@ -89,8 +97,19 @@ class Fleet:
             raise NoClientAnswered(f"{stage} round {round_}: no client answered within {timeout:g} s")
         return results
 
+    def starting(self, refs: dict[int, ray.ObjectRef], timeout: float) -> None:
+        """The clients' first calls, just sent: until one answers, its client is still starting,
+        and calls to it may take ``timeout`` longer."""
+        self._starting, self.start_timeout = dict(refs), timeout
+
+    def _up(self, i: int) -> bool:
+        ref = self._starting.get(i)
+        if ref is not None and ray.wait([ref], timeout=0)[0]:
+            del self._starting[i]
+        return i not in self._starting
+
     def _call_once(self, method, args, ids, stage, round_, timeout, per_client, wait) -> tuple[dict, list[int]]:
-        refs, failed = {}, []
+        queue, failed = deque(), []
         for i in ids:
             late = self._late.get(i)  # a step it cannot miss waits (bounded) for its last call to end
             if late is not None and not ray.wait([late], timeout=timeout if wait else 0)[0]:
@@ -99,22 +118,34 @@ class Fleet:
                     failed.append(i)
                 continue
             self._late.pop(i, None)
-            refs[i] = getattr(self.clients[i], method).remote(*(per_client(i) if per_client else args))
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout) if refs else ([], [])
-        ready = set(ready)
+            queue.append(i)
+        limit = self.concurrency or len(queue)
+        running: dict[ray.ObjectRef, tuple[int, float]] = {}  # ref -> (client, deadline)
         results = {}
-        for i, ref in refs.items():
-            if ref not in ready:
-                self._late[i] = ref
-                self._missing(stage, round_, i, "TimeoutError")
-                failed.append(i)
-                continue
-            try:
-                results[i] = ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                self._missing(stage, round_, i, type(exc).__name__)
-                failed.append(i)
-        return results, failed
+        while queue or running:
+            while queue and len(running) < limit:  # the next client that is up already, else the next
+                i = next((j for j in queue if self._up(j)), queue[0])
+                queue.remove(i)
+                extra = 0.0 if self._up(i) else self.start_timeout
+                ref = getattr(self.clients[i], method).remote(*(per_client(i) if per_client else args))
+                running[ref] = (i, time.monotonic() + timeout + extra)
+            soonest = min(d for _, d in running.values())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, soonest - time.monotonic()))
+            for ref in ready:
+                i, _ = running.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    self._missing(stage, round_, i, type(exc).__name__)
+                    failed.append(i)
+            now = time.monotonic()
+            for ref, (i, deadline) in list(running.items()):
+                if deadline <= now and ref not in ready:
+                    del running[ref]
+                    self._late[i] = ref
+                    self._missing(stage, round_, i, "TimeoutError")
+                    failed.append(i)
+        return {i: results[i] for i in ids if i in results}, failed
 
     def _keep_reachable(self, ids: list[int], stage: str, round_: int) -> list[int]:
         """Of the clients whose call failed, those still reachable (the others leave the run)."""

@@ -1,7 +1,8 @@
 """Stage 3 on the coordinator: every gate variant, driven through ``training.gates.GateVariant``.
 
 For each variant in ``stage3.variants``: its one-off exchange, then its rounds (FedAvg by
-prefix or whole, or around the ring), then its gates are checkpointed
+prefix or whole, or around the ring; each round trains ``stage3.clients_per_round`` of the
+clients, the others keep their gates), then its gates are checkpointed
 (``checkpoints/stage3/<variant>.pt``, also after every round) and it is marked finished in
 ``state.json``, so ``--resume`` never trains a finished variant again. A restarted client
 restores its gates from the latest round the coordinator holds (``Fleet.snapshot``).
@@ -16,7 +17,7 @@ import numpy as np
 import ray
 
 from training import checkpoint as ckpt
-from training import federated, gates
+from training import federated, gates, seeds
 
 
 def variant_file(out: Path, v: str) -> Path:
@@ -54,6 +55,11 @@ class Stage3:
 
     # ------------------------------------------------------------------ one variant
 
+    def _picked(self, r: int) -> list[int]:
+        """The clients that train in gate round ``r`` (the same for every variant)."""
+        per, seed = self.cfg.stage3.clients_per_round, seeds.participants(self.cfg.seed, "stage3", r)
+        return federated.participants(self.fleet.active, per, seed)
+
     def _exchange(self, v: str, spec: gates.GateVariant) -> int:
         """Each client's statistics up, the coordinator's combine down, each client installs it.
         Returns its bytes: statistics up, the combined payload down to every client, and whatever
@@ -84,7 +90,8 @@ class Stage3:
         for r in range(rounds):
             self.co._say("stage3", f"{v} round {r + 1}/{rounds}", r + 1, rounds)
             rt = time.perf_counter()
-            results = self.fleet.call("fit_gate", v, shared, r, stage=stage, round_=r)
+            picked = self._picked(r)
+            results = self.fleet.call("fit_gate", v, shared, r, ids=picked, stage=stage, round_=r)
             states, metrics = zip(*results.values())
             row = {
                 "round": r,
@@ -94,11 +101,11 @@ class Stage3:
             self.co.tracker.log({f"stage3/{v}/loss": row["loss"], f"stage3/{v}/accuracy": row["accuracy"]}, step=r)
             self._checkpoint(v, r, dict(zip(results, states)))
             shared = spec.aggregate(list(states), [m["samples"] for m in metrics])
-            if shared is not None:
+            if shared is not None:  # up from those who answered; down to the next round's clients (or all, at the end)
                 size = federated.state_bytes(shared)
-                sent += size * len(results) + size * len(self.fleet.active)  # up from those who answered, down to all
-            missing = len(self.fleet.clients) - len(results)
-            history.append({**row, "seconds": time.perf_counter() - rt, "missing": missing})
+                sent += size * len(results) + size * len(self._picked(r + 1) if r + 1 < rounds else self.fleet.active)
+            missing = len(picked) - len(results)
+            history.append({**row, "seconds": time.perf_counter() - rt, "participants": picked, "missing": missing})
         if shared is not None:
             synced = self.fleet.call("sync_gate", v, shared, stage=stage, round_=rounds - 1, essential=True)
             self._checkpoint(v, rounds - 1, synced)
@@ -108,7 +115,7 @@ class Stage3:
         """One gate travels around the clients; each trains it in turn; all end with the last one."""
         rounds, sent, state, stage = self.cfg.stage3.rounds, 0, None, f"stage3/{v}"
         for r in range(rounds):
-            for i in self.fleet.active:
+            for i in self._picked(r):
                 self.co._say("stage3", f"{v} round {r + 1}/{rounds}, client {i}", r + 1, rounds)
                 answer = self.fleet.call("fit_gate", v, state, r, ids=[i], stage=stage, round_=r, required=False)
                 if answer:

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -28,6 +28,7 @@ DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
 PARTITIONS = ("iid", "dirichlet", "shards")
 # what stage3.variants holds by default, in this order (a variant's place fixes its gate's initial weights)
 DEFAULT_VARIANTS = ("rangate", "rollgate", "fedgate", "localgate", "fullgate", "protogate", "classgate")
+DEVICES = ("auto", "cpu", "cuda")
 PAPER_VARIANT = "fedgate"  # the paper's proposal: served by default, its bytes per routed sample are the headline
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -73,6 +74,7 @@ class Stage1Config:
     sc_lambda: float = 0.5  # weight of NT-Xent in fedsc
     temperature: float = 0.5
     logit_adjust: float = 0.0  # tau: the CE term sees logits + tau * log(own label prior) (label-skew fix)
+    clients_per_round: Optional[Union[int, float]] = None  # a count (int) or a fraction (float); null: every client
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Stage3Config:
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 0.01
+    clients_per_round: Optional[Union[int, float]] = None  # the trained gates' rounds, as stage1.clients_per_round
     proto_ratio: float = 1.0  # protogate: synthetic latents from peers' class prototypes per own sample
     classgate_own_expert: float = 0.0  # classgate: weight of the own expert's answer in p(class | h)
     classgate_prior: float = 1.0  # classgate: power of the own label prior (routing and readout)
@@ -118,6 +121,9 @@ class ClusterConfig:
     cpus_per_client: Optional[float] = None  # None: share the cluster's CPUs evenly
     client_resource: Optional[str] = None  # custom resource each client asks for (one per node)
     placement: str = "SPREAD"  # placement-group strategy for the clients
+    device: str = "auto"  # auto: cuda where the cluster has GPUs; cpu; cuda
+    gpus_per_client: Optional[float] = None  # GPU share of each client (null with cuda: the cluster's GPUs / clients)
+    concurrent_clients: Optional[int] = None  # at most this many clients train at once (null: CPUs / client threads)
     round_timeout_s: float = 300.0  # a client silent this long misses the step (every wait is bounded by it)
     peer_timeout_s: Optional[float] = None  # a peer's expert silent this long is routed around (None: half the above)
     max_restarts: int = 2
@@ -167,7 +173,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], path)
+        for arg in args[:-1]:  # the first type that takes the value as it is (int before float keeps 3 a count)
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], path)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
@@ -253,6 +264,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.stage1.temperature > 0, "stage1.temperature", "must be > 0")
     _check(cfg.stage1.logit_adjust >= 0, "stage1.logit_adjust", "must be >= 0")
     _check(cfg.stage2.epochs >= 1, "stage2.epochs", "must be >= 1")
+    for stage in ("stage1", "stage3"):
+        _check_per_round(getattr(cfg, stage).clients_per_round, f"{stage}.clients_per_round", cfg.num_clients)
     _check(cfg.stage3.rounds >= 1, "stage3.rounds", "must be >= 1")
     _check(cfg.stage3.local_epochs >= 1, "stage3.local_epochs", "must be >= 1")
     for i, v in enumerate(cfg.stage3.variants):
@@ -275,6 +288,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(
         c.placement in ("SPREAD", "PACK", "STRICT_SPREAD"), "cluster.placement", "one of SPREAD, PACK, STRICT_SPREAD"
     )
+    _check(c.device in DEVICES, "cluster.device", f"unknown device {c.device!r} (one of {', '.join(DEVICES)})")
+    g = c.gpus_per_client
+    _check(g is None or g > 0, "cluster.gpus_per_client", "must be > 0 or null")
+    _check(g is None or g <= 1 or g == int(g), "cluster.gpus_per_client", f"above 1 must be a whole number, got {g}")
+    _check(g is None or c.device != "cpu", "cluster.gpus_per_client", "is set, but cluster.device is cpu")
+    _check(c.concurrent_clients is None or c.concurrent_clients >= 1, "cluster.concurrent_clients", "must be >= 1")
     _check(c.round_timeout_s > 0, "cluster.round_timeout_s", "must be > 0")
     _check(
         c.peer_timeout_s is None or 0 < c.peer_timeout_s < c.round_timeout_s,
@@ -284,6 +303,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(c.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
     _check(c.checkpoint_every >= 1, "cluster.checkpoint_every", "must be >= 1")
     return cfg
+
+
+def _check_per_round(v: int | float | None, path: str, n: int) -> None:
+    if isinstance(v, int):
+        _check(1 <= v <= n, path, f"a count must be between 1 and num_clients={n}, got {v}")
+    elif v is not None:
+        _check(0 < v <= 1, path, f"a fraction must be in (0, 1], got {v} (a count is an integer)")
 
 
 def from_dict(data: dict) -> ExperimentConfig:

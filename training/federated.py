@@ -1,4 +1,5 @@
-"""Aggregation: weighted FedAvg of state dicts, partial sync by submodule prefix, bytes.
+"""Aggregation: who takes part in a round, weighted FedAvg of state dicts, partial sync by submodule
+prefix, bytes.
 
 FedGate averages the gate body here: ``fedavg(gates, weights, include=("body.",))``
 averages only ``body.*`` and ``partial_sync`` writes that into each client's gate while
@@ -8,11 +9,26 @@ its ``head.*`` stays local. What each gate variant synchronises is the variant's
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 State = dict[str, torch.Tensor]
+
+
+def participants(ids: Sequence[int], per_round: int | float | None, seed) -> list[int]:
+    """The clients of one federated round, sorted: every one of ``ids`` (``per_round`` None), that
+    many of them (an int), or that fraction of them, at least one (a float); drawn without
+    replacement with ``seed`` (``training.seeds.participants``), so a run samples alike every time."""
+    ids = sorted(ids)
+    if per_round is None:
+        return ids
+    k = per_round if isinstance(per_round, int) else max(1, math.floor(per_round * len(ids) + 1e-9))
+    if k >= len(ids):
+        return ids
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(ids, size=k, replace=False))
 
 
 def _selected(key: str, include: Sequence[str] | None) -> bool:

@@ -61,7 +61,7 @@ def compute_latents(extractor: nn.Module, x: torch.Tensor, batch_size: int = 102
     """h = F(x) in eval mode (BatchNorm running stats), in chunks."""
     extractor.eval()
     if len(x) == 0:
-        return torch.empty(0, extractor.fc.out_features)
+        return torch.empty(0, extractor.fc.out_features, device=x.device)
     return torch.cat([extractor(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 

@@ -24,7 +24,7 @@ def class_stats(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str,
     """``{"counts": [C], "mean": [C, d], "std": [C, d]}``; absent classes have count 0."""
     d = h.shape[1]
     counts = torch.bincount(y, minlength=num_classes)
-    mean, std = torch.zeros(num_classes, d), torch.zeros(num_classes, d)
+    mean, std = torch.zeros(num_classes, d, device=h.device), torch.zeros(num_classes, d, device=h.device)
     for c in range(num_classes):
         hc = h[y == c]
         if len(hc):
@@ -42,12 +42,13 @@ def sample_latents(stats: dict[str, torch.Tensor], n: int, gen: torch.Generator)
 
     Latents come out of a ReLU, so samples are clipped at 0.
     """
-    counts = stats["counts"].float()
+    counts, mean = stats["counts"].float().cpu(), stats["mean"]  # drawn on the generator's CPU: any device alike
     if n <= 0 or counts.sum() == 0:
-        return torch.empty(0, stats["mean"].shape[1]), torch.empty(0, dtype=torch.long)
+        return torch.empty(0, mean.shape[1], device=mean.device), torch.empty(0, dtype=torch.long, device=mean.device)
     labels = torch.multinomial(counts / counts.sum(), n, replacement=True, generator=gen)
-    noise = torch.randn(n, stats["mean"].shape[1], generator=gen)
-    return (stats["mean"][labels] + noise * stats["std"][labels]).clamp_min(0), labels
+    noise = torch.randn(n, mean.shape[1], generator=gen).to(mean.device)
+    labels = labels.to(mean.device)
+    return (mean[labels] + noise * stats["std"][labels]).clamp_min(0), labels
 
 
 def class_moments(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
@@ -72,7 +73,9 @@ def class_posterior(
     held = counts > 0
     mean = sums / counts.clamp_min(1).unsqueeze(1)
     cov = (gram - (mean.T * counts) @ mean) / max(float(counts.sum()) - int(held.sum()), 1.0)
-    cov = cov + shrinkage * cov.diagonal().mean().clamp_min(1e-8) * torch.eye(len(cov), dtype=cov.dtype)
+    cov = cov + shrinkage * cov.diagonal().mean().clamp_min(1e-8) * torch.eye(
+        len(cov), dtype=cov.dtype, device=cov.device
+    )
     inv_mean = torch.linalg.solve(cov, mean.T)  # [d, C]
     bias = (-0.5 * (mean * inv_mean.T).sum(1)).masked_fill(~held, -1e4)
     return inv_mean.float(), bias.float()

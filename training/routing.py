@@ -46,16 +46,19 @@ def random_routing(
     k: int,
     generator: torch.Generator | None = None,
     available: torch.Tensor | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RanGate: k distinct (available) experts per row uniformly at random, equal weights."""
+    """RanGate: k distinct (available) experts per row uniformly at random, equal weights, on ``device``
+    (the draws themselves are on the generator's CPU, so every device routes alike)."""
     idx, w = noisy_topk(torch.rand(batch, num_experts, generator=generator), k, available=available)
-    return idx, torch.full_like(w, 1.0 / w.shape[1])
+    idx = idx.to(device) if device is not None else idx
+    return idx, torch.full_like(w, 1.0 / w.shape[1]).to(idx.device)
 
 
 def dispatch_plan(idx: torch.Tensor) -> Plan:
     """For each chosen expert j: the rows routed to it and the top-k slot that chose it."""
-    rows = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx).reshape(-1)
-    slots = torch.arange(idx.shape[1]).unsqueeze(0).expand_as(idx).reshape(-1)
+    rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx).reshape(-1)
+    slots = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0).expand_as(idx).reshape(-1)
     flat = idx.reshape(-1)
     plan: Plan = {}
     for j in flat.unique().tolist():
@@ -84,7 +87,7 @@ def combine(
     if readout is not None:
         return combine_by_class(weights.shape[0], plan, answers, readout)
     first = next(iter(answers.values()))
-    out = torch.zeros(weights.shape[0], first.shape[1], dtype=torch.float32)
+    out = torch.zeros(weights.shape[0], first.shape[1], dtype=torch.float32, device=first.device)
     for j, (rows, slots) in plan.items():
         out.index_add_(0, rows, answers[j].float() * weights[rows, slots].unsqueeze(1))
     return out
@@ -103,9 +106,9 @@ def combine_by_class(batch: int, plan: Plan, answers: dict[int, torch.Tensor], r
     c, and a class no chosen expert holds never wins. The own prior then tilts the vote toward
     this client's label mix (capped, see ``ClassGate.readout``).
     """
-    num_classes = readout.competence.shape[1]
-    votes = torch.zeros(batch, num_classes)
-    stock = torch.zeros(batch, num_classes)
+    num_classes, device = readout.competence.shape[1], readout.competence.device
+    votes = torch.zeros(batch, num_classes, device=device)
+    stock = torch.zeros(batch, num_classes, device=device)
     for j, (rows, _) in plan.items():
         balanced = (answers[j].float() - readout.expert_log_prior[j]).log_softmax(-1)
         votes.index_add_(0, rows, balanced * readout.competence[j])

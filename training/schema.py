@@ -41,7 +41,8 @@ class Stage1Round(TypedDict):
     bytes_up: int
     seconds: float
     client_seconds: dict[str, float]
-    missing: int
+    participants: list[int]  # the clients sampled for the round (stage1.clients_per_round)
+    missing: int  # participants that did not answer
 
 
 class History(TypedDict):

@@ -35,3 +35,8 @@ def synthetic(seed: int, client: int) -> int:
 def centralized(seed: int) -> int:
     """The centralized-MoE baseline's initial weights."""
     return seed + 7
+
+
+def participants(seed: int, stage: str, round_: int) -> list[int]:
+    """Who takes part in round ``round_`` of ``stage`` ("stage1", "stage3"): a NumPy seed sequence."""
+    return [seed, {"stage1": 1, "stage3": 3}[stage], round_]

@@ -27,4 +27,4 @@ class RanGate(GateVariant):
 
     def choose(self, gate, h, k, available, num_experts, seed):
         gen = torch.Generator().manual_seed(seed)
-        return routing.random_routing(len(h), num_experts, k, gen, available=available)
+        return routing.random_routing(len(h), num_experts, k, gen, available=available, device=h.device)

@@ -1,0 +1,60 @@
+"""Devices: which one a process computes on, and moving what crosses a process boundary.
+
+Everything that leaves a client actor or a Serve replica (weights, latents, answers,
+statistics) is on the CPU; the receiver moves it to its own device with ``to``. Ray sets
+``CUDA_VISIBLE_DEVICES`` to the GPUs it assigned, so ``cuda`` is the process's own share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class DeviceError(RuntimeError):
+    """The device asked for cannot be had here."""
+
+
+def resolve(requested: str, cluster_gpus: float) -> str:
+    """``cluster.device`` for a cluster offering ``cluster_gpus`` GPUs: auto is cuda where there are some."""
+    if requested == "auto":
+        return "cuda" if cluster_gpus > 0 else "cpu"
+    if requested == "cuda" and cluster_gpus <= 0:
+        raise DeviceError("cluster.device=cuda, but the Ray cluster has no GPUs (use cpu or auto)")
+    return requested
+
+
+def gpu_share(device: str, requested: float | None, cluster_gpus: float, clients: int) -> float:
+    """Each client's (or replica's) GPU share: the one asked for, else the cluster's GPUs split evenly."""
+    if device != "cuda":
+        return 0.0
+    if requested is not None:
+        return requested
+    share = cluster_gpus / max(1, clients)
+    return float(int(share)) if share >= 1 else int(share * 1e4) / 1e4  # Ray takes whole GPUs above 1
+
+
+def local(device: str) -> torch.device:
+    """The torch device of this process; cuda must be usable here (Ray gave it a GPU)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("cluster.device=cuda, but torch sees no CUDA device in this process")
+    return torch.device(device)
+
+
+def to(obj: Any, device: torch.device | str) -> Any:
+    """Every tensor of a (nested) dict, list or tuple on ``device`` (``"cpu"`` before it travels)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple
+        return type(obj)(*(to(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to(v, device) for v in obj)
+    return obj
+
+
+def cpu(obj: Any) -> Any:
+    """``to(obj, "cpu")``: what a process hands to another."""
+    return to(obj, "cpu")
