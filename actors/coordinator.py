@@ -33,7 +33,7 @@ from training import devices, federated, local, objectives, schema, seeds
 from training.config import PAPER_VARIANT, STAGES, from_dict
 from training.data import build_split, label_counts, load_dataset
 from training.models import Gate, Stage1Model, make_expert
-from training.shards import load_labels
+from training.shards import client_rows, load_labels
 
 
 class PlacementError(RuntimeError):
@@ -152,7 +152,6 @@ class Coordinator:
             me = ray.get_runtime_context().current_actor  # restarted clients ask it for their state
         except RuntimeError:  # not running as an actor: restarted clients start from their initial weights
             me = None
-        rows = labels.test_rows
         self.clients = [
             actor.options(
                 max_restarts=cfg.cluster.max_restarts,
@@ -162,7 +161,7 @@ class Coordinator:
                 num_gpus=bundle.get("GPU", 0),
                 resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(i, cfg_dict, split.train[i], rows[split.test[i]], rows[split.global_test], threads, me, device)
+            ).remote(i, cfg_dict, *client_rows(labels, split, i), threads, me, device)
             for i in range(cfg.num_clients)
         ]
         self.fleet.clients = self.clients

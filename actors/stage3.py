@@ -142,11 +142,13 @@ class Stage3:
         ckpt.save_torch(variant_file(self.co.out, v), {"round": round_, "done": done, "gates": merged})
 
     def _finish(self, v: str, spec: gates.GateVariant) -> None:
-        """The variant's final gates on disk, marked done (a gate no step changed is asked for)."""
+        """The variant's final gates on disk, marked done (gates no step changed are asked for)."""
         if not spec.has_gate:
             return
-        if v not in self.fleet.snapshot["gates"]:
-            self._checkpoint(v, -1, self.fleet.call("gate_state", v, stage=f"stage3/{v}", essential=True))
+        held = self.fleet.snapshot["gates"].get(v, {})
+        absent = [i for i in self.fleet.active if i not in held]  # clients no round sampled keep their gates
+        if absent:
+            self._checkpoint(v, -1, self.fleet.call("gate_state", v, ids=absent, stage=f"stage3/{v}", essential=True))
         self._checkpoint(v, self.cfg.stage3.rounds - 1, {}, done=True)
 
     def _reinstall(self, finished: list[str]) -> None:

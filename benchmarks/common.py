@@ -49,6 +49,7 @@ class Context:
     threads: int | None = None  # torch threads of in-process baselines (None: every core)
     run: str | None = None  # serve: an existing finished run
     requests: int | None = None
+    devices: set[str] = field(default_factory=set)  # what the training runs' clients computed on
 
     def cfg(self, *axis: str, quick_tweaks: tuple[str, ...] = ()):
         """The experiment config: base file, the suite's quick tweaks, the user's --set, then the
@@ -147,23 +148,35 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
             pass
         ray.kill(coord)
     say(f"{ctx.suite}: {name}: {wall:.1f}s ({run_dir})")
+    clients = ckpt_state(run_dir).get("meta", {}).get("clients", [])
+    ctx.devices.update(c["device"] for c in clients if "device" in c)
     return {"results": results, "dir": run_dir, "wall": wall, "cached": False}
+
+
+def ckpt_state(run_dir: Path) -> dict:
+    from training import checkpoint as ckpt
+
+    return ckpt.load_state(run_dir) if (run_dir / "state.json").exists() else {}
 
 
 # ------------------------------------------------------------------ the machine
 
 
-def machine() -> dict:
+def machine(used: set[str] | None = None) -> dict:
+    """The machine, and the devices the suite's training runs used (``used``: from their clients)."""
     import ray
     import torch
 
     cpus = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cores": os.cpu_count(),
         "ray_cpus": cpus,
         "torch_threads": torch.get_num_threads(),
         "gpu_available": torch.cuda.is_available(),
-        "gpu_used": False,
+        "gpu_model": gpu,
+        "devices_used": sorted(used or {"cpu"}),
+        "gpu_used": any(d.startswith("cuda") for d in used or ()),
         "torch": torch.__version__,
         "ray": ray.__version__,
         "python": platform.python_version(),
@@ -172,7 +185,12 @@ def machine() -> dict:
 
 
 def machine_line(m: dict) -> str:
-    gpu = "none used (CPU only" + ("; a GPU is present)" if m["gpu_available"] else "; none present)")
+    if m.get("gpu_used"):
+        gpu = f"clients on {m['gpu_model']}"
+    else:
+        gpu = "none used (CPU only" + (
+            f"; a {m.get('gpu_model')} is present)" if m["gpu_available"] else "; none present)"
+        )
     return (
         f"Machine: {m['cores']} cores ({m['ray_cpus']:g} Ray CPUs), torch {m['torch']} with "
         f"{m['torch_threads']} threads in the driver; each client actor uses max(1, floor(Ray CPUs / clients)) "
@@ -226,7 +244,7 @@ def write_partial(ctx: Context, result: dict, body: str, progress: str) -> None:
 
 def finish(ctx: Context, result: dict, body: str, metrics: dict[str, float]) -> dict:
     """Write ``<suite>.md`` / ``<suite>.json`` and log the numbers to MLflow; returns the JSON."""
-    m = machine()
+    m = machine(ctx.devices)
     result = {"suite": ctx.suite, "quick": ctx.quick, **result, "machine": m}
     title = f"# nmoe bench {ctx.suite}" + (
         " (--quick: tiny configs; the numbers show the machinery, not the method's quality)" if ctx.quick else ""

@@ -154,8 +154,8 @@ def markdown(r: dict) -> str:
             "setup",
             f(A["setup"]),
             f(B["setup"]),
-            "(a) load data, split, build models; (b) placement group, start one "
-            "process per client (imports torch), each loads its shard, peer handles",
+            "(a) load data, split, build models; (b) read the labels, split, place the clients; each client "
+            "process then starts (imports torch) and reads its own rows while round 1 runs on those already up",
         ],
         ["stage-1 rounds (wall)", f(A["rounds"]), f(B["rounds"]), "per-round `seconds` of results.history.stage1"],
         [

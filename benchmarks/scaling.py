@@ -1,7 +1,11 @@
-"""Scaling: 5, 10 and 20 clients (3 and 6 with --quick) on the same dataset (the total data is
+"""Scaling: 5, 10, 20 and 40 clients (3 and 6 with --quick) on the same dataset (the total data is
 fixed and split over more clients): seconds per stage-1 round, bytes per round, and the peak
 resident memory of the Ray worker processes during the run; how each grows with N. Each run
 stops after stage 3: evaluation (and its centralized baseline) says nothing about scaling.
+
+Per client: the mean PSS of the ``ray::Client`` processes when their sum peaks, beside the
+torch-import floor: the PSS, at that moment, of an idle actor that imported what a client
+imports and holds nothing (it maps the same libraries, so it gets the same share of them).
 
 Memory: every 0.5 s, the sums of the RSS and of the PSS of this Ray node's processes whose
 name or command line starts with ``ray::`` (the Coordinator, the clients, idle workers). RSS
@@ -28,6 +32,7 @@ class RaySampler:
 
         self.psutil, self.every = psutil, every
         self.peak, self.peak_pss, self.peak_count, self.baseline, self._stop = 0, 0, 0, 0, threading.Event()
+        self.clients_pss, self.client_pss, self.floor_pss = 0, 0.0, 0  # at the peak of the clients' summed PSS
         self.session = None
         try:
             import ray
@@ -49,18 +54,28 @@ class RaySampler:
     def sample(self) -> tuple[int, int, int]:
         """``(sum of RSS, sum of PSS, processes)``; PSS falls back to RSS where the kernel hides it."""
         ps, total, pss, count = self.psutil, 0, 0, 0
+        clients: list[int] = []
         roots = self._roots()
         procs = [c for r in roots for c in r.children(recursive=True)] if roots else list(ps.process_iter())
         for p in procs:
             try:
                 name, cmd = p.name(), p.cmdline()
-                if name.startswith("ray::") or (cmd and cmd[0].startswith("ray::")):
+                title = cmd[0] if cmd and cmd[0].startswith("ray::") else name
+                if title.startswith("ray::"):
                     full = p.memory_full_info()
+                    one = getattr(full, "pss", full.rss)
                     total += full.rss
-                    pss += getattr(full, "pss", full.rss)
+                    pss += one
                     count += 1
+                    if title.startswith("ray::Client"):
+                        clients.append(one)
+                    elif title.startswith("ray::TorchFloor"):
+                        self._floor_now = one
             except ps.Error:
                 continue
+        if clients and sum(clients) > self.clients_pss:
+            self.clients_pss, self.client_pss = sum(clients), sum(clients) / len(clients)
+            self.floor_pss = getattr(self, "_floor_now", 0)
         return total, pss, count
 
     def _loop(self) -> None:
@@ -88,9 +103,27 @@ def slope(ns: list[int], ys: list[float]) -> float | None:
     return float(np.polyfit(np.log(ns), np.log(ys), 1)[0])
 
 
+class TorchFloor:
+    """An idle actor that imports what a client imports (torch, the client module) and holds nothing."""
+
+    def __init__(self):
+        import torch
+
+        import actors.client  # noqa: F401
+
+        torch.set_num_threads(1)
+
+    def ready(self) -> bool:
+        return True
+
+
 def run(ctx: common.Context) -> tuple[dict, str, dict]:
-    counts = (3, 6) if ctx.quick else (5, 10, 20)
+    import ray
+
+    counts = (3, 6) if ctx.quick else (5, 10, 20, 40)
     rows = []
+    floor = ray.remote(TorchFloor).options(num_cpus=0).remote()
+    ray.get(floor.ready.remote())
     for k, n in enumerate(counts):
         common.say(f"scaling: run {k + 1}/{len(counts)}: {n} clients")
         cfg = ctx.cfg(f"num_clients={n}")
@@ -110,10 +143,13 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
                 "wall_seconds": r["wall"],
                 "peak_rss_mib": mem.peak / 2**20,
                 "peak_pss_mib": mem.peak_pss / 2**20,
+                "client_pss_mib": mem.client_pss / 2**20,
+                "floor_pss_mib": mem.floor_pss / 2**20,
                 "baseline_rss_mib": mem.baseline / 2**20,
                 "ray_processes_at_peak": mem.peak_count,
             }
         )
+    ray.kill(floor)
     keys = (
         "stage1_seconds_per_round",
         "stage1_bytes_per_round",
@@ -145,6 +181,9 @@ def markdown(r: dict) -> str:
             f"{x['peak_pss_mib']:.0f}",
             f"{x['peak_rss_mib']:.0f}",
             x["ray_processes_at_peak"],
+            f"{x.get('client_pss_mib', 0):.0f}",
+            f"{x.get('floor_pss_mib', 0):.0f}",
+            f"{x.get('client_pss_mib', 0) - x.get('floor_pss_mib', 0):+.0f}",
         ]
         for x in r["rows"]
     ]
@@ -156,7 +195,9 @@ def markdown(r: dict) -> str:
         f"stage-1 rounds {cfg['stage1']['rounds']}, stage-3 rounds {cfg['stage3']['rounds']}. "
         "Peak PSS / RSS: the sums over "
         "this node's `ray::` processes, sampled every 0.5 s over the whole run (PSS shares each shared page among its "
-        "processes; RSS counts it once per process).\n\n"
+        "processes; RSS counts it once per process). PSS per client: the mean over the `ray::Client` processes when "
+        "their sum peaks; torch floor: at that moment, the PSS of an idle actor that imported what a client imports "
+        "and holds nothing.\n\n"
         + common.table(
             [
                 "clients",
@@ -169,6 +210,9 @@ def markdown(r: dict) -> str:
                 "peak PSS MiB",
                 "peak RSS MiB",
                 "ray:: processes",
+                "PSS per client MiB",
+                "torch floor MiB",
+                "client − floor MiB",
             ],
             rows,
         )

@@ -31,6 +31,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
     s.add_argument("--max-batch", type=int, default=256, help="largest batch one request may send")
     s.add_argument("--peer-timeout", type=float, default=2.0, help="seconds to wait for a peer's expert (default 2)")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda where Ray has GPUs")
+    s.add_argument(
+        "--gpus-per-client", type=float, default=None, help="GPU share of each client's replica (default: even split)"
+    )
     s.add_argument(
         "--token-file", default=None, help='JSON {"<client>": "<token>"}: client i\'s routes need client i\'s token'
     )
@@ -57,6 +61,7 @@ def serve_cmd(args) -> int:
     from serve import launch
     from training.checkpoint import RunFolderError
     from training.config import PAPER_VARIANT
+    from training.devices import DeviceError
 
     args.variant = args.variant or PAPER_VARIANT
     if not 1 <= args.port <= 65535:
@@ -65,6 +70,11 @@ def serve_cmd(args) -> int:
         raise UserError(f"--peer-timeout: {args.peer_timeout} is not a positive number of seconds")
     if args.max_batch < 1:
         raise UserError(f"--max-batch: {args.max_batch} is not a positive batch size")
+    g = args.gpus_per_client
+    if g is not None and not (0 < g <= 1 or g == int(g)):
+        raise UserError(f"--gpus-per-client: {g} is not a GPU share (a fraction up to 1, or a whole number)")
+    if g is not None and args.device == "cpu":
+        raise UserError("--gpus-per-client: set, but --device is cpu")
     try:
         connect(args.address)
     except ClusterError as exc:
@@ -76,9 +86,11 @@ def serve_cmd(args) -> int:
     try:
         run = Path(args.run) if args.run else launch.run_from_mlflow(args.mlflow_run, resolve_uri(args.tracking_uri))
         tokens = launch.read_tokens(Path(args.token_file)) if args.token_file else None
-        served = launch.deploy(run, args.variant, args.host, args.port, args.max_batch, args.peer_timeout, tokens)
+        served = launch.deploy(
+            run, args.variant, args.host, args.port, args.max_batch, args.peer_timeout, tokens, args.device, g
+        )
         url = served.url
-        console.print(f"serving {run} ({args.variant}) at {url}, healthy in {served.seconds:.1f} s")
+        console.print(f"serving {run} ({args.variant}, {served.device}) at {url}, healthy in {served.seconds:.1f} s")
         console.print(f"  health:  {url}/v1/health\n  clients: {url}/v1/clients\n  docs:    {url}/docs")
         console.print("  each client answers on its own node's proxy (raw inputs stay on that node):")
         for i, w in served.clients.items():
@@ -90,7 +102,7 @@ def serve_cmd(args) -> int:
         console.print("Ctrl-C to stop")
         while not stop.wait(1.0):
             pass
-    except RunFolderError as exc:
+    except (RunFolderError, DeviceError) as exc:
         raise UserError(str(exc)) from None
     finally:
         # the last word on a hung shutdown: faulthandler's own thread (it needs no GIL) prints

@@ -57,10 +57,11 @@ def _prepare(args):
 
 def _check_data(cfg) -> None:
     """Refuse, before Ray starts, a config the data cannot satisfy (``DataError`` names why)."""
-    from training.data import build_split, load_dataset
+    from training.data import build_split
+    from training.shards import load_labels
 
-    ds = load_dataset(cfg.data)
-    build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+    labels = load_labels(cfg.data)
+    build_split(cfg, labels.y_train, labels.y_test, labels.num_classes)
 
 
 def run(args) -> int:
@@ -68,14 +69,15 @@ def run(args) -> int:
 
     from actors import tracking
     from actors.cluster import ClusterError, connect
-    from actors.coordinator import Coordinator, PlacementError
+    from actors.coordinator import Coordinator, PlacementError, client_device
     from training import checkpoint as ckpt
 
     cfg, out, resume = _prepare(args)
     console = Console(soft_wrap=True)
     try:
         connect(args.address or cfg.cluster.address)
-    except ClusterError as exc:
+        client_device(cfg)  # cluster.device=cuda on a cluster without GPUs: refused before anything starts
+    except (ClusterError, PlacementError) as exc:
         raise UserError(str(exc)) from None
     run_id, uri = None, None
     if cfg.tracking.enabled and not args.no_tracking:

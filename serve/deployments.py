@@ -20,7 +20,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 
 from serve import api, inputs
 from training import checkpoint as ckpt
-from training import gates, routing, seeds
+from training import devices, gates, routing, seeds
 from training.data import normalize
 
 APP_PREFIX = "nmoe-client-"
@@ -57,10 +57,12 @@ class ClientDeployment:
         self.served = torch.zeros(self.n, dtype=torch.bool)
         self.served[options["served"]] = True  # clients training dropped are never asked
         self.tokens = api.Tokens(options.get("token_digests"))
-        self.extractor = ckpt.load_extractor(self.cfg, meta, weights["stage1"])
-        self.expert = ckpt.load_expert(self.cfg, meta, weights["expert"])
+        self.device = devices.local(options.get("device", "cpu"))  # the GPU share Ray gave this replica
+        self.extractor = ckpt.load_extractor(self.cfg, meta, weights["stage1"]).to(self.device)
+        self.expert = ckpt.load_expert(self.cfg, meta, weights["expert"]).to(self.device)
         self.spec = gates.get(variant)
-        self.gate = ckpt.load_gate(self.cfg, meta, variant, weights.get("gate"))
+        gate = ckpt.load_gate(self.cfg, meta, variant, weights.get("gate"))
+        self.gate = None if gate is None else gate.to(self.device)
         self.num_classes = meta["num_classes"]
         self.node = ray.get_runtime_context().get_node_id()
         self._peers: dict[int, object] = {}
@@ -106,7 +108,7 @@ class ClientDeployment:
         self._received.extend({"shape": list(r.shape), "dtype": str(r.dtype)} for r in requests)
         sizes = np.cumsum([len(r) for r in requests])[:-1]
         with torch.no_grad():
-            out = self.expert(torch.from_numpy(np.concatenate(requests)).float()).numpy()
+            out = self.expert(torch.from_numpy(np.concatenate(requests)).to(self.device).float()).cpu().numpy()
         return np.split(out, sizes)
 
     async def _ask(self, j: int, payload: np.ndarray) -> np.ndarray:
@@ -124,12 +126,12 @@ class ClientDeployment:
 
     async def predict(self, pixels: np.ndarray, top_k: int | None = None) -> dict:
         """Routed inference for a batch of pixels in [0, 1], shape [B, C, H, W]."""
-        x = normalize(torch.from_numpy(pixels).float(), self.meta["dataset"])
+        x = normalize(torch.from_numpy(pixels).float(), self.meta["dataset"]).to(self.device)
         with torch.no_grad():
             h = self.extractor(x)
         k = min(top_k or self.cfg.routing.top_k, int(self.served.sum()))
         fp16 = self.cfg.routing.fp16_latents
-        payload = (h.half() if fp16 else h).numpy()
+        payload = (h.half() if fp16 else h).cpu().numpy()  # what travels: latents, on the CPU
         available = self.served.clone()
         bytes_out = bytes_in = 0
         failed: list[int] = []
@@ -138,7 +140,7 @@ class ClientDeployment:
             plan = routing.dispatch_plan(idx)
             remote = [j for j in plan if j != self.id]
             replies = await asyncio.gather(
-                *(self._ask(j, payload[plan[j][0].numpy()]) for j in remote), return_exceptions=True
+                *(self._ask(j, payload[plan[j][0].cpu().numpy()]) for j in remote), return_exceptions=True
             )
             out, _ = routing.routed_bytes(plan, self.id, h.shape[1], self.num_classes, fp16)  # sent, even if lost
             bytes_out += out
@@ -155,11 +157,12 @@ class ClientDeployment:
             if not available.any():
                 raise HTTPException(503, f"client {self.id}: no expert in the network answered")
             k = min(k, int(available.sum()))
-        answers = {j: torch.from_numpy(np.asarray(r)) for j, r in zip(remote, replies)}
+        answers = {j: torch.from_numpy(np.asarray(r)).to(self.device) for j, r in zip(remote, replies)}
         if self.id in plan:
             with torch.no_grad():
                 answers[self.id] = self.expert(h[plan[self.id][0]])
-        logits = routing.combine(w, plan, answers, self.spec.readout(self.gate))
+        logits = routing.combine(w, plan, answers, self.spec.readout(self.gate)).cpu()
+        idx, w = idx.cpu(), w.cpu()
         return {
             "predictions": logits.argmax(1).tolist(),
             "probabilities": torch.softmax(logits, 1).tolist(),

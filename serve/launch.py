@@ -4,6 +4,8 @@ Client i goes to the node it trained on when that node is still in the cluster (
 the run's state), otherwise to a node offering ``cluster.client_resource`` (any node if none
 is set), round-robin. Serve runs a proxy on every node; client i is reached through the proxy
 of its own node, at the URL ``deploy`` reports. All applications are deployed in one call.
+With ``device`` cuda (or auto on a cluster with GPUs) each client's replica asks for a GPU
+share (``gpus_per_client``, else the cluster's GPUs split evenly) and computes on it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ray import serve
 from serve import api
 from serve.deployments import ClientDeployment, client_app_name, client_route
 from training import checkpoint as ckpt
+from training import devices
 from training.config import PAPER_VARIANT
 
 INDEX_APP = "nmoe"
@@ -37,6 +40,7 @@ class Served:
     clients: dict[int, dict] = field(default_factory=dict)
     dropped: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    device: str = "cpu"  # what the client replicas compute on
     targets: dict[int, serve.RunTarget] = field(default_factory=dict, repr=False)
 
     def redeploy(self, i: int) -> None:
@@ -105,8 +109,11 @@ def deploy(
     max_batch: int = 256,
     peer_timeout_s: float = 2.0,
     tokens: dict[int, str] | None = None,
+    device: str = "auto",
+    gpus_per_client: float | None = None,
 ) -> Served:
-    """Start a Serve proxy on every node (host:port) and deploy every client that training kept."""
+    """Start a Serve proxy on every node (host:port) and deploy every client that training kept.
+    ``device``: auto, cpu or cuda (``devices.DeviceError`` when the cluster has no GPU for cuda)."""
     import ray
 
     t0 = time.monotonic()
@@ -131,7 +138,16 @@ def deploy(
         i: {"node_id": nodes[i], "url": f"http://{shown[nodes[i]]}:{ports[nodes[i]]}{client_route(i)}"} for i in clients
     }
     digests = {i: api.Tokens.digest(t) for i, t in tokens.items()} if tokens else None
-    options = {"peer_timeout_s": peer_timeout_s, "max_batch": max_batch, "served": clients, "token_digests": digests}
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    device = devices.resolve(device, cluster_gpus)
+    gpu = devices.gpu_share(device, gpus_per_client, cluster_gpus, len(clients))
+    options = {
+        "peer_timeout_s": peer_timeout_s,
+        "max_batch": max_batch,
+        "served": clients,
+        "token_digests": digests,
+        "device": device,
+    }
     serve.start(proxy_location="EveryNode", http_options={"host": host, "port": port})
     targets = {}
     for i in clients:
@@ -142,6 +158,7 @@ def deploy(
         }  # None for a variant without a gate
         actor = {
             "num_cpus": 0,
+            **({"num_gpus": gpu} if gpu else {}),
             "label_selector": {"ray.io/node-id": nodes[i]},
             "runtime_env": {"env_vars": REPLICA_ENV},
         }
@@ -158,7 +175,7 @@ def deploy(
     )
     serve.run_many([*targets.values(), serve.RunTarget(index.bind(), name=INDEX_APP, route_prefix="/")])
     dropped = [i for i in range(n) if status[i] == "dropped"]
-    return Served(f"http://{host}:{port}", where, dropped, time.monotonic() - t0, targets)
+    return Served(f"http://{host}:{port}", where, dropped, time.monotonic() - t0, device, targets)
 
 
 class _Index:

@@ -189,8 +189,47 @@ def check_loaded(ds, arrays, n_train=20, n_test=10):
 def test_loads_idx_fixture_from_root(tmp_path, no_debian):
     root = tmp_path / "root"
     arrays = write_idx(root / "FashionMNIST" / "raw", gz=False)
-    ds = load_dataset(DataConfig(name="fashion_mnist", root=str(root), download=False))
+    cfg = DataConfig(name="fashion_mnist", root=str(root), download=False)
+    ds = load_dataset(cfg)
     check_loaded(ds, arrays)
+    same_rows_as_the_whole(cfg, ds, np.array([0, 3, 19]), np.array([9, 2]))
+
+
+def same_rows_as_the_whole(cfg: DataConfig, ds, train_rows: np.ndarray, test_rows: np.ndarray) -> None:
+    """``training.shards`` reads these rows (and all labels) bit-identical to the whole dataset's."""
+    from training.shards import load_labels, load_rows
+
+    labels = load_labels(cfg)
+    assert np.array_equal(labels.y_train, ds.y_train.numpy()) and np.array_equal(labels.y_test, ds.y_test.numpy())
+    assert (labels.channels, labels.image_size) == (ds.channels, ds.image_size)
+    for train, rows, x_all, y_all in ((True, train_rows, ds.x_train, ds.y_train), (False, test_rows, ds.x_test, None)):
+        x, y = load_rows(cfg, train, rows)
+        assert torch.equal(x, x_all[rows])
+        if y_all is not None:
+            assert torch.equal(y, y_all[rows])
+
+
+def test_a_client_reads_only_its_rows_of_the_idx_files(tmp_path, no_debian, monkeypatch):
+    """IDX files are memory-mapped: the images a client gets are its rows, copied; with a test
+    limit, the test rows map through ``Labels.test_rows`` to the file."""
+    from training import shards
+
+    root = tmp_path / "root"
+    write_idx(root / "FashionMNIST" / "raw", gz=False, n_train=40, n_test=200)
+    cfg = DataConfig(name="fashion_mnist", root=str(root), download=False, test_limit=50)
+    ds = load_dataset(cfg)
+    labels = shards.load_labels(cfg)
+    assert len(labels.test_rows) == 50 and np.array_equal(labels.y_test, ds.y_test.numpy())
+    picked = np.array([3, 0, 49])
+    x, y = shards.load_rows(cfg, False, labels.test_rows[picked])
+    assert torch.equal(x, ds.x_test[picked]) and torch.equal(y, ds.y_test[picked])
+    monkeypatch.setattr(data, "load_dataset", None)  # a client never loads the whole set
+    monkeypatch.setattr(shards, "load_dataset", None)
+    x, _ = shards.load_rows(cfg, True, np.array([5, 7]))
+    assert x.shape == (2, 1, 28, 28) and torch.equal(x, ds.x_train[[5, 7]])
+    with pytest.raises(DataError, match="unreadable"):
+        (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\0" * 20)
+        shards.load_rows(cfg, True, np.array([0]))
 
 
 def test_unpacks_debian_copy_on_first_use(tmp_path, monkeypatch):
@@ -232,8 +271,10 @@ def test_cifar10_pickles_load_as_chw(tmp_path, monkeypatch):
             pickle.dump({"data": batches[name][0], "labels": batches[name][1]}, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
-    ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path), download=False))
+    cfg = DataConfig(name="cifar10", root=str(tmp_path), download=False)
+    ds = load_dataset(cfg)
     assert ds.x_train.shape == (15, 3, 32, 32) and ds.x_test.shape == (3, 3, 32, 32)
+    same_rows_as_the_whole(cfg, ds, np.array([1, 4, 5, 11, 14]), np.array([0, 2]))  # rows across batch files
     assert ds.channels == 3 and ds.image_size == 32
     assert ds.y_test.tolist() == batches["test_batch"][1]
     raw = torch.from_numpy(batches["test_batch"][0]).view(3, 3, 32, 32).float() / 255  # CHW rows
@@ -267,7 +308,9 @@ def test_unknown_dataset_name():
 
 
 def test_digits_loads_offline():
-    ds = load_dataset(DataConfig(name="digits", download=False))
+    cfg = DataConfig(name="digits", download=False)
+    ds = load_dataset(cfg)
+    same_rows_as_the_whole(cfg, ds, np.array([0, 100, 7]), np.array([5]))
     assert len(ds.y_train) + len(ds.y_test) == 1797
     assert ds.x_train.shape[1:] == (1, 8, 8) and ds.num_classes == 10
     assert set(ds.y_test.tolist()) == set(range(10))

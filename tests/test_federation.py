@@ -15,6 +15,7 @@ from training import federated, gates, routing
 from training.config import load_config
 from training.data import build_split, load_dataset
 from training.models import Gate, Stage1Model
+from training.shards import client_rows, load_labels
 
 
 def test_smoke_run_reports_every_variant_and_baseline(smoke_run):
@@ -89,11 +90,10 @@ def _load_clients(ray, run, data_root):
     cfg = ckpt.load_run_config(run)
     ds = load_dataset(cfg.data)
     split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+    labels = load_labels(cfg.data)
     trained = ckpt.load_trained(run)
     actor = ray.remote(Client).options(num_cpus=0, max_concurrency=4)
-    clients = [
-        actor.remote(i, cfg.to_dict(), split.train[i], split.test[i], split.global_test) for i in range(cfg.num_clients)
-    ]
+    clients = [actor.remote(i, cfg.to_dict(), *client_rows(labels, split, i)) for i in range(cfg.num_clients)]
     ray.get([c.set_peers.remote(clients) for c in clients])
     ray.get(
         [

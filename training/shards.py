@@ -111,6 +111,12 @@ def load_labels(cfg: DataConfig) -> Labels:
     return Labels(cfg.name, ytr, yte[rows], rows, channels, size)
 
 
+def client_rows(labels: Labels, split, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Client i's rows in the files (``training.data.Split`` numbers the limited test set): its
+    train shard, its own test split and the global test set."""
+    return split.train[i], labels.test_rows[split.test[i]], labels.test_rows[split.global_test]
+
+
 def load_rows(cfg: DataConfig, train: bool, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)`` of these rows of the train (or test) file, normalized like ``load_dataset``'s."""
     rows = np.asarray(rows, dtype=np.int64)
