@@ -81,14 +81,6 @@ def client_device(cfg) -> str:
         raise PlacementError(str(exc)) from None
 
 
-def concurrency(cfg, threads: int) -> int:
-    """How many clients train at once: ``cluster.concurrent_clients``, else as many as the
-    cluster's CPUs hold at ``threads`` each (more would only time-slice the same cores)."""
-    if cfg.cluster.concurrent_clients:
-        return cfg.cluster.concurrent_clients
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
-
-
 class Coordinator:
     def __init__(
         self,
@@ -165,7 +157,7 @@ class Coordinator:
             for i in range(cfg.num_clients)
         ]
         self.fleet.clients = self.clients
-        self.fleet.concurrency = concurrency(cfg, threads)
+        self.fleet.concurrency = cfg.cluster.concurrent_clients  # None: all at once (the OS shares the cores)
         mask = self.fleet.mask()
         timeout = max(120.0, cfg.cluster.round_timeout_s)  # processes starting: torch imported, shards read
         self.fleet.starting({i: c.set_peers.remote(self.clients, mask) for i, c in enumerate(self.clients)}, timeout)
@@ -251,9 +243,8 @@ class Coordinator:
             glob = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
             self.fleet.snapshot.update(stage="stage1", **{"global": glob})  # what a restarted client restores
             ref = ray.put(glob)
-            picked = federated.participants(
-                self.fleet.active, s1.clients_per_round, seeds.participants(cfg.seed, "stage1", r)
-            )
+            live = self.fleet.active
+            picked = federated.participants(live, s1.clients_per_round, seeds.participants(cfg.seed, "stage1", r))
             results = self.fleet.call("fit_extractor", ref, r, ids=picked, stage="stage1", round_=r)
             states, metrics = zip(*results.values())
             weights = [m["samples"] for m in metrics]  # FedAvg over the participants that answered
@@ -269,7 +260,7 @@ class Coordinator:
                 "seconds": time.perf_counter() - rt,
                 "client_seconds": {str(i): m["seconds"] for i, (_, m) in results.items()},
                 "participants": picked,
-                "missing": len(picked) - len(results),
+                "missing": len(self.clients) - len(results) - (len(live) - len(picked)),  # not sitting out
             }
             self.state["history"]["stage1"].append(row)
             logged = {k: v for k, v in row.items() if k not in ("round", "client_seconds", "participants")}

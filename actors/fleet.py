@@ -12,10 +12,11 @@
   node is gone) leaves the run and every other client stops routing to its expert.
 - A client that reports a lost peer (``lost_peers`` in its answer) keeps its result; the peer
   is recorded missing and, when it does not answer a ping either, leaves the run.
-- At most ``concurrency`` calls run at once (the cores, not ten one-thread processes
-  time-slicing them); the next goes to whichever waiting client is up already, so a client
-  still starting does not hold back the others. A call's timeout counts from its dispatch,
-  plus ``start_timeout`` for a client that has not started yet.
+- At most ``concurrency`` calls run at once (``cluster.concurrent_clients``; default: all);
+  the next goes to whichever waiting client is up already, so a client still starting does
+  not hold back the others. A call's timeout counts from its dispatch, plus
+  ``start_timeout`` for a client that has not started yet (the run does not wait for every
+  client to start before its first round).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class Stage3:
         for r in range(rounds):
             self.co._say("stage3", f"{v} round {r + 1}/{rounds}", r + 1, rounds)
             rt = time.perf_counter()
-            picked = self._picked(r)
+            live, picked = len(self.fleet.active), self._picked(r)
             results = self.fleet.call("fit_gate", v, shared, r, ids=picked, stage=stage, round_=r)
             states, metrics = zip(*results.values())
             row = {
@@ -104,7 +104,7 @@ class Stage3:
             if shared is not None:  # up from those who answered; down to the next round's clients (or all, at the end)
                 size = federated.state_bytes(shared)
                 sent += size * len(results) + size * len(self._picked(r + 1) if r + 1 < rounds else self.fleet.active)
-            missing = len(picked) - len(results)
+            missing = len(self.fleet.clients) - len(results) - (live - len(picked))  # not sitting out
             history.append({**row, "seconds": time.perf_counter() - rt, "participants": picked, "missing": missing})
         if shared is not None:
             synced = self.fleet.call("sync_gate", v, shared, stage=stage, round_=rounds - 1, essential=True)

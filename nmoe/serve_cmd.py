@@ -61,7 +61,7 @@ def serve_cmd(args) -> int:
     from serve import launch
     from training.checkpoint import RunFolderError
     from training.config import PAPER_VARIANT
-    from training.devices import DeviceError
+    from training.devices import DeviceError, resolve
 
     args.variant = args.variant or PAPER_VARIANT
     if not 1 <= args.port <= 65535:
@@ -77,7 +77,10 @@ def serve_cmd(args) -> int:
         raise UserError("--gpus-per-client: set, but --device is cpu")
     try:
         connect(args.address)
-    except ClusterError as exc:
+        import ray
+
+        resolve(args.device, ray.cluster_resources().get("GPU", 0), "--device")  # before Serve starts
+    except (ClusterError, DeviceError) as exc:
         raise UserError(str(exc)) from None
     console = Console(soft_wrap=True)
     stop = threading.Event()
@@ -102,7 +105,7 @@ def serve_cmd(args) -> int:
         console.print("Ctrl-C to stop")
         while not stop.wait(1.0):
             pass
-    except (RunFolderError, DeviceError) as exc:
+    except RunFolderError as exc:
         raise UserError(str(exc)) from None
     finally:
         # the last word on a hung shutdown: faulthandler's own thread (it needs no GIL) prints

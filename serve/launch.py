@@ -139,7 +139,7 @@ def deploy(
     }
     digests = {i: api.Tokens.digest(t) for i, t in tokens.items()} if tokens else None
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    device = devices.resolve(device, cluster_gpus)
+    device = devices.resolve(device, cluster_gpus, "device")
     gpu = devices.gpu_share(device, gpus_per_client, cluster_gpus, len(clients))
     options = {
         "peer_timeout_s": peer_timeout_s,

@@ -18,7 +18,7 @@ def test_nmoe_serve_answers_then_stops_cleanly_on_ctrl_c(smoke_run, tmp_path):
     try:
         serving.wait_for("Ctrl-C to stop")
         out = serving.text
-        assert f"serving {smoke_run / 'run'} (fedgate) at http://127.0.0.1:{port}" in out, out
+        assert f"serving {smoke_run / 'run'} (fedgate, cpu) at http://127.0.0.1:{port}" in out, out
         assert httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=10).json()["status"] == "ok"
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
@@ -33,3 +33,13 @@ def test_nmoe_serve_answers_then_stops_cleanly_on_ctrl_c(smoke_run, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_nmoe_serve_refuses_cuda_on_a_cluster_without_gpus_before_serve_starts(ray_session, smoke_run, capsys):
+    from nmoe.cli import main
+
+    assert main(["serve", "--run", str(smoke_run / "run"), "--device", "cuda"]) != 0
+    assert capsys.readouterr().err.strip() == "error: --device=cuda, but the Ray cluster has no GPUs (use cpu or auto)"
+    assert ray_session.is_initialized()  # the session's Ray is untouched
+    assert main(["serve", "--run", str(smoke_run / "run"), "--device", "cpu", "--gpus-per-client", "0.5"]) != 0
+    assert "--gpus-per-client: set, but --device is cpu" in capsys.readouterr().err

@@ -16,12 +16,13 @@ class DeviceError(RuntimeError):
     """The device asked for cannot be had here."""
 
 
-def resolve(requested: str, cluster_gpus: float) -> str:
-    """``cluster.device`` for a cluster offering ``cluster_gpus`` GPUs: auto is cuda where there are some."""
+def resolve(requested: str, cluster_gpus: float, setting: str = "cluster.device") -> str:
+    """The device ``setting`` asks for, on a cluster offering ``cluster_gpus`` GPUs: auto is cuda
+    where there are some; cuda where there are none is a ``DeviceError`` naming the setting."""
     if requested == "auto":
         return "cuda" if cluster_gpus > 0 else "cpu"
     if requested == "cuda" and cluster_gpus <= 0:
-        raise DeviceError("cluster.device=cuda, but the Ray cluster has no GPUs (use cpu or auto)")
+        raise DeviceError(f"{setting}=cuda, but the Ray cluster has no GPUs (use cpu or auto)")
     return requested
 
 

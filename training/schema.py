@@ -42,7 +42,7 @@ class Stage1Round(TypedDict):
     seconds: float
     client_seconds: dict[str, float]
     participants: list[int]  # the clients sampled for the round (stage1.clients_per_round)
-    missing: int  # participants that did not answer
+    missing: int  # clients that did not answer: participants, and those that left the run before
 
 
 class History(TypedDict):
