@@ -27,7 +27,7 @@ def test_gpu_shares_reach_the_clients_bundles_and_actors(tmp_path, data_root):
     result = json.loads((tmp_path / "result.json").read_text())
     assert "error" not in result, result.get("error", "") + proc.stderr[-3000:]
     assert result["cluster"]["GPU"] == 2
-    for name, share in (("auto", 0.6666), ("cuda_quarter", 0.25)):  # auto: 2 GPUs over 3 clients, floored
+    for name, share in (("auto", 0.5), ("cuda_quarter", 0.25)):  # auto: 3 clients on 2 GPUs, two on one
         got = result[name]
         assert got["bundle"]["GPU"] == share, name
         assert [b["GPU"] for b in got["pg_bundles"].values()] == [share] * 3, name
@@ -75,7 +75,8 @@ def test_clients_per_round_is_a_count_or_a_fraction_sampled_by_seed():
     assert draw(None, 0) == ids and draw(1.0, 0) == ids and draw(10, 0) == ids
     assert len(draw(3, 0)) == 3 and len(draw(0.25, 0)) == 2 and len(draw(0.01, 0)) == 1
     assert draw(3, 0) == draw(3, 0) and draw(3, 0) != draw(3, 1)  # the same every run, another each round
-    assert devices.gpu_share("cuda", None, 2, 3) == 0.6666 and devices.gpu_share("cuda", None, 8, 4) == 2.0
+    assert devices.gpu_share("cuda", None, 2, 3) == 0.5 and devices.gpu_share("cuda", None, 8, 4) == 2.0
+    assert devices.gpu_share("cuda", None, 1, 3) == 0.3333 and devices.gpu_share("cuda", 0.1, 1, 3) == 0.1
     assert devices.gpu_share("cpu", None, 2, 3) == 0.0
 
 

@@ -7,6 +7,7 @@ statistics) is on the CPU; the receiver moves it to its own device with ``to``. 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -27,13 +28,19 @@ def resolve(requested: str, cluster_gpus: float, setting: str = "cluster.device"
 
 
 def gpu_share(device: str, requested: float | None, cluster_gpus: float, clients: int) -> float:
-    """Each client's (or replica's) GPU share: the one asked for, else the cluster's GPUs split evenly."""
+    """Each client's (or replica's) GPU share: the one asked for, else the cluster's GPUs split evenly.
+
+    Ray fits a fractional share within one GPU, so an even split gives each GPU the same number
+    of clients: 1 / ceil(clients / GPUs) each (3 clients on 2 GPUs: 0.5), or whole GPUs when
+    there are at least as many GPUs as clients."""
     if device != "cuda":
         return 0.0
     if requested is not None:
         return requested
-    share = cluster_gpus / max(1, clients)
-    return float(int(share)) if share >= 1 else int(share * 1e4) / 1e4  # Ray takes whole GPUs above 1
+    gpus, n = int(cluster_gpus), max(1, clients)
+    if gpus >= n:
+        return float(gpus // n)
+    return int(1e4 / math.ceil(n / max(1, gpus))) / 1e4
 
 
 def local(device: str) -> torch.device:
