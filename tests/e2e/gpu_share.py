@@ -34,6 +34,16 @@ SETTINGS = {
 }
 
 
+def in_bundle(required: dict) -> dict:
+    """An actor's request inside its placement-group bundle: ``GPU_group_2_<pg>`` -> ``GPU``."""
+    out = {}
+    for key, value in required.items():
+        name, _, rest = key.partition("_group_")
+        if rest.split("_")[0].isdigit():
+            out[name] = value
+    return out
+
+
 def place(data_root: str, work: Path, name: str, overrides: list[str]) -> dict:
     from ray.util.placement_group import placement_group_table
     from ray.util.state import list_actors
@@ -59,7 +69,7 @@ def place(data_root: str, work: Path, name: str, overrides: list[str]) -> dict:
         return {
             "bundle": bundle,
             "pg_bundles": placement_group_table(co.pg)["bundles"],
-            "actors": [a.required_resources for a in actors],
+            "actors": [in_bundle(a.required_resources) for a in actors],
             "errors": errors,
         }
     finally:
