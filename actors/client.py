@@ -10,6 +10,7 @@ metrics, latents-derived logits or counts, on the CPU (``training.devices``).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 
@@ -26,7 +27,15 @@ from training.models import Stage1Model, make_expert
 from training.shards import NUM_CLASSES, load_rows
 
 STAGE_ORDER = ("init", "stage1", "stage2", "stage3")
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; absent elsewhere
 GLOBAL_CHUNK = 4096  # global test rows read at a time (a multiple of compute_latents' batches: same latents)
+
+
+def _give_back_memory() -> None:
+    """After a step: hand the allocator's free pages back to the OS (glibc keeps them in each
+    thread's arena otherwise, and a client's calls run on several threads)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class Client:
@@ -152,6 +161,7 @@ class Client:
         )
         self.stage = "stage1"
         self._h.clear()
+        _give_back_memory()
         return devices.cpu({k: state[k] for k in global_state}), metrics
 
     def set_global(self, global_state: dict) -> None:
@@ -191,6 +201,7 @@ class Client:
             self.expert, self._latents("train"), self.y, self.cfg.stage2, seed=seeds.expert_fit(self.cfg.seed, self.id)
         )
         self.stage = "stage2"
+        _give_back_memory()
         return devices.cpu(self.expert.state_dict()), metrics
 
     @torch.no_grad()
@@ -252,6 +263,7 @@ class Client:
         """
         self._serving()
         self._answers, cost = self._ask_every_expert(self._latents("train"))
+        _give_back_memory()
         return cost
 
     def _cached_answers(self) -> torch.Tensor:
@@ -296,6 +308,7 @@ class Client:
             seeds.client_round(self.cfg.seed, round_, self.id),
         )
         self.stage = "stage3"
+        _give_back_memory()
         return devices.cpu(state), metrics
 
     def sync_gate(self, variant: str, shared: dict) -> dict:

@@ -36,6 +36,11 @@ from training.models import Gate, Stage1Model, make_expert
 from training.shards import client_rows, load_labels
 
 
+# two malloc arenas per client process, not one per thread of its thread pool: about 15 MB less
+# each during stage 1 (benchmarks/results/scaling.md)
+CLIENT_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
 class PlacementError(RuntimeError):
     """The cluster cannot hold the clients as configured."""
 
@@ -153,6 +158,7 @@ class Coordinator:
                 num_gpus=bundle.get("GPU", 0),
                 resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": CLIENT_ENV},
             ).remote(i, cfg_dict, *client_rows(labels, split, i), threads, me, device)
             for i in range(cfg.num_clients)
         ]

@@ -126,6 +126,7 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
         if done is not None:
             results = schema.load_results(done / "results.json")
             say(f"{ctx.suite}: {name}: reusing the finished run {done} (same config)")
+            _note_devices(ctx, done)
             return {"results": results, "dir": done, "wall": results["timings"].get("total"), "cached": True}
     shutil.rmtree(run_dir, ignore_errors=True)
     donor = stage12_donor(ctx, cfg) if cache and not ctx.fresh and stop_after is None else None
@@ -148,15 +149,16 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
             pass
         ray.kill(coord)
     say(f"{ctx.suite}: {name}: {wall:.1f}s ({run_dir})")
-    clients = ckpt_state(run_dir).get("meta", {}).get("clients", [])
-    ctx.devices.update(c["device"] for c in clients if "device" in c)
+    _note_devices(ctx, run_dir)
     return {"results": results, "dir": run_dir, "wall": wall, "cached": False}
 
 
-def ckpt_state(run_dir: Path) -> dict:
+def _note_devices(ctx: Context, run_dir: Path) -> None:
+    """What the run's clients computed on (``state.json``; runs made before it was recorded: cpu)."""
     from training import checkpoint as ckpt
 
-    return ckpt.load_state(run_dir) if (run_dir / "state.json").exists() else {}
+    clients = ckpt.load_state(run_dir).get("meta", {}).get("clients", []) if (run_dir / "state.json").exists() else []
+    ctx.devices.update(c.get("device", "cpu") for c in clients)
 
 
 # ------------------------------------------------------------------ the machine

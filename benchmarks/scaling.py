@@ -104,10 +104,12 @@ def slope(ns: list[int], ys: list[float]) -> float | None:
 
 
 class TorchFloor:
-    """An idle actor that imports what a client imports (torch, the client module) and holds nothing."""
+    """An idle actor that imports what a client imports and holds nothing: torch, the client module,
+    and torch._dynamo, which torch.optim imports at its first step (about 78 MB here)."""
 
     def __init__(self):
         import torch
+        import torch._dynamo  # noqa: F401
 
         import actors.client  # noqa: F401
 

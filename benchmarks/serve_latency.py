@@ -169,6 +169,7 @@ def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> di
         "top_k": TOP_K,
         "clients": n,
         "healthy_s": served.seconds,
+        "device": served.device,
         "http_floor": floor,
         "raw_bytes_per_sample": raw,
         "rows": rows,

@@ -20,6 +20,7 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     requests = ctx.requests or (16 if ctx.quick else 200)
     common.say(f"serve: deploying {run_dir} on Ray Serve; {requests} requests per (batch, concurrency, body) cell")
     res = serve_latency.run_benchmark(run_dir, requests)
+    ctx.devices.add(res["device"])
     res["requests"] = requests
     metrics = {
         f"b{r['batch']}_c{r['concurrency']}_{r['format']}/{k}": v
