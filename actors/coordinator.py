@@ -35,7 +35,6 @@ from training.data import build_split, label_counts, load_dataset
 from training.models import Gate, Stage1Model, make_expert
 from training.shards import client_rows, load_labels
 
-
 # two malloc arenas per client process, not one per thread of its thread pool: about 15 MB less
 # each during stage 1 (benchmarks/results/scaling.md)
 CLIENT_ENV = {"MALLOC_ARENA_MAX": "2"}
