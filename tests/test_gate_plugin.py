@@ -144,7 +144,7 @@ def test_nmoe_serve_answers_with_the_plugin_variant_over_http(plugin_run, data_r
     serving = Nmoe(["serve", "--run", str(plugin_run), "--variant", NAME, "--port", str(port)], tmp_path)
     try:
         serving.wait_for("Ctrl-C to stop")
-        assert f"({NAME}) at http://127.0.0.1:{port}" in serving.text, serving.text
+        assert f"({NAME}, cpu) at http://127.0.0.1:{port}" in serving.text, serving.text
         pixels = np.random.default_rng(0).random((4, 1, 28, 28)).astype(np.float32)
         for client in range(3):
             url = f"http://127.0.0.1:{port}/v1/clients/{client}/predict"

@@ -65,7 +65,8 @@ def place(data_root: str, work: Path, name: str, overrides: list[str]) -> dict:
                 errors.append(str(exc))
         time.sleep(1.0)  # the state API reports what the GCS holds
         ids = {c._actor_id.hex() for c in co.clients}
-        actors = [a for a in list_actors(detail=True, limit=1000) if a.actor_id in ids]
+        here = ray.get_runtime_context().gcs_address  # this Ray, not the one a test session runs
+        actors = [a for a in list_actors(address=here, detail=True, limit=1000) if a.actor_id in ids]
         return {
             "bundle": bundle,
             "pg_bundles": placement_group_table(co.pg)["bundles"],
