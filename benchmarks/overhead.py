@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from actors.coordinator import client_resources
+from actors.placement import client_resources
 from benchmarks import common
 from training import checkpoint as ckpt
 from training import federated, local, objectives, seeds

@@ -69,7 +69,8 @@ def run(args) -> int:
 
     from actors import tracking
     from actors.cluster import ClusterError, connect
-    from actors.coordinator import Coordinator, PlacementError, client_device
+    from actors.coordinator import Coordinator
+    from actors.placement import PlacementError, client_device
     from training import checkpoint as ckpt
 
     cfg, out, resume = _prepare(args)

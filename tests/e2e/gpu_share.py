@@ -48,7 +48,8 @@ def place(data_root: str, work: Path, name: str, overrides: list[str]) -> dict:
     from ray.util.placement_group import placement_group_table
     from ray.util.state import list_actors
 
-    from actors.coordinator import Coordinator, client_resources
+    from actors.coordinator import Coordinator
+    from actors.placement import client_resources
     from training.config import SMOKE_CONFIG, load_config
 
     cfg = load_config(SMOKE_CONFIG, [f"data.root={data_root}", "cluster.round_timeout_s=20", *overrides])

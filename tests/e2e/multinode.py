@@ -101,7 +101,7 @@ def cli(*argv: str) -> tuple[int, str]:
 def placement(args, workers: dict) -> dict:
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-    from actors.coordinator import client_resources
+    from actors.placement import client_resources
 
     out: dict = {"head": ray.get_runtime_context().get_node_id(), "workers": sorted(workers)}
     base = ["--config", str(SMOKE), "--set", f"data.root={args.data_root}", "--no-tracking"]
