@@ -169,6 +169,9 @@ def test_scaling_grows_bytes_with_clients(bench, capsys):
         row = _row(md, str(r["clients"]))
         assert f"{r['stage1_seconds_per_round']:.2f}" in row and f"{r['peak_rss_mib']:.0f}" in row
         assert f"{r['peak_pss_mib']:.0f}" in row
+        # each client process against an idle one that imported the same: its data and working set
+        assert 0 < r["floor_pss_mib"] < r["client_pss_mib"] < r["peak_pss_mib"]
+        assert f"{r['client_pss_mib']:.0f}" in row and f"{r['floor_pss_mib']:.0f}" in row
 
 
 def test_classgate_sweep_reproduces_the_trained_point_in_process(bench, capsys):
