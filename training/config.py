@@ -122,7 +122,7 @@ class ClusterConfig:
     client_resource: Optional[str] = None  # custom resource each client asks for (one per node)
     placement: str = "SPREAD"  # placement-group strategy for the clients
     device: str = "auto"  # auto: cuda where the cluster has GPUs; cpu; cuda
-    gpus_per_client: Optional[float] = None  # GPU share of each client (null with cuda: the cluster's GPUs / clients)
+    gpus_per_client: Optional[float] = None  # GPU share of each client (null with cuda: the same number on each GPU)
     concurrent_clients: Optional[int] = None  # at most this many clients train at once (null: all of them)
     round_timeout_s: float = 300.0  # a client silent this long misses the step (every wait is bounded by it)
     peer_timeout_s: Optional[float] = None  # a peer's expert silent this long is routed around (None: half the above)
