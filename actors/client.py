@@ -230,7 +230,6 @@ class Client:
         answers, lost = peers.ask({j: self.peers[j].expert_forward.remote(ref) for j in asked}, self._peer_timeout())
         self._lose(lost)
         answers = devices.to(answers, self.device)
-        self._serving()
         answers[self.id] = self._expert(h)
         for j in range(len(self.peers)):
             answers.setdefault(j, torch.zeros_like(answers[self.id]))

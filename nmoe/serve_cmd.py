@@ -60,7 +60,7 @@ def serve_cmd(args) -> int:
     from actors.tracking import resolve_uri
     from serve import launch
     from training.checkpoint import RunFolderError
-    from training.config import PAPER_VARIANT
+    from training.config import PAPER_VARIANT, gpu_share_problem
     from training.devices import DeviceError, resolve
 
     args.variant = args.variant or PAPER_VARIANT
@@ -71,10 +71,9 @@ def serve_cmd(args) -> int:
     if args.max_batch < 1:
         raise UserError(f"--max-batch: {args.max_batch} is not a positive batch size")
     g = args.gpus_per_client
-    if g is not None and not (0 < g <= 1 or g == int(g)):
-        raise UserError(f"--gpus-per-client: {g} is not a GPU share (a fraction up to 1, or a whole number)")
-    if g is not None and args.device == "cpu":
-        raise UserError("--gpus-per-client: set, but --device is cpu")
+    problem = gpu_share_problem(g, args.device, "--device")
+    if problem:
+        raise UserError(f"--gpus-per-client: {problem}")
     try:
         connect(args.address)
         import ray

@@ -289,10 +289,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         c.placement in ("SPREAD", "PACK", "STRICT_SPREAD"), "cluster.placement", "one of SPREAD, PACK, STRICT_SPREAD"
     )
     _check(c.device in DEVICES, "cluster.device", f"unknown device {c.device!r} (one of {', '.join(DEVICES)})")
-    g = c.gpus_per_client
-    _check(g is None or g > 0, "cluster.gpus_per_client", "must be > 0 or null")
-    _check(g is None or g <= 1 or g == int(g), "cluster.gpus_per_client", f"above 1 must be a whole number, got {g}")
-    _check(g is None or c.device != "cpu", "cluster.gpus_per_client", "is set, but cluster.device is cpu")
+    problem = gpu_share_problem(c.gpus_per_client, c.device, "cluster.device")
+    _check(problem is None, "cluster.gpus_per_client", problem or "")
     _check(c.concurrent_clients is None or c.concurrent_clients >= 1, "cluster.concurrent_clients", "must be >= 1")
     _check(c.round_timeout_s > 0, "cluster.round_timeout_s", "must be > 0")
     _check(
@@ -303,6 +301,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(c.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
     _check(c.checkpoint_every >= 1, "cluster.checkpoint_every", "must be >= 1")
     return cfg
+
+
+def gpu_share_problem(share: float | None, device: str, device_setting: str) -> str | None:
+    """What is wrong with a GPU share (None: nothing, or no share asked for). Ray takes a fraction
+    up to 1 or whole GPUs; a CPU device takes none. Config validation and ``nmoe serve`` both ask."""
+    if share is None:
+        return None
+    if not (0 < share <= 1 or (share > 1 and share == int(share))):
+        return f"{share} is not a GPU share (a fraction up to 1, or a whole number)"
+    if device == "cpu":
+        return f"set, but {device_setting} is cpu"
+    return None
 
 
 def _check_per_round(v: int | float | None, path: str, n: int) -> None:
