@@ -19,11 +19,12 @@ import ray
 import torch
 
 from actors import peers
-from training import devices, federated, gates, local, routing, seeds
+from training import devices, federated, frontier, gates, local, routing, seeds
 from training.config import ExperimentConfig, from_dict
 from training.data import label_counts
 from training.gates import ClientView
 from training.models import Stage1Model, make_expert
+from training.schema import SPLITS
 from training.shards import NUM_CLASSES, load_rows
 
 STAGE_ORDER = ("init", "stage1", "stage2", "stage3")
@@ -48,11 +49,14 @@ class Client:
         train_rows: np.ndarray,
         test_rows: np.ndarray,
         global_rows: np.ndarray,
+        val_rows: np.ndarray,
+        global_val_rows: np.ndarray,
         threads: int = 1,
         coordinator=None,
         device: str = "cpu",
     ):
-        """``*_rows``: row numbers in the dataset's train and test files (``training.shards``)."""
+        """``*_rows``: row numbers in the dataset's train and test files (``training.shards``):
+        the own train, test and validation splits, and the global test and validation halves."""
         torch.set_num_threads(max(1, threads))
         self.id = client_id
         self.cfg: ExperimentConfig = from_dict(cfg)
@@ -61,8 +65,11 @@ class Client:
         self.x, self.y = x.to(self.device), y.to(self.device)
         x, y = load_rows(self.cfg.data, False, test_rows)
         self.x_test, self.y_test = x.to(self.device), y.to(self.device)
-        self.global_rows = np.asarray(global_rows)  # read when their latents are needed (_latents)
-        self.y_global: torch.Tensor | None = None
+        x, y = load_rows(self.cfg.data, False, val_rows)
+        self.x_val, self.y_val = x.to(self.device), y.to(self.device)
+        # the global halves are read when their latents are needed (_latents)
+        self.global_rows = {"global": np.asarray(global_rows), "global_val": np.asarray(global_val_rows)}
+        self.y_global: dict[str, torch.Tensor] = {}
         self.num_classes = NUM_CLASSES
         torch.manual_seed(self.cfg.seed)  # same initial F everywhere; stage 1 overwrites it anyway
         self.model = Stage1Model(self.cfg.model, self.x.shape[1], self.x.shape[2], self.num_classes).to(self.device)
@@ -171,25 +178,27 @@ class Client:
         self._h.clear()
 
     def _latents(self, which: str) -> torch.Tensor:
-        """h = F(x) of the own train or test split, or of the global test set (read in chunks)."""
+        """h = F(x) of the own ``train``, ``test`` or ``val`` split, or of a global half (``global``,
+        ``global_val``: read in chunks)."""
         if which not in self._h:
             F = self.model.extractor
-            if which == "global":
-                hs, ys = [], []
-                for i in range(0, len(self.global_rows), GLOBAL_CHUNK):
-                    x, y = load_rows(self.cfg.data, False, self.global_rows[i : i + GLOBAL_CHUNK])
+            if which in self.global_rows:
+                hs, ys, rows = [], [], self.global_rows[which]
+                for i in range(0, len(rows), GLOBAL_CHUNK):
+                    x, y = load_rows(self.cfg.data, False, rows[i : i + GLOBAL_CHUNK])
                     hs.append(local.compute_latents(F, x.to(self.device)))
                     ys.append(y)
                 self._h[which] = torch.cat(hs) if hs else local.compute_latents(F, self.x_test[:0])
-                self.y_global = torch.cat(ys).to(self.device) if ys else self.y_test[:0]
+                self.y_global[which] = torch.cat(ys).to(self.device) if ys else self.y_test[:0]
             else:
-                self._h[which] = local.compute_latents(F, self.x if which == "train" else self.x_test)
+                x = {"train": self.x, "test": self.x_test, "val": self.x_val}[which]
+                self._h[which] = local.compute_latents(F, x)
         return self._h[which]
 
     def _labelled(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(latents, labels)`` of the own test split (``"test"``) or the global test set."""
+        """``(latents, labels)`` of one evaluation split (``schema.SPLITS``)."""
         h = self._latents(which)
-        return h, self.y_test if which == "test" else self.y_global
+        return h, {"test": self.y_test, "val": self.y_val}.get(which, self.y_global.get(which))
 
     def fit_expert(self) -> tuple[dict, dict]:
         """Stage 2: F frozen, the expert learns this client's data. Nothing travels; the trained
@@ -334,9 +343,8 @@ class Client:
             seeds.routing(self.cfg.seed, self.id),
         )
 
-    def route_latents(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
-        """Routed inference on latents: dispatch through the object store, combine, count bytes (the
-        reply's tensors are on the CPU).
+    def _dispatch(self, h: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
+        """The chosen experts' answers on latents ``h``, through the object store, and the bytes.
 
         A chosen peer that does not answer is replaced by the gate's next-best available expert
         (``lost_peers`` says which); the bytes sent to it still count.
@@ -366,39 +374,69 @@ class Client:
         self._lose(lost_all)
         if self.id in plan:
             answers[self.id] = self._expert(h[plan[self.id][0]])
-        readout = self.variants[variant].readout(self.gates.get(variant))
         return {
-            "logits": routing.combine(w, plan, answers, readout).cpu(),
-            "experts": idx.cpu(),
-            "weights": w.cpu(),
+            "idx": idx,
+            "w": w,
+            "plan": plan,
+            "answers": answers,
             "bytes_out": out,
             "bytes_in": back,
             "lost_peers": lost_all,
         }
 
-    def route(self, x: torch.Tensor, variant: str, top_k: int | None = None) -> dict:
+    def _combine(self, d: dict, variant: str, personal: float | None = None) -> torch.Tensor:
+        readout = self.variants[variant].readout(self.gates.get(variant), personal)
+        return routing.combine(d["w"], d["plan"], d["answers"], readout)
+
+    def route_latents(
+        self, h: torch.Tensor, variant: str, top_k: int | None = None, personal: float | None = None
+    ) -> dict:
+        """Routed inference on latents: dispatch, combine (``personal``: how far toward the own label
+        mix, where the variant has that knob), count bytes; the reply's tensors are on the CPU."""
+        d = self._dispatch(h, variant, top_k)
+        return {
+            "logits": self._combine(d, variant, personal).cpu(),
+            "experts": d["idx"].cpu(),
+            "weights": d["w"].cpu(),
+            **{k: d[k] for k in ("bytes_out", "bytes_in", "lost_peers")},
+        }
+
+    def route(self, x: torch.Tensor, variant: str, top_k: int | None = None, personal: float | None = None) -> dict:
         """Routed inference on raw inputs that belong to this client (they stay here)."""
-        return self.route_latents(local.compute_latents(self.model.extractor, x.to(self.device)), variant, top_k)
+        h = local.compute_latents(self.model.extractor, x.to(self.device))
+        return self.route_latents(h, variant, top_k, personal)
 
     def evaluate(self, variant: str) -> dict:
-        """Personalized (own test split) and global (balanced test set) accuracy of routed inference."""
+        """Routed inference's accuracy on every split (``schema.SPLITS``): the own test and
+        validation splits and the global halves. A variant with a ``personal`` knob is also
+        scored at every point of ``frontier.GRID`` (``curve``), from the same answers."""
         self._serving()
+        spec, gate = self.variants[variant], self.gates.get(variant)
+        grid = frontier.GRID if spec.personal(gate) is not None else ()
         out = {"routed_samples": 0, "bytes_out": 0, "bytes_in": 0, "lost_peers": []}
         usage = torch.zeros(len(self.peers))
-        for name in ("test", "global"):
-            (h, y), correct = self._labelled(name), 0
+        curve = [{"personal": p} for p in grid]
+        for name, key in SPLITS.items():
+            (h, y), correct = self._labelled(name), torch.zeros(1 + len(grid))
             y = y.cpu()
             for i in range(0, len(h), self.cfg.routing.eval_batch):
-                r = self.route_latents(h[i : i + self.cfg.routing.eval_batch], variant)
-                correct += int((r["logits"].argmax(1) == y[i : i + len(r["logits"])]).sum())
-                out["bytes_out"] += r["bytes_out"]
-                out["bytes_in"] += r["bytes_in"]
-                out["routed_samples"] += len(r["logits"])
-                out["lost_peers"] += [j for j in r["lost_peers"] if j not in out["lost_peers"]]
+                d = self._dispatch(h[i : i + self.cfg.routing.eval_batch], variant)
+                yb = y[i : i + len(d["idx"])]
+                for k, p in enumerate((None, *grid)):
+                    correct[k] += int((self._combine(d, variant, p).argmax(1).cpu() == yb).sum())
+                out["bytes_out"] += d["bytes_out"]
+                out["bytes_in"] += d["bytes_in"]
+                out["routed_samples"] += len(yb)
+                out["lost_peers"] += [j for j in d["lost_peers"] if j not in out["lost_peers"]]
                 if name == "test":
-                    usage += torch.bincount(r["experts"].reshape(-1), minlength=len(self.peers)).float()
-            out["personalized_acc" if name == "test" else "global_acc"] = correct / max(len(y), 1)
+                    usage += torch.bincount(d["idx"].reshape(-1).cpu(), minlength=len(self.peers)).float()
+            acc = (correct / max(len(y), 1)).tolist()
+            out[key] = acc[0]
+            for point, a in zip(curve, acc[1:]):
+                point[key] = a
         out["expert_usage"] = (usage / usage.sum().clamp(min=1)).tolist()
+        if grid:
+            out["curve"], out["personal"] = curve, spec.personal(gate)
         return out
 
     @torch.no_grad()
@@ -406,9 +444,8 @@ class Client:
         """local_only (own expert alone) and fedavg_global (stage-1 F + linear classifier)."""
         self._serving()
         res = {}
-        for name in ("test", "global"):
+        for name, key in SPLITS.items():
             h, y = self._labelled(name)
-            key = "personalized_acc" if name == "test" else "global_acc"
             res.setdefault("local_only", {})[key] = local.accuracy(self.expert(h), y)
             res.setdefault("fedavg_global", {})[key] = local.accuracy(self.model.classifier(h), y)
         return res

@@ -25,13 +25,14 @@ from ray.util.placement_group import remove_placement_group
 from actors import placement
 from actors.client import STAGE_ORDER
 from actors.fleet import Fleet
-from actors.stage3 import Stage3
+from actors.stage3 import Stage3, variant_file
 from actors.tracking import Tracker
 from training import checkpoint as ckpt
-from training import federated, local, objectives, schema, seeds
+from training import federated, frontier, gates, local, objectives, schema, seeds
 from training.config import PAPER_VARIANT, STAGES, from_dict
 from training.data import build_split, label_counts, load_dataset
 from training.models import Gate, Stage1Model, make_expert
+from training.schema import SPLITS
 from training.shards import load_labels
 
 
@@ -246,30 +247,33 @@ class Coordinator:
         )
         k = cfg.routing.top_k
         h_test = local.compute_latents(model.extractor, ds.x_test)
-        pred = local.moe_predict(experts, gate, h_test, k).argmax(1)
-        per = [{"personalized_acc": float((pred[t] == ds.y_test[t]).float().mean())} for t in split.test]
-        g_idx = split.global_test
-        glob = float((pred[g_idx] == ds.y_test[g_idx]).float().mean())
-        for p in per:
-            p["global_acc"] = glob
+        right = (local.moe_predict(experts, gate, h_test, k).argmax(1) == ds.y_test).float()
+        per = [
+            {
+                "personalized_acc": float(right[t].mean()),
+                "global_acc": float(right[split.global_test].mean()),
+                "val_personalized_acc": float(right[v].mean()),
+                "val_global_acc": float(right[split.global_val].mean()),
+            }
+            for t, v in zip(split.test, split.val)
+        ]
         return self._summary(per, note="not private: pooled data")
 
     @staticmethod
     def _summary(per_client: list[dict], **extra) -> dict:
-        return {
-            "personalized_acc": float(np.mean([p["personalized_acc"] for p in per_client])),
-            "global_acc": float(np.mean([p["global_acc"] for p in per_client])),
-            "per_client": per_client,
-            **extra,
-        }
+        means = {k: float(np.mean([p[k] for p in per_client])) for k in SPLITS.values() if k in per_client[0]}
+        return {**means, "per_client": per_client, **extra}
 
     def evaluate(self) -> dict:
         self._restore("stage3", "evaluate")
-        methods, usage, routed = {}, {}, {}
+        methods, usage, routed, curves = {}, {}, {}, {}
         for v in self.cfg.stage3.variants:
             self._say("evaluate", f"routed inference: nmoe/{v}")
             per = list(self.fleet.call("evaluate", v, stage="evaluate", essential=True).values())
-            methods[f"nmoe/{v}"] = self._summary([{k: p[k] for k in ("personalized_acc", "global_acc")} for p in per])
+            knob = {"personal": per[0]["personal"]} if "curve" in per[0] else {}
+            methods[f"nmoe/{v}"] = self._summary([{k: p[k] for k in SPLITS.values()} for p in per], **knob)
+            if knob:
+                curves[v] = [p["curve"] for p in per]
             usage[f"nmoe/{v}"] = [p["expert_usage"] for p in per]
             routed[v] = sum(p["bytes_out"] + p["bytes_in"] for p in per) / max(1, sum(p["routed_samples"] for p in per))
         self._say("evaluate", "baselines")
@@ -279,13 +283,46 @@ class Coordinator:
         if "centralized_moe" not in self.state:  # stages 1-2 decide it: computed once per run, kept in state.json
             self.state["centralized_moe"] = self.centralized_moe()
         methods["centralized_moe"] = self.state["centralized_moe"]
+        curve, chosen = self._frontier(methods, curves)
         flat = {
             f"final/{m.replace('/', '_')}/{k}": v[k]
             for m, v in methods.items()
             for k in ("personalized_acc", "global_acc")
         }
         self.tracker.log(flat)
-        return {"methods": methods, "routing": usage, "per_routed_sample": routed}
+        return {
+            "methods": methods,
+            "routing": usage,
+            "per_routed_sample": routed,
+            "frontier": curve,
+            "selection": chosen,
+        }
+
+    def _frontier(self, methods: dict, curves: dict[str, list]) -> tuple[dict, dict]:
+        """Each knob variant's mean curve; where the config leaves the knob to validation, the point
+        ``frontier.choose`` picks on validation accuracies, which then becomes the variant's row and
+        is written into its gates (checkpoints and the live clients)."""
+        curve, chosen = {}, {}
+        for v, per in curves.items():
+            m, spec = f"nmoe/{v}", gates.get(v)
+            curve[m] = frontier.mean_curve(per)
+            if not spec.chosen_on_validation(self.cfg):
+                continue
+            corner = frontier.targets(methods)
+            k = curve[m].index(frontier.choose(curve[m], corner))
+            personal = curve[m][k]["personal"]
+            methods[m] = self._summary([{key: c[k][key] for key in SPLITS.values()} for c in per], personal=personal)
+            chosen[m] = {"personal": personal, "rule": frontier.RULE, "targets": corner}
+            self._say("evaluate", f"{m}: personal={personal:g}, chosen on validation")
+            tuned = {i: spec.with_personal(s, personal) for i, s in self.fleet.snapshot["gates"][v].items()}
+            self.fleet.snapshot["gates"] = {**self.fleet.snapshot["gates"], v: tuned}
+            ckpt.save_torch(
+                variant_file(self.out, v), {"round": self.cfg.stage3.rounds - 1, "done": True, "gates": tuned}
+            )
+            both = ckpt.load_torch(ckpt.stage_file(self.out, "stage3"))
+            ckpt.save_torch(ckpt.stage_file(self.out, "stage3"), {"gates": {**both["gates"], v: tuned}})
+            self.fleet.call("load_state", per_client=lambda i: ({"gates": {v: tuned[i]}},), stage="evaluate")
+        return curve, chosen
 
     # ------------------------------------------------------------- the schedule
 
@@ -340,6 +377,8 @@ class Coordinator:
             "timings": self.state["timings"],
             "history": self.state["history"],
             "routing": ev.get("routing", {}),
+            "frontier": ev.get("frontier", {}),
+            "selection": ev.get("selection", {}),
             "mlflow_run_id": self.state.get("mlflow_run_id"),
             "out_dir": str(self.out),
         }

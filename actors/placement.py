@@ -93,7 +93,7 @@ def start_clients(cfg, labels, split, coordinator=None) -> tuple:
             resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
             runtime_env={"env_vars": CLIENT_ENV},
-        ).remote(i, cfg_dict, *client_rows(labels, split, i), threads, coordinator, device)
+        ).remote(i, cfg_dict, **client_rows(labels, split, i), threads=threads, coordinator=coordinator, device=device)
         for i in range(cfg.num_clients)
     ]
     return pg, clients

@@ -93,7 +93,7 @@ def _load_clients(ray, run, data_root):
     labels = load_labels(cfg.data)
     trained = ckpt.load_trained(run)
     actor = ray.remote(Client).options(num_cpus=0, max_concurrency=4)
-    clients = [actor.remote(i, cfg.to_dict(), *client_rows(labels, split, i)) for i in range(cfg.num_clients)]
+    clients = [actor.remote(i, cfg.to_dict(), **client_rows(labels, split, i)) for i in range(cfg.num_clients)]
     ray.get([c.set_peers.remote(clients) for c in clients])
     ray.get(
         [

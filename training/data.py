@@ -307,16 +307,35 @@ def client_test_indices(
 
 @dataclass
 class Split:
-    """Per-client train/test indices plus the global test set (indices into the Dataset)."""
+    """Per-client train, validation and test indices, and the global validation and test halves
+    (indices into the Dataset's train and test sets).
+
+    The test pool is cut once into two class-balanced halves, the same for every seed: knobs are
+    chosen on the validation half (``val``, ``global_val``) and numbers are reported on the test
+    half (``test``, ``global_test``), so the two never share a sample."""
 
     train: list[np.ndarray]
     test: list[np.ndarray]
     global_test: np.ndarray
     num_classes: int
+    val: list[np.ndarray]
+    global_val: np.ndarray
+
+
+def halves(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(validation, test)``: every class's indices shuffled (one fixed seed) and cut in two."""
+    rng = np.random.default_rng(0)
+    val, test = [], []
+    for c in range(num_classes):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        val.append(idx[: len(idx) // 2])
+        test.append(idx[len(idx) // 2 :])
+    return np.sort(np.concatenate(val)).astype(np.int64), np.sort(np.concatenate(test)).astype(np.int64)
 
 
 def build_split(cfg: ExperimentConfig, train_labels: np.ndarray, test_labels: np.ndarray, num_classes: int) -> Split:
-    """Partition (an optional seeded subset of) the train set and draw each client's local test set."""
+    """Partition (an optional seeded subset of) the train set, cut the test pool into validation
+    and test halves, and draw each client's validation and test splits with its label mix."""
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
     pool = np.arange(len(train_labels))
@@ -325,10 +344,14 @@ def build_split(cfg: ExperimentConfig, train_labels: np.ndarray, test_labels: np
         pool = np.sort(np.random.default_rng(cfg.seed).choice(len(pool), size=limit, replace=False))
     parts = partition(train_labels[pool], cfg.num_clients, cfg.partition, num_classes, cfg.seed)
     train = [pool[p] for p in parts]
+    global_val, global_test = halves(test_labels, num_classes)
     rng = np.random.default_rng(cfg.seed + 1)
-    n = min(cfg.partition.test_per_client, len(test_labels))
-    test = [client_test_indices(test_labels, label_counts(train_labels[t], num_classes), n, rng) for t in train]
-    return Split(train, test, np.arange(len(test_labels)), num_classes)
+    mixes = [label_counts(train_labels[t], num_classes) for t in train]
+    own = {}
+    for name, half in (("test", global_test), ("val", global_val)):
+        n = min(cfg.partition.test_per_client, len(half))
+        own[name] = [half[client_test_indices(test_labels[half], mix, n, rng)] for mix in mixes]
+    return Split(train, own["test"], global_test, num_classes, own["val"], global_val)
 
 
 # ---------------------------------------------------------------- augmentation

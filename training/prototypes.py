@@ -98,3 +98,19 @@ def own_prior_tilt(log_prior: torch.Tensor, power: float, cap: float) -> torch.T
     nats below its largest class, so a confident answer for a class this client rarely sees
     can still win (an uncapped prior of an absent class would veto it)."""
     return power * torch.maximum(log_prior, log_prior.max() - cap)
+
+
+def mixture_prior_tilt(log_prior: torch.Tensor, power: float, lam: float) -> torch.Tensor:
+    """The own label prior mixed with the uniform one, ``power * log(λ·π + (1 − λ)/C)``: the exact
+    family of the personalized-vs-global trade-off for a balanced posterior (λ = 0: no tilt, the
+    balanced answer; λ = 1: the full own prior)."""
+    uniform = 1.0 / log_prior.shape[-1]
+    return power * (lam * log_prior.exp() + (1 - lam) * uniform).log()
+
+
+def personal_tilt(log_prior: torch.Tensor, power: float, personal: float, mixture: bool) -> torch.Tensor:
+    """The readout's own-prior tilt at ``personal`` in [0, 1] (0: none, 1: the full own prior),
+    in either family: the mixture's λ, or a cap at that fraction of the prior's range in nats."""
+    if mixture:
+        return mixture_prior_tilt(log_prior, power, personal)
+    return own_prior_tilt(log_prior, power, personal * float(log_prior.max() - log_prior.min()))

@@ -11,17 +11,49 @@ import json
 from pathlib import Path
 from typing import Any, Optional, TypedDict
 
+# evaluation split -> its accuracy's key (``training.data.Split``): numbers are reported on the
+# test splits; knobs are chosen on the validation ones, which never share a sample with them
+SPLITS = {
+    "test": "personalized_acc",
+    "global": "global_acc",
+    "val": "val_personalized_acc",
+    "global_val": "val_global_acc",
+}
 
-class ClientScore(TypedDict):
+
+class ClientScore(TypedDict, total=False):
     personalized_acc: float  # on the client's own test split (its label mix)
-    global_acc: float  # on the balanced global test set
+    global_acc: float  # on the balanced global test half
+    val_personalized_acc: float  # on the client's own validation split
+    val_global_acc: float  # on the balanced global validation half
 
 
 class MethodScore(TypedDict, total=False):
     personalized_acc: float  # mean over clients
     global_acc: float
+    val_personalized_acc: float
+    val_global_acc: float
     per_client: list[ClientScore]
     note: str  # e.g. "not private: pooled data"
+    personal: float  # the variant's ``personal`` knob at which it is reported (ClassGate)
+
+
+class FrontierPoint(TypedDict):
+    """One point of a method's personalized-vs-global curve over its ``personal`` knob."""
+
+    personal: float
+    personalized_acc: float
+    global_acc: float
+    val_personalized_acc: float
+    val_global_acc: float
+
+
+class Selection(TypedDict):
+    """A knob chosen on validation data only (``training.frontier.choose``)."""
+
+    personal: float
+    rule: str
+    targets: dict[str, float]  # the validation goal corner the rule aimed at
 
 
 class Missing(TypedDict):
@@ -96,6 +128,8 @@ class Results(TypedDict, total=False):
     timings: dict[str, float]
     history: History
     routing: dict[str, list[list[float]]]  # per method, each client's share of calls per expert
+    frontier: dict[str, list[FrontierPoint]]  # per method with a ``personal`` knob, means over clients
+    selection: dict[str, Selection]  # per method, the knob chosen on validation
     mlflow_run_id: Optional[str]
     out_dir: str
     stopped_after: str  # only in what ``--stop-after`` returns; never written to results.json

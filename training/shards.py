@@ -111,10 +111,17 @@ def load_labels(cfg: DataConfig) -> Labels:
     return Labels(cfg.name, ytr, yte[rows], rows, channels, size)
 
 
-def client_rows(labels: Labels, split, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Client i's rows in the files (``training.data.Split`` numbers the limited test set): its
-    train shard, its own test split and the global test set."""
-    return split.train[i], labels.test_rows[split.test[i]], labels.test_rows[split.global_test]
+def client_rows(labels: Labels, split, i: int) -> dict[str, np.ndarray]:
+    """Client i's rows in the files (``training.data.Split`` numbers the limited test set), by
+    split: its train shard, its own validation and test splits, and the global halves."""
+    rows = labels.test_rows
+    return {
+        "train_rows": split.train[i],
+        "test_rows": rows[split.test[i]],
+        "global_rows": rows[split.global_test],
+        "val_rows": rows[split.val[i]],
+        "global_val_rows": rows[split.global_val],
+    }
 
 
 def load_rows(cfg: DataConfig, train: bool, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -146,6 +146,20 @@ class GateVariant:
         """``(experts [B, k], weights [B, k])`` for latents ``h``; ``seed`` is the client's routing seed."""
         return routing.noisy_topk(gate(h), k, available=available)
 
-    def readout(self, gate: nn.Module | None) -> routing.ClassReadout | None:
-        """How the chosen experts' answers are combined: None is the weighted sum."""
+    def readout(self, gate: nn.Module | None, personal: float | None = None) -> routing.ClassReadout | None:
+        """How the chosen experts' answers are combined: None is the weighted sum. ``personal``
+        in [0, 1] asks for a readout that far toward the own label mix (only where ``personal``
+        below is not None)."""
         return None
+
+    def personal(self, gate: nn.Module | None) -> float | None:
+        """How personal the readout is now, in [0, 1]; None: this variant has no such knob."""
+        return None
+
+    def chosen_on_validation(self, cfg) -> bool:
+        """Whether the run chooses the ``personal`` knob on validation data (the config leaves it open)."""
+        return False
+
+    def with_personal(self, state: dict, personal: float) -> dict:
+        """A saved gate's state with its ``personal`` knob set (variants that have one)."""
+        raise NotImplementedError(f"{self.name} has no personal knob")

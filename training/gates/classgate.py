@@ -5,7 +5,10 @@ Once, each client sends its label counts, per-class latent sums and latent Gram 
 discriminant p(c | h) that no client's label skew biases, each expert's per-class
 competence and each expert's label prior. Each client's gate then scores expert j by
 ``log sum_c p(c | h) competence[j, c]`` and the chosen experts' answers are read out per
-class (``training.routing.combine_by_class``), tilted by the client's own capped prior.
+class (``training.routing.combine_by_class``), tilted by the client's own label prior: mixed
+with the uniform prior (``stage3.classgate_tilt: mixture``, weight λ) or capped. How personal
+the readout is (λ, in [0, 1]) moves the answer along the personalized-vs-global frontier with
+nothing retrained: a request may set it (``personal``), and a run chooses it on validation.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from torch import nn
 from training import prototypes
 from training.gates.base import ClientView, GateVariant
 from training.models import Expert
-from training.prototypes import own_prior_tilt
+from training.prototypes import own_prior_tilt, personal_tilt
 from training.registry import GATES
 from training.routing import ClassReadout
+
+TILTS = ("mixture", "cap")
+DEFAULT_PERSONAL = 0.5  # installed until the run's validation choice (stage3.classgate_personal: null)
 
 
 class ClassGateModule(nn.Module):
@@ -31,8 +37,8 @@ class ClassGateModule(nn.Module):
     expert), plus an optional bonus for the own expert, over a temperature.
     """
 
-    # the knobs kept in the ``settings`` buffer (saved with the gate), in order
-    SETTINGS = ("own_expert", "prior", "temperature", "prior_cap")
+    # the knobs kept in the ``settings`` buffer (saved with the gate), in order; mixture: 1 or 0 (cap)
+    SETTINGS = ("own_expert", "prior", "temperature", "prior_cap", "mixture", "personal")
 
     def __init__(self, latent_dim: int, num_classes: int, num_experts: int, expert_hidden: int):
         super().__init__()
@@ -42,7 +48,7 @@ class ClassGateModule(nn.Module):
         self.register_buffer("competence", torch.ones(num_experts, num_classes))
         self.register_buffer("expert_log_prior", torch.zeros(num_experts, num_classes))
         self.register_buffer("own_bonus", torch.zeros(num_experts))
-        self.register_buffer("settings", torch.tensor([0.0, 0.0, 1.0, 0.0]))  # see SETTINGS
+        self.register_buffer("settings", torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))  # see SETTINGS
         self.expert = Expert(latent_dim, expert_hidden, num_classes)  # a frozen copy of the own expert
 
     def configure(
@@ -59,6 +65,8 @@ class ClassGateModule(nn.Module):
         own_bias: float,
         temperature: float,
         prior_cap: float,
+        mixture: bool = True,
+        personal: float = 0.5,
     ) -> None:
         self.class_weight.copy_(class_weight)
         self.class_bias.copy_(class_bias)
@@ -66,7 +74,14 @@ class ClassGateModule(nn.Module):
         self.competence.copy_(competence)
         self.expert_log_prior.copy_(expert_log_prior)
         self.own_bonus.zero_()[own] = own_bias
-        self.tune(own_expert=own_expert, prior=prior, temperature=temperature, prior_cap=prior_cap)
+        self.tune(
+            own_expert=own_expert,
+            prior=prior,
+            temperature=temperature,
+            prior_cap=prior_cap,
+            mixture=float(mixture),
+            personal=personal,
+        )
         self.expert.load_state_dict(expert_state)
 
     def tune(self, **values: float) -> None:
@@ -76,17 +91,36 @@ class ClassGateModule(nn.Module):
                 raise ValueError(f"unknown ClassGate setting {name!r} (one of {', '.join(self.SETTINGS)})")
             self.settings[self.SETTINGS.index(name)] = value
 
+    def _load_from_state_dict(self, state, prefix, *args, **kwargs):
+        """Gates saved before the mixture tilt hold 4 settings: they keep the cap they had."""
+        key = prefix + "settings"
+        if key in state and state[key].numel() < len(self.SETTINGS):
+            old = state[key]
+            state[key] = torch.cat([old, torch.zeros(len(self.SETTINGS) - old.numel(), dtype=old.dtype)])
+        super()._load_from_state_dict(state, prefix, *args, **kwargs)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        own_expert, prior, temperature, _ = self.settings.tolist()
+        own_expert, prior, temperature = self.settings.tolist()[:3]
         p = (h @ self.class_weight + self.class_bias + prior * self.log_prior).softmax(-1)
         if own_expert > 0:
             p = (1 - own_expert) * p + own_expert * self.expert(h).softmax(-1)
         return ((p @ self.competence.T).clamp_min(1e-6).log() + self.own_bonus) / temperature
 
-    def readout(self) -> ClassReadout:
-        """The per-class vote of the chosen experts, tilted by the own label prior (capped)."""
-        _, prior, _, cap = self.settings.tolist()
-        return ClassReadout(self.competence, self.expert_log_prior, own_prior_tilt(self.log_prior, prior, cap))
+    def personal(self) -> float:
+        """How personal the readout is now, in [0, 1]: λ of the mixture, or the cap over the prior's range."""
+        _, _, _, cap, mixture, lam = self.settings.tolist()
+        spread = float(self.log_prior.max() - self.log_prior.min())
+        return lam if mixture else (min(1.0, cap / spread) if spread > 0 else 1.0)
+
+    def readout(self, personal: float | None = None) -> ClassReadout:
+        """The per-class vote of the chosen experts, tilted by the own label prior; ``personal``
+        (in [0, 1]) overrides how much, for one call."""
+        _, prior, _, cap, mixture, lam = self.settings.tolist()
+        if personal is None and not mixture:
+            tilt = own_prior_tilt(self.log_prior, prior, cap)
+        else:
+            tilt = personal_tilt(self.log_prior, prior, lam if personal is None else personal, bool(mixture))
+        return ClassReadout(self.competence, self.expert_log_prior, tilt)
 
 
 @GATES.register("classgate")
@@ -113,6 +147,12 @@ class ClassGate(GateVariant):
                 ("classgate_prior", s.classgate_prior >= 0, "must be >= 0"),
                 ("classgate_prior_cap", s.classgate_prior_cap >= 0, "must be >= 0"),
                 ("classgate_temperature", s.classgate_temperature > 0, "must be > 0"),
+                ("classgate_tilt", s.classgate_tilt in TILTS, f"must be one of {', '.join(TILTS)}"),
+                (
+                    "classgate_personal",
+                    s.classgate_personal is None or 0 <= s.classgate_personal <= 1,
+                    "must be between 0 and 1 (or null: chosen on validation)",
+                ),
             )
             if not ok
         ]
@@ -150,8 +190,26 @@ class ClassGate(GateVariant):
             s.classgate_own_bias,
             s.classgate_temperature,
             s.classgate_prior_cap,
+            s.classgate_tilt == "mixture",
+            DEFAULT_PERSONAL if s.classgate_personal is None else s.classgate_personal,
         )
         return super().install(client, gate, shared)
 
-    def readout(self, gate: ClassGateModule) -> ClassReadout:
-        return gate.readout()
+    def readout(self, gate: ClassGateModule, personal: float | None = None) -> ClassReadout:
+        return gate.readout(personal)
+
+    def personal(self, gate: ClassGateModule) -> float:
+        return gate.personal()
+
+    def chosen_on_validation(self, cfg) -> bool:
+        return cfg.stage3.classgate_personal is None
+
+    def with_personal(self, state: dict, personal: float) -> dict:
+        """λ of the mixture; for the cap, the cap at that fraction of this client's prior's range."""
+        settings, names = state["settings"].clone(), ClassGateModule.SETTINGS
+        if settings[names.index("mixture")]:
+            settings[names.index("personal")] = personal
+        else:
+            prior = state["log_prior"]
+            settings[names.index("prior_cap")] = personal * float(prior.max() - prior.min())
+        return {**state, "settings": settings}
