@@ -1,7 +1,8 @@
-"""MLflow tracking through explicit run ids (never the thread-local fluent run), and plots.
+"""MLflow tracking through explicit run ids (never the thread-local fluent run).
 
-The driver opens the run (``start_run``) and hands its id to the coordinator actor, which
-logs per-round metrics with ``Tracker``; the driver logs artifacts at the end.
+The driver opens the run (``start_run``, with the tags a user filters by and the git commit)
+and hands its id to the coordinator actor, which logs per-round metrics with ``Tracker``; the
+driver logs the dataset splits as run inputs, the table of methods and the artifacts at the end.
 """
 
 from __future__ import annotations
@@ -25,15 +26,50 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def start_run(uri: str, experiment: str, run_name: str, params: dict, artifact_root: Path) -> str:
-    """Create (or reuse) the experiment and open a run; returns its id."""
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from, or None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_tags(cfg) -> dict[str, str]:
+    """What a user filters runs by in the MLflow UI, and MLflow's own source tags."""
+    p = cfg.partition
+    tags = {
+        "stage1.method": cfg.stage1.method,
+        "partition": p.method,
+        "partition.alpha": f"{p.alpha:g}" if p.method == "dirichlet" else "",
+        "seed": str(cfg.seed),
+        "variants": ",".join(cfg.stage3.variants),
+        "dataset": cfg.data.name,
+        "num_clients": str(cfg.num_clients),
+        "mlflow.source.name": "nmoe train",
+        "mlflow.source.type": "LOCAL",
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return {k: v for k, v in tags.items() if v}
+
+
+def start_run(
+    uri: str, experiment: str, run_name: str, params: dict, artifact_root: Path, tags: dict | None = None
+) -> str:
+    """Create (or reuse) the experiment and open a run with ``tags``; returns its id."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         exp_id = client.create_experiment(experiment, artifact_location=Path(artifact_root).resolve().as_uri())
     else:
         exp_id = exp.experiment_id
-    run = client.create_run(exp_id, run_name=run_name)
+    run = client.create_run(exp_id, run_name=run_name, tags=tags or {})
     from mlflow.entities import Param
 
     items = [Param(k, str(v)[:500]) for k, v in params.items()]
@@ -69,55 +105,42 @@ class Tracker:
             elif Path(p).exists():
                 self.client.log_artifact(self.run_id, str(p), artifact_path=folder)
 
+    def inputs(self, cfg, labels, split) -> None:
+        """The dataset and its splits as run inputs: one per split (train, validation, test), each the
+        split's row numbers and labels, so the UI shows the data and a digest that changes with the split."""
+        if self.client is None:
+            return
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        parts = {
+            "train": (np.concatenate(split.train), labels.y_train, "training"),
+            "validation": (np.concatenate([split.global_val, *split.val]), labels.y_test, "validation"),
+            "test": (np.concatenate([split.global_test, *split.test]), labels.y_test, "evaluation"),
+        }
+        found = []
+        for name, (rows, y, context) in parts.items():
+            ds = mlflow.data.from_numpy(
+                rows.astype(np.int64),
+                targets=np.asarray(y)[rows],
+                source=str(cfg.data.root),
+                name=f"{cfg.data.name}/{name}",
+            )
+            found.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(self.run_id, datasets=found)
+
+    def table(self, methods: dict, artifact_file: str = "methods.json") -> None:
+        """The final table of methods, one row each, as an MLflow table (compared across runs in the UI)."""
+        if self.client is None:
+            return
+        from training.schema import SPLITS
+
+        rows = {"method": list(methods)}
+        for key in SPLITS.values():
+            rows[key] = [methods[m].get(key) for m in methods]
+        rows["personal"] = [methods[m].get("personal") for m in methods]
+        self.client.log_table(self.run_id, rows, artifact_file)
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.client is not None:
             self.client.set_terminated(self.run_id, status=status)
-
-
-def make_plots(results: dict, out: Path) -> list[Path]:
-    """Stage-1 accuracy per round, the paper's variant's client x expert routing heatmap (or the first
-    variant's), per-client accuracy."""
-    import matplotlib
-
-    from training.config import PAPER_VARIANT
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    rounds = results.get("history", {}).get("stage1", [])
-    if rounds:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot([r["round"] + 1 for r in rounds], [r["accuracy"] for r in rounds], marker="o")
-        ax.set(xlabel="round", ylabel="train accuracy", title="stage 1: feature extractor")
-        fig.tight_layout()
-        paths.append(out / "stage1_accuracy.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    usage = results.get("routing", {}).get(f"nmoe/{PAPER_VARIANT}") or next(
-        iter(results.get("routing", {}).values()), None
-    )
-    if usage:
-        fig, ax = plt.subplots(figsize=(4.5, 4))
-        im = ax.imshow(np.array(usage), cmap="viridis", vmin=0)
-        ax.set(xlabel="expert", ylabel="client", title="routing share (local test)")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        paths.append(out / "routing_heatmap.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    methods = {m: v["per_client"] for m, v in results.get("methods", {}).items() if v.get("per_client")}
-    if methods:
-        fig, ax = plt.subplots(figsize=(max(5, len(methods) * 1.2), 3.5))
-        width = 0.8 / len(methods)
-        for k, (name, per) in enumerate(methods.items()):
-            xs = np.arange(len(per)) + k * width
-            ax.bar(xs, [p["personalized_acc"] for p in per], width, label=name)
-        ax.set(xlabel="client", ylabel="personalized accuracy", ylim=(0, 1))
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        paths.append(out / "per_client_accuracy.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import faulthandler
 import io
 import json
@@ -48,9 +49,25 @@ def add_parsers(sub) -> None:
     what.add_argument("--input", help="an image file: .npy (uint8 or float32 pixels in [0, 1]), .png or .jpg")
     p.add_argument("--data-root", default="data", help="where the dataset lives (for --sample)")
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument(
+        "--personal",
+        type=_unit,
+        default=None,
+        help="classgate: 0 answers for the balanced label mix, 1 for the client's own (default: the run's choice)",
+    )
     p.add_argument("--json", action="store_true", help="send the pixels as JSON instead of an .npy body")
     p.add_argument("--token", default=os.environ.get("NMOE_TOKEN"), help="bearer token (default: $NMOE_TOKEN)")
     p.set_defaults(func=predict_cmd)
+
+
+def _unit(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {raw!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {raw}")
+    return value
 
 
 def serve_cmd(args) -> int:
@@ -188,15 +205,20 @@ def predict_cmd(args) -> int:
     x = _load_input(args, health)
     url = f"{base}/v1/clients/{args.client}/predict"
     if args.json:
-        body = {"inputs": x.tolist(), **({"top_k": args.top_k} if args.top_k else {})}
+        knobs = {"top_k": args.top_k, "personal": args.personal}
+        body = {"inputs": x.tolist(), **{k: v for k, v in knobs.items() if v is not None}}
         reply = _http(url, json.dumps(body).encode(), token=args.token)
     else:  # the default: the pixels as an .npy body, top_k in the query
         buf = io.BytesIO()
         np.save(buf, x.astype(np.float32))
-        query = f"?top_k={args.top_k}" if args.top_k else ""
+        knobs = {"top_k": args.top_k, "personal": args.personal}
+        query = "&".join(f"{k}={v}" for k, v in knobs.items() if v is not None)
+        query = f"?{query}" if query else ""
         reply = _http(url + query, buf.getvalue(), "application/x-npy", args.token)
     for pred, probs, route in zip(reply["predictions"], reply["probabilities"], reply["routes"]):
         experts = ", ".join(f"expert {r['expert']} (w={r['weight']:.2f})" for r in route)
         print(f"prediction: {pred} (p={probs[pred]:.3f})  route: {experts}")
     print(f"bytes out {reply['bytes_out']}, back {reply['bytes_in']}" + ("  [degraded]" if reply["degraded"] else ""))
+    if reply.get("personal") is not None:
+        print(f"personal {reply['personal']:g}")
     return 0

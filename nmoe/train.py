@@ -71,7 +71,10 @@ def run(args) -> int:
     from actors.cluster import ClusterError, connect
     from actors.coordinator import Coordinator
     from actors.placement import PlacementError, client_device
+    from actors.plots import make_plots
     from training import checkpoint as ckpt
+    from training.data import build_split
+    from training.shards import load_labels
 
     cfg, out, resume = _prepare(args)
     console = Console(soft_wrap=True)
@@ -91,6 +94,7 @@ def run(args) -> int:
                 f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                 cfg.flat(),
                 Path("mlartifacts"),
+                tracking.run_tags(cfg),
             )
     fresh = not resume and not out.exists()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -132,7 +136,11 @@ def run(args) -> int:
     if "stopped_after" in results:
         console.print(f"stopped after {results['stopped_after']}; continue with: nmoe train --resume {out}")
         return 0
-    plots = tracking.make_plots(results, out / "plots")
+    plots = make_plots(results, out)
+    if tracker.client is not None:
+        labels = load_labels(cfg.data)
+        tracker.inputs(cfg, labels, build_split(cfg, labels.y_train, labels.y_test, labels.num_classes))
+        tracker.table(results["methods"])
     tracker.artifacts([out / "results.json", out / "config.yaml", out / "state.json"])
     tracker.artifacts([out / "checkpoints"], "checkpoints")
     tracker.artifacts(plots, "plots")

@@ -35,6 +35,7 @@ class PredictResponse(BaseModel):
     bytes_in: int
     degraded: bool
     unavailable_experts: list[int]
+    personal: Optional[float] = None  # the readout's personal knob this answer used (gates that have one)
 
 
 class Error(BaseModel):
@@ -99,6 +100,23 @@ def parse_top_k(request: Request, body_top_k: Optional[int], default: int, n: in
     return next((k for k in (body_top_k, query) if k is not None), default)
 
 
+def parse_personal(request: Request, body_personal: Optional[float], variant: str, has_knob: bool) -> Optional[float]:
+    """``personal`` from the JSON body, else from the query string, in [0, 1]; None: not asked for.
+    A variant without the knob refuses it rather than ignore it."""
+    value = body_personal
+    if value is None and "personal" in request.query_params:
+        raw = request.query_params["personal"]
+        try:
+            value = float(raw)
+        except ValueError:
+            raise HTTPException(422, f"personal: must be a number between 0 and 1, got {raw!r}") from None
+        if not 0 <= value <= 1:
+            raise HTTPException(422, f"personal: must be between 0 and 1, got {raw}")
+    if value is not None and not has_knob:
+        raise HTTPException(422, f"personal: the served gate {variant} has no personal knob (classgate has one)")
+    return value
+
+
 def _string_errors(app: FastAPI) -> None:
     """FastAPI's own validation errors (a path or query parameter) as one string naming the field."""
 
@@ -130,6 +148,15 @@ def bare_app(**kwargs) -> FastAPI:
     return app
 
 
+PERSONAL_SCHEMA = {
+    "type": "number",
+    "minimum": 0,
+    "maximum": 1,
+    "description": "classgate only: 0 answers for the balanced label mix, 1 for this client's own; "
+    "default: the value the run chose on validation (echoed as personal)",
+}
+
+
 def predict_openapi(meta: dict, n: int, max_batch: int, secured: bool) -> dict:
     """The predict operation's request bodies (JSON with exact shapes, or a binary file) for the schema."""
     c, s = meta["channels"], meta["image_size"]
@@ -151,6 +178,7 @@ def predict_openapi(meta: dict, n: int, max_batch: int, secured: bool) -> dict:
         "properties": {
             "inputs": {"anyOf": shapes, "description": f"pixels in [0, 1]: [{c},{s},{s}] or [B,{c},{s},{s}]"},
             "top_k": {"type": "integer", "minimum": 1, "maximum": n},
+            "personal": PERSONAL_SCHEMA,
         },
     }
     binary = {"schema": {"type": "string", "format": "binary"}}
@@ -172,7 +200,14 @@ def predict_openapi(meta: dict, n: int, max_batch: int, secured: bool) -> dict:
                 "required": False,
                 "schema": {"type": "integer", "minimum": 1, "maximum": n},
                 "description": "experts per sample (a JSON body's own top_k wins)",
-            }
+            },
+            {
+                "name": "personal",
+                "in": "query",
+                "required": False,
+                "schema": PERSONAL_SCHEMA,
+                "description": "how personal the answer is (a JSON body's own personal wins)",
+            },
         ],
     }
     if secured:

@@ -63,6 +63,7 @@ class ClientDeployment:
         self.spec = gates.get(variant)
         gate = ckpt.load_gate(self.cfg, meta, variant, weights.get("gate"))
         self.gate = None if gate is None else gate.to(self.device)
+        self.knob = self.spec.personal(self.gate)  # the gate's personal knob as trained (None: it has none)
         self.num_classes = meta["num_classes"]
         self.node = ray.get_runtime_context().get_node_id()
         self._peers: dict[int, object] = {}
@@ -82,9 +83,10 @@ class ClientDeployment:
         async def predict(request: Request) -> Response:
             self.tokens.check(request, self.id)
             kind = inputs.media_type(request.headers.get("content-type"))
-            x, body_k = inputs.decode(await request.body(), kind, c, s, self.max_batch)
-            k = api.parse_top_k(request, body_k, self.cfg.routing.top_k, self.n)
-            reply = await self.predict(x, k)
+            x, knobs = inputs.decode(await request.body(), kind, c, s, self.max_batch)
+            k = api.parse_top_k(request, knobs["top_k"], self.cfg.routing.top_k, self.n)
+            personal = api.parse_personal(request, knobs["personal"], self.variant, self.knob is not None)
+            reply = await self.predict(x, k, personal)
             return Response(json.dumps(reply), media_type="application/json", headers={api.NODE_HEADER: self.node})
 
         return app
@@ -124,8 +126,9 @@ class ClientDeployment:
     def choose(self, h: torch.Tensor, k: int, available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.spec.choose(self.gate, h, k, available, self.n, seeds.routing(self.cfg.seed, self.id))
 
-    async def predict(self, pixels: np.ndarray, top_k: int | None = None) -> dict:
-        """Routed inference for a batch of pixels in [0, 1], shape [B, C, H, W]."""
+    async def predict(self, pixels: np.ndarray, top_k: int | None = None, personal: float | None = None) -> dict:
+        """Routed inference for a batch of pixels in [0, 1], shape [B, C, H, W]; ``personal``: the
+        readout's knob for this call (None: the run's, chosen on validation)."""
         x = normalize(torch.from_numpy(pixels).float(), self.meta["dataset"]).to(self.device)
         with torch.no_grad():
             h = self.extractor(x)
@@ -161,7 +164,7 @@ class ClientDeployment:
         if self.id in plan:
             with torch.no_grad():
                 answers[self.id] = self.expert(h[plan[self.id][0]])
-        logits = routing.combine(w, plan, answers, self.spec.readout(self.gate)).cpu()
+        logits = routing.combine(w, plan, answers, self.spec.readout(self.gate, personal)).cpu()
         idx, w = idx.cpu(), w.cpu()
         return {
             "predictions": logits.argmax(1).tolist(),
@@ -174,4 +177,5 @@ class ClientDeployment:
             "bytes_in": int(bytes_in),
             "degraded": bool(failed),
             "unavailable_experts": sorted(set(failed)),
+            "personal": self.knob if personal is None else float(personal),
         }

@@ -7,7 +7,7 @@ Every bad body raises ``HTTPException`` with a 4xx whose message names the field
 from __future__ import annotations
 
 import io
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 from fastapi import HTTPException
@@ -29,6 +29,13 @@ class PredictRequest(BaseModel):
     )
     # not Optional: an explicit null is refused like any other non-integer (the default is not validated)
     top_k: StrictInt = Field(None, description="experts per sample; default: the trained top_k")
+    personal: Number = Field(
+        None,
+        ge=0,
+        le=1,
+        description="how far toward this client's own label mix, 0 (balanced) to 1 (its full label prior); "
+        "gates with that knob only (classgate); default: the value the run chose on validation",
+    )
 
 
 def media_type(content_type: str | None) -> str:
@@ -46,16 +53,17 @@ def max_body_bytes(channels: int, size: int, max_batch: int) -> int:
     return 24 * max_batch * channels * size * size + 65536
 
 
-def decode(body: bytes, kind: str, channels: int, size: int, max_batch: int) -> tuple[np.ndarray, Optional[int]]:
-    """A body of media type ``kind`` -> (float32 pixels [B, C, H, W] in [0, 1], the body's top_k or None)."""
+def decode(body: bytes, kind: str, channels: int, size: int, max_batch: int) -> tuple[np.ndarray, dict]:
+    """A body of media type ``kind`` -> (float32 pixels [B, C, H, W] in [0, 1], the knobs the body
+    set: ``top_k`` and ``personal``, each None when absent)."""
     if len(body) > max_body_bytes(channels, size, max_batch):
         raise HTTPException(413, f"body: {len(body)} bytes exceeds the limit for a batch of {max_batch}")
     if not body:
         raise HTTPException(422, "body: empty; send one image or a batch")
-    top_k = None
+    knobs = {"top_k": None, "personal": None}
     if kind == JSON:
         req = _json(body)
-        top_k = req.top_k
+        knobs = {"top_k": req.top_k, "personal": req.personal}
         try:
             x = np.asarray(req.inputs, dtype=np.float32)
         except ValueError:
@@ -64,7 +72,7 @@ def decode(body: bytes, kind: str, channels: int, size: int, max_batch: int) -> 
         x = _npy(body)
     else:
         x = _image(body, kind, channels, size)
-    return check(x, channels, size, max_batch), top_k
+    return check(x, channels, size, max_batch), knobs
 
 
 def _json(body: bytes) -> PredictRequest:
@@ -78,9 +86,9 @@ def _json(body: bytes) -> PredictRequest:
         if kind == "missing":
             raise HTTPException(422, f"{field}: required") from None
         if kind == "extra_forbidden":
-            raise HTTPException(422, f"{field}: unknown field; the fields are inputs and top_k") from None
+            raise HTTPException(422, f"{field}: unknown field; the fields are inputs, top_k and personal") from None
         if kind == "model_type":
-            raise HTTPException(422, "body: must be a JSON object with inputs (and top_k)") from None
+            raise HTTPException(422, "body: must be a JSON object with inputs (and top_k, personal)") from None
         if field == "inputs":
             if kind == "too_short":
                 raise HTTPException(422, "inputs: empty; send one image or a non-empty batch") from None

@@ -78,9 +78,33 @@ def test_mlflow_holds_the_run_with_per_round_metrics_and_plots(smoke_run):
     assert [m.step for m in history] == list(range(load_config(SMOKE).stage1.rounds))
     assert "final/nmoe_fedgate/global_acc" in run.data.metrics
     plots = {os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert {"stage1_accuracy.png", "routing_heatmap.png", "per_client_accuracy.png"} <= plots
+    assert {"stage1_accuracy.png", "routing_heatmap.png", "accuracy_heatmap.png", "frontier.png"} <= plots
+    assert (smoke_run / "run" / "frontier.png").stat().st_size > 10_000  # beside results.json
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"results.json", "config.yaml", "checkpoints"} <= top
+    assert {"results.json", "config.yaml", "checkpoints", "methods.json"} <= top
+
+
+def test_mlflow_run_has_filter_tags_commit_dataset_inputs_and_the_methods_table(smoke_run):
+    from mlflow.tracking import MlflowClient
+
+    res = json.loads((smoke_run / "run" / "results.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{smoke_run / 'mlflow.db'}")
+    run = client.get_run(res["mlflow_run_id"])
+    tags, cfg = run.data.tags, load_config(SMOKE)
+    assert tags["stage1.method"] == "fedce" and tags["partition"] == "dirichlet" and tags["partition.alpha"] == "0.5"
+    assert tags["seed"] == "0" and tags["variants"] == ",".join(cfg.stage3.variants)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert tags["mlflow.source.git.commit"] == head.stdout.strip() and len(head.stdout.strip()) == 40
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"fashion_mnist/train", "fashion_mnist/validation", "fashion_mnist/test"}
+    contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in inputs.items()}
+    assert contexts["fashion_mnist/validation"] == "validation" and contexts["fashion_mnist/test"] == "evaluation"
+    rows = json.loads(inputs["fashion_mnist/train"].dataset.profile)["features_shape"][0]
+    assert rows == cfg.data.train_limit
+    table = client.load_table(run.info.experiment_id, "methods.json", run_ids=[run.info.run_id])
+    assert list(table["method"]) == list(res["methods"])
+    got = dict(zip(table["method"], table["val_global_acc"]))
+    assert all(got[m] == pytest.approx(v["val_global_acc"]) for m, v in res["methods"].items())
 
 
 def _load_clients(ray, run, data_root):

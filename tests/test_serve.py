@@ -161,6 +161,44 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_service_survives(served, 
     assert http.post("/v1/clients/0/predict", json={"inputs": good}).status_code == 200
 
 
+def test_personal_moves_the_answer_along_the_frontier_and_is_echoed(served, reference, smoke_run):
+    """ClassGate: personal 0 and 1 give different answers on an input the own prior decides, the
+    same routes, each equal to the in-process readout at that value; out of range is a 422."""
+    _, http = served
+    cfg, modules, spec, pixels = reference
+    if spec.name != "classgate":
+        r = http.post("/v1/clients/0/predict", json={"inputs": pixels[:1].tolist(), "personal": 0.5})
+        assert r.status_code == 422 and "no personal knob" in r.text
+        assert http.post("/v1/clients/0/predict", json={"inputs": pixels[:1].tolist()}).json()["personal"] is None
+        return
+    gate, k = modules["gates"][0], cfg.routing.top_k
+    with torch.no_grad():
+        h = modules["extractor"](normalize(torch.from_numpy(pixels), cfg.data.name))
+        idx, w = spec.choose(gate, h, k, None, cfg.num_clients, 0)
+        offline = {
+            p: routing.route_in_process(h, idx, w, modules["experts"], 0, True, spec.readout(gate, p)).argmax(1)
+            for p in (0.0, 1.0)
+        }
+    ambiguous = int(torch.nonzero(offline[0.0] != offline[1.0])[0, 0])  # an input the own prior decides
+    x = pixels[ambiguous : ambiguous + 1].tolist()
+    replies = {p: http.post("/v1/clients/0/predict", json={"inputs": x, "personal": p}).json() for p in (0, 1)}
+    for p, body in replies.items():
+        assert body["personal"] == p and body["predictions"] == [int(offline[float(p)][ambiguous])]
+        assert [[e["expert"] for e in row] for row in body["routes"]] == [idx[ambiguous].tolist()]
+    assert replies[0]["predictions"] != replies[1]["predictions"]
+    chosen = json.loads((smoke_run / "run" / "results.json").read_text())["selection"]["nmoe/classgate"]["personal"]
+    assert http.post("/v1/clients/0/predict", json={"inputs": x}).json()["personal"] == pytest.approx(chosen)
+    query = http.post("/v1/clients/0/predict?personal=0", content=json.dumps({"inputs": x}), headers=JSON)
+    assert query.json()["predictions"] == replies[0]["predictions"]
+    for bad in (-0.1, 1.5, "0.5", None):
+        r = http.post("/v1/clients/0/predict", json={"inputs": x, "personal": bad})
+        assert r.status_code == 422 and "personal" in r.text, (bad, r.text)
+    assert (
+        http.post("/v1/clients/0/predict?personal=2", content=json.dumps({"inputs": x}), headers=JSON).status_code
+        == 422
+    )
+
+
 def test_32_concurrent_requests_all_succeed(served, reference):
     _, http = served
     *_, pixels = reference
