@@ -1,218 +1,187 @@
-"""ClassGate's trade-off: a finished run's ClassGate re-scored over a grid of its knobs.
+"""ClassGate's frontier, its knobs chosen on validation only, against the pooled reference.
 
-ClassGate trains nothing, so its knobs (the power of the own label prior, and the cap on how
-far that prior may tilt the readout) can be changed after the fact: this suite loads a run's
-checkpoints, rewrites every client's ClassGate settings and re-evaluates routed inference in
-one process (``training.routing.route_in_process``, the reference the actor path is tested
-against) on each client's own test split and on the balanced test set. Each row is one point of the
-personalized-vs-global frontier, beside the run's local_only, fedavg_global and
-centralized_moe. The points are scored on the test sets themselves: read them as the
-frontier, not as a tuned result. Runs: the config at Dirichlet 0.5 and 0.1 (reusing the
-accuracy suite's seed runs), or ``--run DIR``.
+ClassGate trains nothing, so its knobs can be changed after the fact: this suite loads a finished
+run's checkpoints and re-scores routed inference in one process (``training.routing``, the
+reference the actor path is tested against) for both readout tilts (``mixture``, the exact
+family ``log(λπ + (1 − λ)/C)``, and ``cap``), both prior powers, and every ``personal`` point of
+``training.frontier.GRID``, on all four splits. The knobs (tilt, prior power, personal) are then
+chosen by ``training.frontier.choose`` from the validation accuracies alone, and the test
+accuracies are read once, at the chosen point.
 
-Beside it, ClassGate with the expert that holds most of each input's true class always among
-the chosen (a diagnostic that reads the label: how much routing loses), and a reference
-that is NOT private: one classifier trained on every client's latents
-pooled (a balanced p(c | h) as good as F allows), tilted by each client's own label prior
-with the same cap. It is where the frontier of any "balanced posterior x own prior" rule on
-this F lies, so it tells a routing problem from a feature problem.
+Beside it, a reference that is NOT private: one expert trained on every client's train latents
+pooled (a balanced p(c | h) as good as F allows), tilted by each client's own prior in the same
+family. It is where the frontier of any "balanced posterior x own prior" rule on this F lies.
+Runs: fedce at Dirichlet 0.5 and 0.1 over 5 seeds and IID at one (reusing the accuracy
+suite's runs where their configs match), or ``--run DIR``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from benchmarks import common
-from benchmarks.accuracy import PARTITIONS, SHOWN
+from benchmarks import classgate_report, common
+from benchmarks.accuracy import BASELINES, PARTITIONS
 from training import checkpoint as ckpt
-from training import local, prototypes, routing
+from training import frontier, local, prototypes, routing, schema
 from training.data import build_split, load_dataset
-from training.gates.classgate import ClassGate
+from training.gates.classgate import TILTS, ClassGate
 from training.models import make_expert
+from training.schema import SPLITS
 
-PRIOR = (0.5, 1.0)
-PRIOR_CAP = (0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0)
+PRIORS = (0.5, 1.0)
+SEEDS = {"iid": 1, "dirichlet0.5": 5, "dirichlet0.1": 5}
 
 
-def sweep(run_dir: Path) -> dict:
-    """Every (prior, prior_cap) point of one run: mean personalized and global accuracy."""
-    trained = ckpt.load_trained(run_dir)
-    cfg = trained["config"]
-    if ClassGate.name not in cfg.stage3.variants:
-        raise ckpt.RunFolderError(f"{run_dir}: {ClassGate.name} was not trained (stage3.variants)")
-    mods = ckpt.build_modules(trained, ClassGate.name)
-    ds = load_dataset(cfg.data)
-    split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
-    experts, k, fp16 = mods["experts"], cfg.routing.top_k, cfg.routing.fp16_latents
+def _data(mods, ds, split) -> dict:
+    """Latents and labels of every evaluation split: per client for the own ones, shared for the halves."""
+    F, x, y = mods["extractor"], ds.x_test, ds.y_test
     with torch.no_grad():
-        glob = (mods["extractor"](ds.x_test[split.global_test]), ds.y_test[split.global_test])
-        own = {i: (mods["extractor"](ds.x_test[split.test[i]]), ds.y_test[split.test[i]]) for i in mods["gates"]}
+        halves = {
+            name: (F(x[idx]), y[idx]) for name, idx in (("global", split.global_test), ("global_val", split.global_val))
+        }
+        own = {
+            i: {"test": (F(x[split.test[i]]), y[split.test[i]]), "val": (F(x[split.val[i]]), y[split.val[i]])}
+            for i in mods["gates"]
+        }
+    return {i: {**own[i], **halves} for i in own}
+
+
+def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def classgate_curves(cfg, mods, data: dict) -> dict[tuple[str, float], list[dict]]:
+    """``(tilt, prior power) -> mean curve`` over ``frontier.GRID``, each point on every split."""
+    experts, k, fp16 = mods["experts"], cfg.routing.top_k, cfg.routing.fp16_latents
     available = torch.tensor([i in experts for i in range(cfg.num_clients)])
-    pooled = pooled_reference(
-        cfg, mods["extractor"], ds, split, own, glob, {i: g.log_prior for i, g in mods["gates"].items()}
-    )
-    points, true_expert = [], []
-    for prior in PRIOR:
-        for cap in PRIOR_CAP:
-            acc = {"personalized": [], "global": [], "true/personalized": [], "true/global": []}
-            for i, trained_gate in mods["gates"].items():
-                gate = copy.deepcopy(trained_gate)
-                gate.tune(prior=prior, prior_cap=cap)
-                for which, (h, y) in (("personalized", own[i]), ("global", glob)):
-                    with torch.no_grad():
-                        idx, w = routing.noisy_topk(gate(h), k, available=available)
-                    routes = [(which, idx)]
-                    if prior == 1.0:  # the diagnostic is reported at prior power 1 only
-                        routes.append((f"true/{which}", with_true_expert(idx, y, gate.competence)))
-                    for key, chosen in routes:
-                        logits = routing.route_in_process(h, chosen, w, experts, i, fp16, gate.readout())
-                        acc[key].append(float((logits.argmax(1) == y).float().mean()))
-            points.append(
-                {"prior": prior, "prior_cap": cap, **{m: float(np.mean(acc[m])) for m in ("personalized", "global")}}
-            )
-            if prior == 1.0:
-                true_expert.append(
-                    {"prior_cap": cap, **{m: float(np.mean(acc[f"true/{m}"])) for m in ("personalized", "global")}}
-                )
-    done = run_dir / "results.json"
-    results = json.loads(done.read_text()) if done.is_file() else {}
-    base = {
-        m: {"personalized": r["personalized_acc"], "global": r["global_acc"]}
-        for m, r in results.get("methods", {}).items()
-    }
-    s = cfg.stage3
-    return {
-        "run": str(run_dir),
-        "points": points,
-        "pooled_reference": pooled,
-        "true_expert_routing": true_expert,
-        "baselines": base,
-        "trained": {
-            "prior": s.classgate_prior,
-            "prior_cap": s.classgate_prior_cap,
-            "own_bias": s.classgate_own_bias,
-            "own_expert": s.classgate_own_expert,
-        },
-    }
+    per_client: dict[tuple[str, float], list[list[dict]]] = {(t, p): [] for t in TILTS for p in PRIORS}
+    for prior in PRIORS:
+        for i, trained in mods["gates"].items():
+            gate = copy.deepcopy(trained)
+            gate.tune(prior=prior)
+            routed = {}
+            for name, (h, y) in data[i].items():
+                with torch.no_grad():
+                    idx, w = routing.noisy_topk(gate(h), k, available=available)
+                plan = routing.dispatch_plan(idx)
+                routed[name] = (w, plan, routing.answers_in_process(h, plan, experts, i, fp16), y)
+            for tilt in TILTS:
+                gate.tune(mixture=float(tilt == "mixture"))
+                curve = []
+                for p in frontier.GRID:
+                    point = {"personal": p}
+                    for name, (w, plan, answers, y) in routed.items():
+                        point[SPLITS[name]] = _acc(routing.combine(w, plan, answers, gate.readout(p)), y)
+                    curve.append(point)
+                per_client[(tilt, prior)].append(curve)
+    return {key: frontier.mean_curve(curves) for key, curves in per_client.items()}
 
 
-def with_true_expert(idx: torch.Tensor, y: torch.Tensor, competence: torch.Tensor) -> torch.Tensor:
-    """The gate's choices with the last one replaced, where missing, by the expert holding most
-    of the input's TRUE class: a diagnostic (it reads the label) that separates what routing
-    loses from what the readout loses."""
-    best = competence.argmax(0)[y]  # competence [N, C]: the best-stocked expert of each class
-    chosen = idx.clone()
-    chosen[:, -1] = torch.where((idx == best.unsqueeze(1)).any(1), idx[:, -1], best)
-    return chosen
-
-
-def pooled_reference(cfg, extractor, ds, split, own: dict, glob: tuple, log_prior: dict) -> list[dict]:
+def pooled_reference(cfg, extractor, ds, split, data: dict, gates: dict) -> dict[str, list[dict]]:
     """The non-private reference: an expert trained on all clients' train latents pooled, its
-    log-probabilities plus each client's capped own prior (``log_prior``, the one its ClassGate
-    holds; power 1), for every cap."""
+    log-probabilities plus each client's own prior (power 1) in each tilt family, over the grid."""
     h = torch.cat([local.compute_latents(extractor, ds.x_train[t]) for t in split.train])
     y = torch.cat([ds.y_train[t] for t in split.train])
     torch.manual_seed(cfg.seed)  # the expert's initial weights: the same reference on every re-run
     expert = make_expert(cfg.model, ds.num_classes)
     local.fit_expert(expert, h, y, cfg.stage2, seed=cfg.seed)
+    out = {}
     with torch.no_grad():
-        answer = {i: expert(h_i).log_softmax(1) for i, (h_i, _) in own.items()}
-        answer_glob = expert(glob[0]).log_softmax(1)
-    points = []
-    for cap in PRIOR_CAP:
-        acc = {"personalized": [], "global": []}
-        for i, (_, y_i) in own.items():
-            tilt = prototypes.own_prior_tilt(log_prior[i], 1.0, cap)
-            acc["personalized"].append(float(((answer[i] + tilt).argmax(1) == y_i).float().mean()))
-            acc["global"].append(float(((answer_glob + tilt).argmax(1) == glob[1]).float().mean()))
-        points.append({"prior_cap": cap, **{m: float(np.mean(v)) for m, v in acc.items()}})
-    return points
+        answers = {i: {name: (expert(hx).log_softmax(1), yx) for name, (hx, yx) in d.items()} for i, d in data.items()}
+    for tilt in TILTS:
+        curves = []
+        for i, d in answers.items():
+            curve = []
+            for p in frontier.GRID:
+                shift = prototypes.personal_tilt(gates[i].log_prior, 1.0, p, tilt == "mixture")
+                curve.append({"personal": p, **{SPLITS[n]: _acc(a + shift, yx) for n, (a, yx) in d.items()}})
+            curves.append(curve)
+        out[tilt] = frontier.mean_curve(curves)
+    return out
+
+
+def sweep(run_dir: Path, ds=None) -> dict:
+    """One run: every curve, the knobs chosen on validation, the test numbers at them, and the
+    goal measures. ``ds``: the dataset (default: the run's, loaded); only its validation labels
+    choose anything."""
+    trained = ckpt.load_trained(run_dir)
+    cfg = trained["config"]
+    if ClassGate.name not in cfg.stage3.variants:
+        raise ckpt.RunFolderError(f"{run_dir}: {ClassGate.name} was not trained (stage3.variants)")
+    results = schema.load_results(run_dir / "results.json")
+    base = {m: results["methods"][m] for m in BASELINES if m in results["methods"]}
+    if any("val_global_acc" not in v for v in base.values()):
+        raise ckpt.RunFolderError(f"{run_dir}: made before the validation split; train it again (--fresh)")
+    mods = ckpt.build_modules(trained, ClassGate.name)
+    ds = ds if ds is not None else load_dataset(cfg.data)
+    split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+    data = _data(mods, ds, split)
+    curves = classgate_curves(cfg, mods, data)
+    pooled = pooled_reference(cfg, mods["extractor"], ds, split, data, mods["gates"])
+    corner = {"val": frontier.targets(base, "val_"), "test": frontier.targets(base, "")}
+    options = [{"tilt": t, "prior": pr, **frontier.choose(c, corner["val"])} for (t, pr), c in curves.items()]
+    chosen = frontier.choose(options, corner["val"])
+    best = {t: frontier.choose([o for o in options if o["tilt"] == t], corner["val"]) for t in TILTS}
+    path = curves[(chosen["tilt"], chosen["prior"])]  # the knob path fixed on validation, read on test
+    return {
+        "run": str(run_dir),
+        "seed": cfg.seed,
+        "curves": [{"tilt": t, "prior": pr, "points": c} for (t, pr), c in curves.items()],
+        "pooled_reference": pooled,
+        "baselines": {m: {k: v[k] for k in SPLITS.values()} for m, v in base.items()},
+        "run_classgate": {k: v for k, v in results["methods"].get("nmoe/classgate", {}).items() if k != "per_client"},
+        "corner": corner,
+        "chosen": chosen,
+        "chosen_by_tilt": best,
+        "gap_to_pooled": gap_to_pooled(path, pooled[chosen["tilt"]]),
+        "distance": {
+            "classgate": frontier.curve_distance(path, corner["test"]),
+            "pooled": frontier.curve_distance(pooled[chosen["tilt"]], corner["test"]),
+        },
+    }
+
+
+def gap_to_pooled(path: list[dict], pooled: list[dict]) -> dict:
+    """At each point of ClassGate's path (test), the pooled reference's personalized accuracy at the
+    same global accuracy minus ClassGate's (positive: the reference is ahead); None outside its range."""
+    gaps = []
+    for p in path:
+        ref = frontier.at_global(pooled, p["global_acc"])
+        gaps.append(None if ref is None else ref - p["personalized_acc"])
+    known = [g for g in gaps if g is not None]
+    return {"per_point": gaps, "max": max(known) if known else None, "compared": len(known)}
 
 
 def run(ctx: common.Context) -> tuple[dict, str, dict]:
     if ctx.run:
-        runs = {"run": Path(ctx.run).resolve()}
+        runs = {"run": [Path(ctx.run).resolve()]}
     else:
-        parts = ["dirichlet0.5"] if ctx.quick else ["dirichlet0.5", "dirichlet0.1"]
-        runs = {}
+        parts = ["dirichlet0.5"] if ctx.quick else list(SEEDS)
+        seed, runs = ctx.cfg().seed, {}
         for p in parts:  # named like the accuracy suite's runs, which it reuses
-            cfg = ctx.cfg(*PARTITIONS[p])
-            runs[p] = common.train_run(ctx, cfg, f"acc-{cfg.stage1.method}-{p}-s{cfg.seed}")["dir"]
+            runs[p] = []
+            for s in range(seed, seed + (1 if ctx.quick else SEEDS[p])):
+                cfg = ctx.cfg(*PARTITIONS[p], f"seed={s}", "stage3.variants=[classgate]")
+                runs[p].append(common.train_run(ctx, cfg, f"acc-{cfg.stage1.method}-{p}-s{s}")["dir"])
     sweeps = {}
-    for label, run_dir in runs.items():
-        common.say(f"classgate: re-scoring {run_dir} at {len(PRIOR) * len(PRIOR_CAP)} settings")
-        sweeps[label] = sweep(run_dir)
+    for label, dirs in runs.items():
+        sweeps[label] = []
+        for d in dirs:
+            common.say(f"classgate: re-scoring {d.name} ({label})")
+            sweeps[label].append(sweep(d))
+    figures = classgate_report.figures(sweeps, ctx.out)
     metrics = {
-        f"{label}/prior{p['prior']:g}/cap{p['prior_cap']:g}/{m}": p[m]
-        for label, sw in sweeps.items()
-        for p in sw["points"]
-        for m in ("personalized", "global")
+        f"{label}/s{sw['seed']}/{m}": sw["chosen"][k]
+        for label, sws in sweeps.items()
+        for sw in sws
+        for m, k in (("personalized", "personalized_acc"), ("global", "global_acc"))
     }
-    return {"sweeps": sweeps}, markdown(sweeps), metrics
-
-
-def markdown(sweeps: dict) -> str:
-    out = []
-    for label, sw in sweeps.items():
-        base, t = sw["baselines"], sw["trained"]
-        own = base.get("local_only", {}).get("personalized")
-        fed = max((base[m]["global"] for m in ("fedavg_global", "centralized_moe") if m in base), default=None)
-
-        def meets(p: dict) -> bool:
-            return (
-                own is not None and fed is not None and p["personalized"] >= own - 0.005 and p["global"] >= fed - 0.02
-            )
-
-        out.append(
-            f"## {SHOWN.get(label, label)}\n\nRun `{Path(sw['run']).name}`; own-expert weight "
-            f"{t['own_expert']:g}, own bias {t['own_bias']:g}; trained with prior {t['prior']:g}, "
-            f"prior cap {t['prior_cap']:g}. Goal: personalized ≥ local_only − 0.5 "
-            f"({'—' if own is None else common.pct(own - 0.005)}), global ≥ best federated − 2 "
-            f"({'—' if fed is None else common.pct(fed - 0.02)}).\n"
-        )
-        rows = [
-            [
-                f"{p['prior']:g}",
-                f"{p['prior_cap']:g}",
-                common.pct(p["personalized"]),
-                common.pct(p["global"]),
-                "yes" if meets(p) else "",
-            ]
-            for p in sw["points"]
-        ]
-        rows += [
-            [
-                "pooled p(c | h) (not private)",
-                f"{p['prior_cap']:g}",
-                common.pct(p["personalized"]),
-                common.pct(p["global"]),
-                "yes" if meets(p) else "",
-            ]
-            for p in sw["pooled_reference"]
-        ]
-        rows += [
-            [
-                "ClassGate, true class's expert always chosen (diagnostic: reads the label)",
-                f"{p['prior_cap']:g}",
-                common.pct(p["personalized"]),
-                common.pct(p["global"]),
-                "yes" if meets(p) else "",
-            ]
-            for p in sw.get("true_expert_routing", [])
-        ]
-        rows += [
-            [m, "", common.pct(base[m]["personalized"]), common.pct(base[m]["global"]), ""]
-            for m in ("local_only", "fedavg_global", "centralized_moe")
-            if m in base
-        ]
-        out.append(
-            common.table(
-                ["ClassGate prior power", "prior cap (nats)", "personalized %", "global %", "meets the goal"], rows
-            )
-        )
-    return "\n".join(out)
+    summary = classgate_report.summary(sweeps)
+    return (
+        {"sweeps": sweeps, "summary": summary, "figures": [str(f) for f in figures]},
+        classgate_report.markdown(sweeps, summary, figures),
+        metrics,
+    )

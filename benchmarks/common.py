@@ -81,10 +81,17 @@ def _finished(ctx: Context):
             continue
 
 
+def _scored_on_validation(run: Path) -> bool:
+    """Whether a run's results hold validation accuracies (runs made before the validation split do not)."""
+    methods = schema.load_results(run / "results.json")["methods"]
+    return all("val_global_acc" in m for m in methods.values())
+
+
 def finished_run(ctx: Context, cfg) -> Path | None:
-    """Any suite's finished run of this very config under ``<out>/runs``, or None."""
+    """Any suite's finished run of this very config under ``<out>/runs``, scored on validation too, or None
+    (an older run of the same config still lends its stages 1-2: ``stage12_donor``)."""
     want = cfg.to_dict()
-    return next((run for run, have in _finished(ctx) if have == want), None)
+    return next((run for run, have in _finished(ctx) if have == want and _scored_on_validation(run)), None)
 
 
 def _without_stage3(config: dict) -> dict:
@@ -108,8 +115,12 @@ def seed_from_stage2(donor: Path, run_dir: Path, cfg) -> None:
         dest = ckpt.stage_file(run_dir, stage)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ckpt.stage_file(donor, stage), dest)
-    done = schema.load_results(donor / "results.json")["methods"]
-    ckpt.save_json(run_dir / "state.json", schema.after_stage2(ckpt.load_state(donor), done.get("centralized_moe")))
+    central = schema.load_results(donor / "results.json")["methods"].get("centralized_moe")
+    state = ckpt.load_state(donor)
+    if central is None or "val_global_acc" not in central:  # scored before the validation split: again
+        central = None
+        state.pop("centralized_moe", None)
+    ckpt.save_json(run_dir / "state.json", schema.after_stage2(state, central))
 
 
 def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache: bool = True) -> dict:
@@ -128,8 +139,14 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
             say(f"{ctx.suite}: {name}: reusing the finished run {done} (same config)")
             _note_devices(ctx, done)
             return {"results": results, "dir": done, "wall": results["timings"].get("total"), "cached": True}
-    shutil.rmtree(run_dir, ignore_errors=True)
     donor = stage12_donor(ctx, cfg) if cache and not ctx.fresh and stop_after is None else None
+    before = None
+    if donor == run_dir:  # this config's own run, scored before the validation split: evaluated again
+        before = run_dir.with_name(f"{run_dir.name}-before")
+        shutil.rmtree(before, ignore_errors=True)
+        run_dir.rename(before)
+        donor = before
+    shutil.rmtree(run_dir, ignore_errors=True)
     if donor is not None:
         say(f"{ctx.suite}: {name}: stages 1-2 from {donor} (differs in stage3 only)")
         seed_from_stage2(donor, run_dir, cfg)
@@ -148,6 +165,8 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
         except ray.exceptions.RayError:  # GetTimeoutError included: it is killed anyway
             pass
         ray.kill(coord)
+    if before is not None:
+        shutil.rmtree(before, ignore_errors=True)
     say(f"{ctx.suite}: {name}: {wall:.1f}s ({run_dir})")
     _note_devices(ctx, run_dir)
     return {"results": results, "dir": run_dir, "wall": wall, "cached": False}

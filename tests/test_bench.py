@@ -174,27 +174,46 @@ def test_scaling_grows_bytes_with_clients(bench, capsys):
         assert f"{r['client_pss_mib']:.0f}" in row and f"{r['floor_pss_mib']:.0f}" in row
 
 
-def test_classgate_sweep_reproduces_the_trained_point_in_process(bench, capsys):
-    res, md = bench(capsys, "classgate")  # its run is the accuracy suite's dirichlet run: reused
-    sweep = next(iter(res["sweeps"].values()))
-    assert len(sweep["points"]) == 14
-    trained = next(p for p in sweep["points"] if p["prior"] == 1.0 and p["prior_cap"] == 2.0)
-    routed = sweep["baselines"]["nmoe/classgate"]  # what the Client actors measured in the run
-    assert trained["personalized"] == pytest.approx(routed["personalized"], abs=1e-6)
-    assert trained["global"] == pytest.approx(routed["global"], abs=1e-6)
-    assert f"{100 * trained['global']:.1f}" in _row(md, "1", "2")
-    pooled = {p["prior_cap"]: p for p in sweep["pooled_reference"]}  # the non-private reference, same caps
-    assert len(pooled) == 7 and f"{100 * pooled[2.0]['global']:.1f}" in _row(md, "pooled p(c | h) (not private)", "2")
-    assert "local_only" in md and "centralized_moe" in md
-    true = {p["prior_cap"]: p for p in sweep["true_expert_routing"]}  # routing told the label: a diagnostic
-    assert len(true) == 7 and f"{100 * true[2.0]['global']:.1f}" in _row(
-        md, "ClassGate, true class's expert always chosen (diagnostic: reads the label)", "2"
-    )
+def test_classgate_sweep_reproduces_the_run_and_chooses_on_validation(bench, capsys):
+    res, md = bench(capsys, "classgate")  # its run is the accuracy suite's dirichlet run's stages 1-2
+    sw = res["sweeps"]["dirichlet0.5"][0]
+    assert {(c["tilt"], c["prior"]) for c in sw["curves"]} == {(t, p) for t in ("mixture", "cap") for p in (0.5, 1.0)}
+    assert all(len(c["points"]) == 11 for c in sw["curves"]) and set(sw["pooled_reference"]) == {"mixture", "cap"}
+    # the run's own ClassGate row (Client actors, personal chosen there on validation) is a point of
+    # the in-process curve at the trained tilt and prior
+    run = sw["run_classgate"]
+    trained = next(c for c in sw["curves"] if c["tilt"] == "mixture" and c["prior"] == 1.0)["points"]
+    point = next(p for p in trained if p["personal"] == pytest.approx(run["personal"]))
+    for key in ("personalized_acc", "global_acc", "val_personalized_acc", "val_global_acc"):
+        assert point[key] == pytest.approx(run[key], abs=1e-6), key
+    chosen = sw["chosen"]  # nearest the validation goal corner among every curve's validation choice
+    assert chosen["tilt"] in ("mixture", "cap") and chosen["personal"] in [p["personal"] for p in trained]
+    row = _row(md, "nmoe/classgate (chosen on validation)")
+    assert f"{100 * chosen['personalized_acc']:.1f} ± 0.0" in row and f"{100 * chosen['global_acc']:.1f} ± 0.0" in row
+    assert "local_only" in md and "centralized_moe" in md and "pooled" in md
+    figure = bench.out / "classgate_frontier_dirichlet0.5.png"
+    assert figure.stat().st_size > 10_000 and res["figures"] == [str(figure)]
 
 
-def test_true_expert_diagnostic_replaces_the_last_choice_only_when_the_holder_is_missing():
-    from benchmarks.classgate_sweep import with_true_expert
+def test_classgate_knobs_are_chosen_without_reading_a_test_label(bench, capsys):
+    """Shuffling the labels of the test half (validation half untouched) changes the test numbers
+    but not the knobs chosen; the validation and test indices never overlap."""
+    from benchmarks.classgate_sweep import sweep
+    from training.data import build_split, load_dataset
 
-    competence = torch.tensor([[1.0, 0.1, 0.0], [0.2, 1.0, 0.1], [0.0, 0.3, 1.0]])  # expert j holds class j
-    idx = torch.tensor([[0, 1], [2, 0], [1, 0]])
-    assert with_true_expert(idx, torch.tensor([2, 0, 2]), competence).tolist() == [[0, 2], [2, 0], [1, 2]]
+    res = json.loads((bench.out / "classgate.json").read_text())
+    run = res["sweeps"]["dirichlet0.5"][0]["run"]
+    cfg = ckpt.load_run_config(run)
+    ds = load_dataset(cfg.data)
+    split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+    assert not set(split.global_val) & set(split.global_test)
+    assert all(not set(v) & set(t) for v, t in zip(split.val, split.test))
+    test_rows = torch.from_numpy(split.global_test)
+    ds.y_test[test_rows] = ds.y_test[
+        test_rows[torch.randperm(len(test_rows), generator=torch.Generator().manual_seed(0))]
+    ]
+    shuffled = sweep(run, ds)
+    before = res["sweeps"]["dirichlet0.5"][0]
+    for key in ("tilt", "prior", "personal", "val_personalized_acc", "val_global_acc"):
+        assert shuffled["chosen"][key] == before["chosen"][key], key
+    assert shuffled["chosen"]["personalized_acc"] != before["chosen"]["personalized_acc"]

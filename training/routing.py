@@ -140,6 +140,19 @@ def routed_bytes(plan: Plan, local_expert: int, latent_dim: int, num_classes: in
     return remote_rows * latent_bytes_per_row(latent_dim, fp16), remote_rows * num_classes * 4
 
 
+def answers_in_process(h: torch.Tensor, plan: Plan, experts, local_expert: int, fp16: bool) -> dict[int, torch.Tensor]:
+    """Every planned expert's answer on its rows, in one process: remote experts see the latents
+    as they would arrive (float16 when ``fp16``)."""
+    answers = {}
+    with torch.no_grad():
+        for j, (rows, _) in plan.items():
+            hj = h[rows]
+            if fp16 and j != local_expert:
+                hj = hj.half().float()
+            answers[j] = experts[j](hj)
+    return answers
+
+
 def route_in_process(
     h: torch.Tensor,
     idx: torch.Tensor,
@@ -149,17 +162,7 @@ def route_in_process(
     fp16: bool,
     readout: ClassReadout | None = None,
 ) -> torch.Tensor:
-    """The routed output computed in one process, with every expert at hand.
-
-    Remote experts see the latents as they would arrive (float16 when ``fp16``), so this is
-    the exact reference for the distributed path (actors, Serve) and the in-process benchmark.
-    """
+    """The routed output computed in one process, with every expert at hand: the exact reference
+    for the distributed path (actors, Serve) and the in-process benchmarks."""
     plan = dispatch_plan(idx)
-    answers = {}
-    with torch.no_grad():
-        for j, (rows, _) in plan.items():
-            hj = h[rows]
-            if fp16 and j != local_expert:
-                hj = hj.half().float()
-            answers[j] = experts[j](hj)
-    return combine(weights, plan, answers, readout)
+    return combine(weights, plan, answers_in_process(h, plan, experts, local_expert, fp16), readout)
