@@ -103,10 +103,11 @@ def pooled_reference(cfg, extractor, ds, split, data: dict, gates: dict) -> dict
     return out
 
 
-def sweep(run_dir: Path, ds=None) -> dict:
+def sweep(run_dir: Path, ds=None, split=None) -> dict:
     """One run: every curve, the knobs chosen on validation, the test numbers at them, and the
-    goal measures. ``ds``: the dataset (default: the run's, loaded); only its validation labels
-    choose anything."""
+    goal measures. ``ds`` and ``split``: the dataset and its split (default: the run's, loaded and
+    drawn as training drew it); only the validation labels choose anything."""
+    run_dir = Path(run_dir)
     trained = ckpt.load_trained(run_dir)
     cfg = trained["config"]
     if ClassGate.name not in cfg.stage3.variants:
@@ -117,7 +118,7 @@ def sweep(run_dir: Path, ds=None) -> dict:
         raise ckpt.RunFolderError(f"{run_dir}: made before the validation split; train it again (--fresh)")
     mods = ckpt.build_modules(trained, ClassGate.name)
     ds = ds if ds is not None else load_dataset(cfg.data)
-    split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+    split = split or build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
     data = _data(mods, ds, split)
     curves = classgate_curves(cfg, mods, data)
     pooled = pooled_reference(cfg, mods["extractor"], ds, split, data, mods["gates"])

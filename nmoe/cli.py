@@ -27,13 +27,14 @@ def cmd_data_summary(args) -> int:
     ds = load_dataset(cfg.data)
     split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
     clients = []
-    for i, (tr, te) in enumerate(zip(split.train, split.test)):
+    for i, (tr, te, va) in enumerate(zip(split.train, split.test, split.val)):
         counts = label_counts(ds.y_train.numpy()[tr], ds.num_classes)
         clients.append(
             {
                 "id": i,
                 "train_samples": int(len(tr)),
                 "test_samples": int(len(te)),
+                "val_samples": int(len(va)),
                 "label_counts": counts.tolist(),
                 "label_entropy": round(label_entropy(counts), 4),
             }
@@ -48,23 +49,28 @@ def cmd_data_summary(args) -> int:
                     "clients": clients,
                     "total_train": total,
                     "global_test": int(len(split.global_test)),
+                    "global_val": int(len(split.global_val)),
                 }
             )
         )
         return 0
     table = Table(title=f"{ds.name}: {cfg.partition.method} partition over {cfg.num_clients} clients")
-    for col in ("client", "train", "test", "entropy", "label histogram"):
+    for col in ("client", "train", "val", "test", "entropy", "label histogram"):
         table.add_column(col, justify="right" if col != "label histogram" else "left")
     for c in clients:
         table.add_row(
             str(c["id"]),
             str(c["train_samples"]),
+            str(c["val_samples"]),
             str(c["test_samples"]),
             f"{c['label_entropy']:.2f}",
             " ".join(str(n) for n in c["label_counts"]),
         )
     Console().print(table)
-    Console().print(f"total train samples: {total}; global test: {len(split.global_test)}")
+    Console().print(
+        f"total train samples: {total}; global validation half: {len(split.global_val)}; "
+        f"global test half: {len(split.global_test)} (disjoint)"
+    )
     return 0
 
 

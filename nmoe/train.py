@@ -190,12 +190,16 @@ def _follow(coord, pending, console: Console) -> dict:
 
 def print_results(results, console: Console) -> None:
     """The table ``nmoe train`` ends with (``results``: a ``training.schema.Results``)."""
-    table = Table(title="NMoE: accuracy per method (personalized = own test split, global = balanced test set)")
+    table = Table(title="NMoE: accuracy per method (personalized = own test split, global = balanced test half)")
     for col in ("method", "personalized", "global"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for name, m in results["methods"].items():
         table.add_row(name, f"{100 * m['personalized_acc']:.1f}", f"{100 * m['global_acc']:.1f}")
     console.print(table)
+    for name, chosen in results.get("selection", {}).items():
+        console.print(
+            f"{name}: personal={chosen['personal']:g}, chosen on validation (frontier.png beside results.json)"
+        )
     b, t = results["bytes"], results["timings"]
     console.print(
         f"bytes: stage1 {b['stage1']:,}  stage2 0  stage3 {b['stage3']:,}  "

@@ -212,7 +212,7 @@ def test_classgate_knobs_are_chosen_without_reading_a_test_label(bench, capsys):
     ds.y_test[test_rows] = ds.y_test[
         test_rows[torch.randperm(len(test_rows), generator=torch.Generator().manual_seed(0))]
     ]
-    shuffled = sweep(run, ds)
+    shuffled = sweep(run, ds, split)  # the split as drawn in training (it is stratified by the true labels)
     before = res["sweeps"]["dirichlet0.5"][0]
     for key in ("tilt", "prior", "personal", "val_personalized_acc", "val_global_acc"):
         assert shuffled["chosen"][key] == before["chosen"][key], key

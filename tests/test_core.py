@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import federated, objectives, prototypes, routing
+from training import federated, frontier, gates, objectives, prototypes, routing
 from training.config import DataConfig, Stage1Config, Stage2Config, load_config
 from training.gates.classgate import ClassGateModule as ClassGate
 from training.losses import nt_xent
@@ -260,3 +260,75 @@ def test_logit_adjusted_stage1_learns_balanced_answers_from_a_skewed_client():
         pred = model.classifier(local.compute_latents(model.extractor, ds.x_test)).argmax(1)
         called_major[tau] = float((pred[ds.y_test != 0] == 0).float().mean())
     assert called_major[0.0] > 0.05 and called_major[1.0] < called_major[0.0] / 3, called_major
+
+
+def test_mixture_tilt_runs_from_no_tilt_to_the_full_own_prior():
+    log_prior = prototypes.label_log_prior(torch.tensor([90.0, 9, 0]))
+    none, full = (prototypes.mixture_prior_tilt(log_prior, 1.0, lam) for lam in (0.0, 1.0))
+    assert torch.allclose(none, torch.full((3,), -torch.log(torch.tensor(3.0))))  # a constant: no tilt at all
+    assert torch.allclose(full, log_prior)
+    half = prototypes.mixture_prior_tilt(log_prior, 1.0, 0.5)
+    assert torch.allclose(half.exp(), 0.5 * log_prior.exp() + 0.5 / 3)  # the mixture of the two priors
+    # the cap family spans the same ends: a cap at personal x the prior's range in nats
+    assert torch.allclose(prototypes.personal_tilt(log_prior, 1.0, 1.0, mixture=False), log_prior)
+    assert prototypes.personal_tilt(log_prior, 1.0, 0.0, mixture=False).unique().numel() == 1
+
+
+def test_classgate_personal_overrides_one_readout_and_old_gates_load_with_their_cap():
+    gate = ClassGate(6, 3, 3, 8)
+    gate.log_prior.copy_(prototypes.label_log_prior(torch.tensor([90.0, 9, 1])))
+    gate.tune(prior=1.0, prior_cap=2.0, mixture=1.0, personal=0.3)
+    assert gate.personal() == pytest.approx(0.3)
+    tilt = prototypes.mixture_prior_tilt(gate.log_prior, 1.0, 0.8)
+    assert torch.allclose(gate.readout(0.8).own_log_prior, tilt)
+    assert torch.allclose(gate.readout().own_log_prior, prototypes.mixture_prior_tilt(gate.log_prior, 1.0, 0.3))
+    old = {k: v for k, v in gate.state_dict().items()}
+    old["settings"] = torch.tensor([0.0, 1.0, 0.3, 2.0])  # saved before the mixture tilt
+    again = ClassGate(6, 3, 3, 8)
+    again.load_state_dict(old)
+    assert torch.equal(again.readout().own_log_prior, prototypes.own_prior_tilt(gate.log_prior, 1.0, 2.0))
+    spec = gates.get("classgate")
+    tuned = spec.with_personal(gate.state_dict(), 0.9)
+    again.load_state_dict(tuned)
+    assert again.personal() == pytest.approx(0.9)
+
+
+def test_the_frontier_choice_reads_validation_accuracies_only():
+    corner = {"personalized": 0.90, "global": 0.80}
+    points = [
+        {
+            "personal": 0.0,
+            "val_personalized_acc": 0.85,
+            "val_global_acc": 0.84,
+            "personalized_acc": 0.1,
+            "global_acc": 0.1,
+        },
+        {
+            "personal": 0.5,
+            "val_personalized_acc": 0.91,
+            "val_global_acc": 0.81,
+            "personalized_acc": 0.2,
+            "global_acc": 0.2,
+        },
+        {
+            "personal": 0.6,
+            "val_personalized_acc": 0.92,
+            "val_global_acc": 0.81,
+            "personalized_acc": 0.3,
+            "global_acc": 0.3,
+        },
+        {
+            "personal": 1.0,
+            "val_personalized_acc": 0.95,
+            "val_global_acc": 0.70,
+            "personalized_acc": 0.9,
+            "global_acc": 0.9,
+        },
+    ]
+    assert frontier.choose(points, corner)["personal"] == 0.6  # meets both; the larger sum of the two
+    shuffled = [{**p, "personalized_acc": 1 - p["personalized_acc"], "global_acc": 0.5} for p in points]
+    assert frontier.choose(shuffled, corner)["personal"] == 0.6  # test numbers never move the choice
+    far = {"personalized": 0.99, "global": 0.99}
+    assert frontier.shortfall(0.95, 0.70, far) == pytest.approx((0.04**2 + 0.29**2) ** 0.5)
+    curve = [{"personalized_acc": 0.9, "global_acc": 0.7}, {"personalized_acc": 0.8, "global_acc": 0.8}]
+    assert frontier.at_global(curve, 0.75) == pytest.approx(0.85) and frontier.at_global(curve, 0.9) is None

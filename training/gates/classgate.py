@@ -65,8 +65,8 @@ class ClassGateModule(nn.Module):
         own_bias: float,
         temperature: float,
         prior_cap: float,
-        mixture: bool = True,
-        personal: float = 0.5,
+        mixture: bool = False,
+        personal: float = DEFAULT_PERSONAL,
     ) -> None:
         self.class_weight.copy_(class_weight)
         self.class_bias.copy_(class_bias)
