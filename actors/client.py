@@ -1,8 +1,8 @@
 """``Client``: one edge device as a stateful Ray actor.
 
 It reads its own rows from its own disk (the coordinator only sends row numbers) and holds
-nothing else of the dataset: the balanced global test set is read in chunks when its latents
-are needed (``training.shards``). It keeps its feature extractor, its expert and one gate per
+nothing else of the dataset: the balanced global halves (test, validation) are read in chunks
+when their latents are needed (``training.shards``). It keeps its feature extractor, its expert and one gate per
 stage-3 variant on its device (``cluster.device``, the GPU share Ray assigned it), and answers
 its peers' ``expert_forward`` calls. Raw samples never leave it: every method returns weights,
 metrics, latents-derived logits or counts, on the CPU (``training.devices``).

@@ -280,7 +280,7 @@ class Coordinator:
         base = list(self.fleet.call("evaluate_baselines", stage="evaluate", essential=True).values())
         for name in ("local_only", "fedavg_global"):
             methods[name] = self._summary([b[name] for b in base])
-        if "centralized_moe" not in self.state:  # stages 1-2 decide it: computed once per run, kept in state.json
+        if "val_global_acc" not in self.state.get("centralized_moe", {}):  # once per run (kept in state.json)
             self.state["centralized_moe"] = self.centralized_moe()
         methods["centralized_moe"] = self.state["centralized_moe"]
         curve, chosen = self._frontier(methods, curves)

@@ -105,7 +105,8 @@ def markdown(res: dict) -> str:
         f"{cfg['num_clients']} clients on {cfg['data']['name']}, stage-1 rounds {cfg['stage1']['rounds']}, "
         f"stage-3 rounds {cfg['stage3']['rounds']}, top-k {cfg['routing']['top_k']}; accuracy in %, mean ± std "
         f"over seeds {res['seeds']}. Personalized: each client's own test split (its label mix); global: the "
-        "balanced test set. `nmoe/<gate>` is routed inference with that gate; `centralized_moe` pools the data "
+        "balanced test half (disjoint from the validation data). `nmoe/<gate>` is routed inference with that "
+        "gate; `centralized_moe` pools the data "
         "(not private, the upper bound).\n"
     ]
     for which in ("personalized", "global"):

@@ -138,10 +138,32 @@ def test_build_split_with_train_limit():
     allidx = np.concatenate(split.train)
     assert len(allidx) == 1000 and len(np.unique(allidx)) == 1000
     assert allidx.max() < 6000 and allidx.max() > 1000  # indices into the full train set
-    assert [len(t) for t in split.test] == [100] * 4
-    assert np.array_equal(split.global_test, np.arange(2000))
+    assert [len(t) for t in split.test] == [100] * 4 and [len(v) for v in split.val] == [100] * 4
     again = build_split(cfg, train_labels, test_labels, 10)
-    assert all(np.array_equal(a, b) for a, b in zip(split.train + split.test, again.train + again.test))
+    drawn = split.train + split.test + split.val + [split.global_test, split.global_val]
+    assert all(np.array_equal(a, b) for a, b in zip(drawn, again.train + again.test + again.val))
+
+
+def test_validation_and_test_never_share_a_sample_per_client_or_globally():
+    """The test pool is cut into class-balanced halves, the same for every seed; each client's
+    validation split comes from one half and its test split from the other, both with its label mix."""
+    cfg = ExperimentConfig(num_clients=5, seed=3)
+    cfg.partition.alpha = 0.1
+    cfg.partition.test_per_client = 120
+    test_labels = np.arange(3000) % 10
+    split = build_split(cfg, balanced_labels(6000), test_labels, 10)
+    assert not set(split.global_val) & set(split.global_test)
+    assert sorted(np.concatenate([split.global_val, split.global_test])) == list(range(3000))
+    assert all(
+        np.bincount(test_labels[h], minlength=10).tolist() == [150] * 10 for h in (split.global_val, split.global_test)
+    )
+    for i, (v, t) in enumerate(zip(split.val, split.test)):
+        assert set(v) <= set(split.global_val) and set(t) <= set(split.global_test), i
+        mix_v, mix_t = np.bincount(test_labels[v], minlength=10), np.bincount(test_labels[t], minlength=10)
+        assert np.abs(mix_v - mix_t).max() <= 1, i  # the same label mix, drawn apart
+    cfg.seed = 4
+    other = build_split(cfg, balanced_labels(6000), test_labels, 10)
+    assert np.array_equal(other.global_test, split.global_test)  # one test half for every seed
 
 
 # ---------------------------------------------------------------- loading

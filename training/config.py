@@ -52,7 +52,7 @@ class PartitionConfig:
     alpha: float = 0.5
     classes_per_client: int = 2
     min_samples: int = 10
-    test_per_client: int = 500  # local test split size, drawn with the client's label mix
+    test_per_client: int = 500  # size of each client's test split and of its validation split (its label mix)
 
 
 @dataclass
