@@ -2,10 +2,10 @@
 
 It reads its own rows from its own disk (the coordinator only sends row numbers) and holds
 nothing else of the dataset: the balanced global halves (test, validation) are read in chunks
-when their latents are needed (``training.shards``). It keeps its feature extractor, its expert and one gate per
-stage-3 variant on its device (``cluster.device``, the GPU share Ray assigned it), and answers
-its peers' ``expert_forward`` calls. Raw samples never leave it: every method returns weights,
-metrics, latents-derived logits or counts, on the CPU (``training.devices``).
+when their latents are needed (``training.shards``). It keeps its feature extractor, its expert
+and one gate per stage-3 variant on its device (``cluster.device``, the GPU share Ray assigned
+it), and answers its peers' ``expert_forward`` calls. Raw samples never leave it: every method
+returns weights, metrics, latents-derived logits or counts, on the CPU (``training.devices``).
 """
 
 from __future__ import annotations
@@ -417,7 +417,7 @@ class Client:
         usage = torch.zeros(len(self.peers))
         curve = [{"personal": p} for p in grid]
         for name, key in SPLITS.items():
-            (h, y), correct = self._labelled(name), torch.zeros(1 + len(grid))
+            (h, y), correct = self._labelled(name), torch.zeros(1 + len(grid), dtype=torch.float64)
             y = y.cpu()
             for i in range(0, len(h), self.cfg.routing.eval_batch):
                 d = self._dispatch(h[i : i + self.cfg.routing.eval_batch], variant)

@@ -25,7 +25,7 @@ from ray.util.placement_group import remove_placement_group
 from actors import placement
 from actors.client import STAGE_ORDER
 from actors.fleet import Fleet
-from actors.stage3 import Stage3, variant_file
+from actors.stage3 import Stage3
 from actors.tracking import Tracker
 from training import checkpoint as ckpt
 from training import federated, frontier, gates, local, objectives, schema, seeds
@@ -314,14 +314,9 @@ class Coordinator:
             methods[m] = self._summary([{key: c[k][key] for key in SPLITS.values()} for c in per], personal=personal)
             chosen[m] = {"personal": personal, "rule": frontier.RULE, "targets": corner}
             self._say("evaluate", f"{m}: personal={personal:g}, chosen on validation")
-            tuned = {i: spec.with_personal(s, personal) for i, s in self.fleet.snapshot["gates"][v].items()}
-            self.fleet.snapshot["gates"] = {**self.fleet.snapshot["gates"], v: tuned}
-            ckpt.save_torch(
-                variant_file(self.out, v), {"round": self.cfg.stage3.rounds - 1, "done": True, "gates": tuned}
+            Stage3(self).replace_gates(
+                v, {i: spec.with_personal(s, personal) for i, s in self.fleet.snapshot["gates"][v].items()}
             )
-            both = ckpt.load_torch(ckpt.stage_file(self.out, "stage3"))
-            ckpt.save_torch(ckpt.stage_file(self.out, "stage3"), {"gates": {**both["gates"], v: tuned}})
-            self.fleet.call("load_state", per_client=lambda i: ({"gates": {v: tuned[i]}},), stage="evaluate")
         return curve, chosen
 
     # ------------------------------------------------------------- the schedule

@@ -151,6 +151,16 @@ class Stage3:
             self._checkpoint(v, -1, self.fleet.call("gate_state", v, ids=absent, stage=f"stage3/{v}", essential=True))
         self._checkpoint(v, self.cfg.stage3.rounds - 1, {}, done=True)
 
+    def replace_gates(self, v: str, states: dict) -> None:
+        """A finished variant's gates changed after stage 3 (a knob chosen on validation): on disk,
+        in the snapshot restarted clients restore from, and in the live clients."""
+        self._checkpoint(v, self.cfg.stage3.rounds - 1, states, done=True)
+        both = ckpt.load_torch(ckpt.stage_file(self.co.out, "stage3"))
+        ckpt.save_torch(ckpt.stage_file(self.co.out, "stage3"), {"gates": {**both["gates"], v: states}})
+        self.fleet.call(
+            "load_state", stage="evaluate", per_client=lambda i: ({"gates": {v: states[i]} if i in states else {}},)
+        )
+
     def _reinstall(self, finished: list[str]) -> None:
         """A resumed run: the finished variants' gates back into the clients, without training."""
         for v in finished:
