@@ -76,18 +76,22 @@ def heatmap(path: Path, methods: dict[str, dict]) -> Path:
     plt = _pyplot()
     names = [m for m, v in methods.items() if v.get("per_client")]
     n = len(methods[names[0]]["per_client"])
-    fig, axes = plt.subplots(1, 2, figsize=(2 + 1.2 * n, 1 + 0.45 * len(names)), sharey=True)
-    for ax, key, label in zip(axes, ("personalized_acc", "global_acc"), ("personalized", "global")):
-        grid = np.array([[100 * c[key] for c in methods[m]["per_client"]] for m in names])
-        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    grids = {
+        key: np.array([[100 * c[key] for c in methods[m]["per_client"]] for m in names])
+        for key in ("personalized_acc", "global_acc")
+    }
+    low = float(np.floor(min(g.min() for g in grids.values()) / 10) * 10)  # the colour scale spans what is there
+    fig, axes = plt.subplots(1, 2, figsize=(3 + 1.1 * n, 1.2 + 0.45 * len(names)), sharey=True, constrained_layout=True)
+    for ax, (key, grid), label in zip(axes, grids.items(), ("personalized", "global")):
+        im = ax.imshow(grid, cmap="viridis", vmin=low, vmax=100, aspect="auto")
         for (r, c), v in np.ndenumerate(grid):
-            ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < 60 else "black")
+            dark = v < low + 0.6 * (100 - low)
+            ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
         ax.set(
             xticks=range(n), yticks=range(len(names)), yticklabels=names, xlabel="client", title=f"{label} accuracy %"
         )
-    fig.colorbar(im, ax=axes, fraction=0.03)
-    fig.subplots_adjust(wspace=0.05)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.colorbar(im, ax=list(axes), shrink=0.9)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
