@@ -412,7 +412,7 @@ class Client:
         scored at every point of ``frontier.GRID`` (``curve``), from the same answers."""
         self._serving()
         spec, gate = self.variants[variant], self.gates.get(variant)
-        grid = frontier.GRID if spec.personal(gate) is not None else ()
+        grid = frontier.GRID if spec.personal_knob else ()
         out = {"routed_samples": 0, "bytes_out": 0, "bytes_in": 0, "lost_peers": []}
         usage = torch.zeros(len(self.peers))
         curve = [{"personal": p} for p in grid]

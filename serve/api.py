@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from serve import inputs
+from training import gates
 
 NODE_HEADER = "X-NMoE-Node"  # the Ray node that decoded the input: client i's own node
 
@@ -157,8 +158,9 @@ PERSONAL_SCHEMA = {
 }
 
 
-def predict_openapi(meta: dict, n: int, max_batch: int, secured: bool) -> dict:
-    """The predict operation's request bodies (JSON with exact shapes, or a binary file) for the schema."""
+def predict_openapi(meta: dict, n: int, max_batch: int, secured: bool, personal: bool) -> dict:
+    """The predict operation's request bodies (JSON with exact shapes, or a binary file) for the schema;
+    ``personal``: whether the served gate takes that knob (only then is it in the schema)."""
     c, s = meta["channels"], meta["image_size"]
     pixel = {"type": "number", "minimum": 0, "maximum": 1}
 
@@ -178,7 +180,7 @@ def predict_openapi(meta: dict, n: int, max_batch: int, secured: bool) -> dict:
         "properties": {
             "inputs": {"anyOf": shapes, "description": f"pixels in [0, 1]: [{c},{s},{s}] or [B,{c},{s},{s}]"},
             "top_k": {"type": "integer", "minimum": 1, "maximum": n},
-            "personal": PERSONAL_SCHEMA,
+            **({"personal": PERSONAL_SCHEMA} if personal else {}),
         },
     }
     binary = {"schema": {"type": "string", "format": "binary"}}
@@ -201,15 +203,18 @@ def predict_openapi(meta: dict, n: int, max_batch: int, secured: bool) -> dict:
                 "schema": {"type": "integer", "minimum": 1, "maximum": n},
                 "description": "experts per sample (a JSON body's own top_k wins)",
             },
+        ],
+    }
+    if personal:
+        extra["parameters"].append(
             {
                 "name": "personal",
                 "in": "query",
                 "required": False,
                 "schema": PERSONAL_SCHEMA,
                 "description": "how personal the answer is (a JSON body's own personal wins)",
-            },
-        ],
-    }
+            }
+        )
     if secured:
         extra["security"] = [{"bearer": []}]
     return extra
@@ -261,7 +266,7 @@ def index_app(meta: dict, variant: str, status: dict[int, str], where: dict[int,
             200: {"headers": {NODE_HEADER: {"schema": {"type": "string"}, "description": "the node that decoded"}}},
             **errors(*auth, 404, 413, 415, 422, 503),
         },
-        openapi_extra=predict_openapi(meta, n, max_batch, secured),
+        openapi_extra=predict_openapi(meta, n, max_batch, secured, gates.get(variant).personal_knob),
     )
     def predict(i: int, request: Request) -> None:
         known(i)

@@ -85,7 +85,7 @@ class ClientDeployment:
             kind = inputs.media_type(request.headers.get("content-type"))
             x, knobs = inputs.decode(await request.body(), kind, c, s, self.max_batch)
             k = api.parse_top_k(request, knobs["top_k"], self.cfg.routing.top_k, self.n)
-            personal = api.parse_personal(request, knobs["personal"], self.variant, self.knob is not None)
+            personal = api.parse_personal(request, knobs["personal"], self.variant, self.spec.personal_knob)
             reply = await self.predict(x, k, personal)
             return Response(json.dumps(reply), media_type="application/json", headers={api.NODE_HEADER: self.node})
 

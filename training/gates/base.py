@@ -78,6 +78,7 @@ class GateVariant:
     sync: ClassVar[Sync] = "none"
     prefixes: ClassVar[tuple[str, ...]] = ()  # for sync == "prefix"
     has_gate: ClassVar[bool] = True  # holds a gate module (saved in the stage-3 checkpoint)
+    personal_knob: ClassVar[bool] = False  # its readout takes ``personal`` (``readout``, ``personal`` below)
 
     # ------------------------------------------------------------------ the module
 

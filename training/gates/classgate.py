@@ -134,6 +134,7 @@ class ClassGate(GateVariant):
     trains = False
     needs_answers = False
     exchanges = True
+    personal_knob = True
 
     def make_gate(self, cfg, num_classes: int) -> ClassGateModule:
         return ClassGateModule(cfg.model.latent_dim, num_classes, cfg.num_clients, cfg.model.expert_hidden)
