@@ -264,7 +264,8 @@ def write_partial(ctx: Context, result: dict, body: str, progress: str) -> None:
 
 
 def finish(ctx: Context, result: dict, body: str, metrics: dict[str, float]) -> dict:
-    """Write ``<suite>.md`` / ``<suite>.json`` and log the numbers to MLflow; returns the JSON."""
+    """Write ``<suite>.md`` / ``<suite>.json`` and log the numbers (and any ``figures`` the result
+    names) to MLflow; returns the JSON."""
     m = machine(ctx.devices)
     result = {"suite": ctx.suite, "quick": ctx.quick, **result, "machine": m}
     title = f"# nmoe bench {ctx.suite}" + (
@@ -298,7 +299,7 @@ def finish(ctx: Context, result: dict, body: str, metrics: dict[str, float]) -> 
     md_path.write_text(md)
     json_path.write_text(dumps(result, indent=2))
     if tracker is not None:
-        tracker.artifacts([md_path, json_path], "bench")
+        tracker.artifacts([md_path, json_path, *map(Path, result.get("figures", []))], "bench")
         tracker.finish()
     say(
         f"{ctx.suite}: wrote {md_path} and {json_path}" + (f"; mlflow run {result['mlflow_run_id']}" if tracker else "")

@@ -193,6 +193,10 @@ def test_classgate_sweep_reproduces_the_run_and_chooses_on_validation(bench, cap
     assert "local_only" in md and "centralized_moe" in md and "pooled" in md
     figure = bench.out / "classgate_frontier_dirichlet0.5.png"
     assert figure.stat().st_size > 10_000 and res["figures"] == [str(figure)]
+    from mlflow.tracking import MlflowClient
+
+    logged = {a.path for a in MlflowClient(tracking_uri=bench.uri).list_artifacts(res["mlflow_run_id"], "bench")}
+    assert "bench/classgate_frontier_dirichlet0.5.png" in logged and "bench/classgate.md" in logged
 
 
 def test_classgate_knobs_are_chosen_without_reading_a_test_label(bench, capsys):
