@@ -11,8 +11,9 @@ accuracies are read once, at the chosen point.
 Beside it, a reference that is NOT private: one expert trained on every client's train latents
 pooled (a balanced p(c | h) as good as F allows), tilted by each client's own prior in the same
 family. It is where the frontier of any "balanced posterior x own prior" rule on this F lies.
-Runs: fedce at Dirichlet 0.5 and 0.1 over 5 seeds and IID at one (reusing the accuracy
-suite's runs where their configs match), or ``--run DIR``.
+Runs: fedce at Dirichlet 0.5 and 0.1 over 5 seeds and IID at one (reusing finished runs of the
+same config, and the stages 1-2 of the accuracy suite's), ``--finished-only`` (the finished ones
+only, training nothing), or ``--run DIR``.
 """
 
 from __future__ import annotations
@@ -166,7 +167,14 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
             runs[p] = []
             for s in range(seed, seed + (1 if ctx.quick else SEEDS[p])):
                 cfg = ctx.cfg(*PARTITIONS[p], f"seed={s}", "stage3.variants=[classgate]")
+                if ctx.finished_only:  # tabulate what is finished, train nothing
+                    done = common.finished_run(ctx, cfg)
+                    runs[p] += [done] if done is not None else []
+                    continue
                 runs[p].append(common.train_run(ctx, cfg, f"acc-{cfg.stage1.method}-{p}-s{s}")["dir"])
+        runs = {p: dirs for p, dirs in runs.items() if dirs}
+        if not runs:
+            raise ckpt.RunFolderError(f"--finished-only: no finished classgate run under {ctx.out / 'runs'}")
     sweeps = {}
     for label, dirs in runs.items():
         sweeps[label] = []

@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--finished-only",
         action="store_true",
-        help="accuracy: tabulate the runs already finished under OUT/runs, train nothing",
+        help="accuracy, classgate: tabulate the runs already finished under OUT/runs, train nothing",
     )
     p.add_argument(
         "--threads", type=int, default=None, help="overhead: torch threads of the in-process path (default: every core)"
