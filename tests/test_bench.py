@@ -221,3 +221,11 @@ def test_classgate_knobs_are_chosen_without_reading_a_test_label(bench, capsys):
     for key in ("tilt", "prior", "personal", "val_personalized_acc", "val_global_acc"):
         assert shuffled["chosen"][key] == before["chosen"][key], key
     assert shuffled["chosen"]["personalized_acc"] != before["chosen"]["personalized_acc"]
+
+
+def test_classgate_finished_only_tabulates_the_finished_runs_without_training(bench, capsys):
+    runs = sorted(p.name for p in (bench.out / "runs").iterdir())
+    before = json.loads((bench.out / "classgate.json").read_text())["sweeps"]["dirichlet0.5"][0]
+    res, _ = bench(capsys, "classgate", "--finished-only")
+    assert sorted(p.name for p in (bench.out / "runs").iterdir()) == runs  # nothing trained
+    assert res["sweeps"]["dirichlet0.5"][0]["chosen"] == before["chosen"]
