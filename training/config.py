@@ -95,9 +95,7 @@ class Stage3Config:
     proto_ratio: float = 1.0  # protogate: synthetic latents from peers' class prototypes per own sample
     classgate_own_expert: float = 0.0  # classgate: weight of the own expert's answer in p(class | h)
     classgate_prior: float = 1.0  # classgate: power of the own label prior (routing and readout)
-    classgate_prior_cap: float = (
-        2.0  # classgate, tilt=cap: the readout's own prior floored this many nats below its top
-    )
+    classgate_prior_cap: float = 2.0  # classgate, tilt=cap: own prior floored this many nats below its top
     classgate_tilt: str = "mixture"  # classgate: the readout's own-prior tilt, mixture log(λπ + (1-λ)/C) or cap
     classgate_personal: Optional[float] = None  # classgate, tilt=mixture: λ in [0, 1]; null: chosen on validation
     classgate_own_bias: float = 0.0  # classgate: score bonus of the own expert ("is this input mine?")
