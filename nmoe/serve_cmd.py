@@ -204,15 +204,13 @@ def predict_cmd(args) -> int:
     health = _http(f"{base}/v1/health")
     x = _load_input(args, health)
     url = f"{base}/v1/clients/{args.client}/predict"
+    knobs = {k: v for k, v in (("top_k", args.top_k), ("personal", args.personal)) if v is not None}
     if args.json:
-        knobs = {"top_k": args.top_k, "personal": args.personal}
-        body = {"inputs": x.tolist(), **{k: v for k, v in knobs.items() if v is not None}}
-        reply = _http(url, json.dumps(body).encode(), token=args.token)
-    else:  # the default: the pixels as an .npy body, top_k in the query
+        reply = _http(url, json.dumps({"inputs": x.tolist(), **knobs}).encode(), token=args.token)
+    else:  # the default: the pixels as an .npy body, the knobs in the query
         buf = io.BytesIO()
         np.save(buf, x.astype(np.float32))
-        knobs = {"top_k": args.top_k, "personal": args.personal}
-        query = "&".join(f"{k}={v}" for k, v in knobs.items() if v is not None)
+        query = "&".join(f"{k}={v}" for k, v in knobs.items())
         query = f"?{query}" if query else ""
         reply = _http(url + query, buf.getvalue(), "application/x-npy", args.token)
     for pred, probs, route in zip(reply["predictions"], reply["probabilities"], reply["routes"]):

@@ -108,9 +108,14 @@ def mixture_prior_tilt(log_prior: torch.Tensor, power: float, lam: float) -> tor
     return power * (lam * log_prior.exp() + (1 - lam) * uniform).log()
 
 
+def prior_spread(log_prior: torch.Tensor) -> float:
+    """The prior's range in nats: the cap at which the cap family reaches the full own prior."""
+    return float(log_prior.max() - log_prior.min())
+
+
 def personal_tilt(log_prior: torch.Tensor, power: float, personal: float, mixture: bool) -> torch.Tensor:
     """The readout's own-prior tilt at ``personal`` in [0, 1] (0: none, 1: the full own prior),
     in either family: the mixture's λ, or a cap at that fraction of the prior's range in nats."""
     if mixture:
         return mixture_prior_tilt(log_prior, power, personal)
-    return own_prior_tilt(log_prior, power, personal * float(log_prior.max() - log_prior.min()))
+    return own_prior_tilt(log_prior, power, personal * prior_spread(log_prior))

@@ -149,8 +149,8 @@ class GateVariant:
 
     def readout(self, gate: nn.Module | None, personal: float | None = None) -> routing.ClassReadout | None:
         """How the chosen experts' answers are combined: None is the weighted sum. ``personal``
-        in [0, 1] asks for a readout that far toward the own label mix (only where ``personal``
-        below is not None)."""
+        in [0, 1] asks for a readout that far toward the own label mix (variants with
+        ``personal_knob`` only)."""
         return None
 
     def personal(self, gate: nn.Module | None) -> float | None:

@@ -19,7 +19,7 @@ from torch import nn
 from training import prototypes
 from training.gates.base import ClientView, GateVariant
 from training.models import Expert
-from training.prototypes import own_prior_tilt, personal_tilt
+from training.prototypes import own_prior_tilt, personal_tilt, prior_spread
 from training.registry import GATES
 from training.routing import ClassReadout
 
@@ -109,7 +109,7 @@ class ClassGateModule(nn.Module):
     def personal(self) -> float:
         """How personal the readout is now, in [0, 1]: λ of the mixture, or the cap over the prior's range."""
         _, _, _, cap, mixture, lam = self.settings.tolist()
-        spread = float(self.log_prior.max() - self.log_prior.min())
+        spread = prior_spread(self.log_prior)
         return lam if mixture else (min(1.0, cap / spread) if spread > 0 else 1.0)
 
     def readout(self, personal: float | None = None) -> ClassReadout:
@@ -211,6 +211,5 @@ class ClassGate(GateVariant):
         if settings[names.index("mixture")]:
             settings[names.index("personal")] = personal
         else:
-            prior = state["log_prior"]
-            settings[names.index("prior_cap")] = personal * float(prior.max() - prior.min())
+            settings[names.index("prior_cap")] = personal * prior_spread(state["log_prior"])
         return {**state, "settings": settings}
