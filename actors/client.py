@@ -23,7 +23,7 @@ from training import devices, federated, frontier, gates, local, routing, seeds
 from training.config import ExperimentConfig, from_dict
 from training.data import label_counts
 from training.gates import ClientView
-from training.models import Stage1Model, make_expert
+from training.models import Stage1Model, build_expert
 from training.schema import SPLITS
 from training.shards import NUM_CLASSES, load_rows
 
@@ -72,9 +72,9 @@ class Client:
         self.y_global: dict[str, torch.Tensor] = {}
         self.num_classes = NUM_CLASSES
         torch.manual_seed(self.cfg.seed)  # same initial F everywhere; stage 1 overwrites it anyway
-        self.model = Stage1Model(self.cfg.model, self.x.shape[1], self.x.shape[2], self.num_classes).to(self.device)
+        self.model = Stage1Model(self.cfg.model, self.x.shape[1:], self.num_classes).to(self.device)
         torch.manual_seed(seeds.expert_init(self.cfg.seed, client_id))
-        self.expert = make_expert(self.cfg.model, self.num_classes).eval().to(self.device)
+        self.expert = build_expert(self.cfg.model, self.num_classes).eval().to(self.device)
         # one instance per variant: a variant may keep this client's state (ProtoGate's synthetic latents)
         self.variants = {v: gates.get(v) for v in self.cfg.stage3.variants}
         self.gates = {}
@@ -205,7 +205,7 @@ class Client:
         expert goes back to the coordinator only for its checkpoint."""
         self._serving()
         torch.manual_seed(seeds.expert_init(self.cfg.seed, self.id))
-        self.expert = make_expert(self.cfg.model, self.num_classes).to(self.device)
+        self.expert = build_expert(self.cfg.model, self.num_classes).to(self.device)
         _, metrics = local.fit_expert(
             self.expert, self._latents("train"), self.y, self.cfg.stage2, seed=seeds.expert_fit(self.cfg.seed, self.id)
         )

@@ -31,7 +31,7 @@ from training import checkpoint as ckpt
 from training import federated, frontier, gates, local, objectives, schema, seeds
 from training.config import PAPER_VARIANT, STAGES, from_dict
 from training.data import build_split, label_counts, load_dataset
-from training.models import Gate, Stage1Model, make_expert
+from training.models import Gate, Stage1Model, build_expert, load_pretrained
 from training.schema import SPLITS
 from training.shards import load_labels
 
@@ -105,6 +105,7 @@ class Coordinator:
             "num_classes": lab.num_classes,
             "channels": lab.channels,
             "image_size": lab.image_size,
+            "input_shape": list(lab.input_shape),
             "clients": [infos.get(i) or self._split_info(i) for i in range(len(self.clients))],
         }
         self._meta = True
@@ -161,10 +162,12 @@ class Coordinator:
         cfg, s1 = self.cfg, self.cfg.stage1
         torch.manual_seed(cfg.seed)
         lab = self.labels
-        model = Stage1Model(cfg.model, lab.channels, lab.image_size, lab.num_classes)
+        model = Stage1Model(cfg.model, lab.input_shape, lab.num_classes)
         start = self.state["stage1_round"] + 1
         if start > 0:
             model.load_state_dict(ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"])
+        elif cfg.model.extractor_weights:  # a pretrained F: stage 1 fine-tunes it, or (rounds: 0) freezes it
+            self.state["pretrained"] = load_pretrained(model, cfg.model.extractor_weights)
         prefixes = objectives.prefixes(s1.method)
         size = federated.state_bytes(model.state_dict(), prefixes)
         t0 = time.perf_counter()
@@ -202,6 +205,8 @@ class Coordinator:
                 self.state["timings"]["stage1"] = self.state["timings"].get("stage1", 0.0) + time.perf_counter() - t0
                 t0 = time.perf_counter()
                 self._save_state()
+        if s1.rounds == 0:  # F as built or loaded, frozen: checkpointed like a trained one
+            ckpt.save_torch(ckpt.stage_file(self.out, "stage1"), {"round": -1, "state": model.state_dict()})
         glob = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
         self.fleet.snapshot.update(stage="stage1", **{"global": glob})
         self.fleet.call("set_global", ray.put(glob), stage="stage1", round_=s1.rounds - 1, essential=True)
@@ -235,11 +240,11 @@ class Coordinator:
         """Upper bound, NOT private: pooled train data, the same F, N experts + one gate trained jointly."""
         cfg, ds, split = self.cfg, load_dataset(self.cfg.data), self.split  # pooled: the coordinator reads it all
         g = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"]
-        model = Stage1Model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
+        model = Stage1Model(cfg.model, ds.input_shape, ds.num_classes)
         model.load_state_dict(g)
         pooled = np.concatenate(split.train)
         torch.manual_seed(seeds.centralized(cfg.seed))
-        experts = [make_expert(cfg.model, ds.num_classes) for _ in range(cfg.num_clients)]
+        experts = [build_expert(cfg.model, ds.num_classes) for _ in range(cfg.num_clients)]
         gate = Gate(cfg.model.latent_dim, cfg.model.gate_hidden, cfg.num_clients)
         h = local.compute_latents(model.extractor, ds.x_train[pooled])
         local.fit_centralized_moe(
@@ -258,6 +263,10 @@ class Coordinator:
             for t, v in zip(split.test, split.val)
         ]
         return self._summary(per, note="not private: pooled data")
+
+    def _classifier_trained(self) -> bool:
+        """Whether stage 1 trained (or the pretrained file brought) the linear classifier fedavg_global scores."""
+        return self.cfg.stage1.rounds > 0 or "classifier" in self.state.get("pretrained", [])
 
     @staticmethod
     def _summary(per_client: list[dict], **extra) -> dict:
@@ -279,6 +288,8 @@ class Coordinator:
         self._say("evaluate", "baselines")
         base = list(self.fleet.call("evaluate_baselines", stage="evaluate", essential=True).values())
         for name in ("local_only", "fedavg_global"):
+            if name == "fedavg_global" and not self._classifier_trained():
+                continue  # no stage-1 classifier was trained: the baseline does not exist
             methods[name] = self._summary([b[name] for b in base])
         if "val_global_acc" not in self.state.get("centralized_moe", {}):  # once per run (kept in state.json)
             self.state["centralized_moe"] = self.centralized_moe()

@@ -29,7 +29,7 @@ from training import checkpoint as ckpt
 from training import frontier, local, prototypes, routing, schema
 from training.data import build_split, load_dataset
 from training.gates.classgate import TILTS, ClassGate
-from training.models import make_expert
+from training.models import build_expert
 from training.schema import SPLITS
 
 PRIORS = (0.5, 1.0)
@@ -87,7 +87,7 @@ def pooled_reference(cfg, extractor, ds, split, data: dict, gates: dict) -> dict
     h = torch.cat([local.compute_latents(extractor, ds.x_train[t]) for t in split.train])
     y = torch.cat([ds.y_train[t] for t in split.train])
     torch.manual_seed(cfg.seed)  # the expert's initial weights: the same reference on every re-run
-    expert = make_expert(cfg.model, ds.num_classes)
+    expert = build_expert(cfg.model, ds.num_classes)
     local.fit_expert(expert, h, y, cfg.stage2, seed=cfg.seed)
     out = {}
     with torch.no_grad():

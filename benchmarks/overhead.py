@@ -34,7 +34,7 @@ def in_process(cfg, threads: int | None = None) -> dict:
         ds = load_dataset(cfg.data)
         split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
         shards = [(ds.x_train[idx], ds.y_train[idx]) for idx in split.train]
-        shape = (cfg.model, ds.channels, ds.image_size, ds.num_classes)
+        shape = (cfg.model, ds.input_shape, ds.num_classes)
         torch.manual_seed(cfg.seed)  # the coordinator's global model
         model = Stage1Model(*shape)
         clients = []

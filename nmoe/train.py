@@ -48,6 +48,9 @@ def _prepare(args):
     cfg = load_config(args)
     cfg.data.root = str(Path(cfg.data.root).resolve())  # actors may run in another directory
     cfg.plugins = [str(Path(p).resolve()) if p.endswith(".py") else p for p in cfg.plugins]
+    m = cfg.model
+    m.extractor, m.expert = _absolute(m.extractor), _absolute(m.expert)
+    m.extractor_weights = m.extractor_weights and str(Path(m.extractor_weights).resolve())
     out = Path(args.out or Path("runs") / cfg.name)
     if (out / "state.json").exists():
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
@@ -55,13 +58,22 @@ def _prepare(args):
     return cfg, out, False
 
 
+def _absolute(spec: str) -> str:
+    """A model named by ``file.py:Name`` with the file's absolute path (actors may run in another directory)."""
+    where, sep, name = spec.rpartition(":")
+    return f"{Path(where).resolve()}{sep}{name}" if sep and where.endswith(".py") else spec
+
+
 def _check_data(cfg) -> None:
-    """Refuse, before Ray starts, a config the data cannot satisfy (``DataError`` names why)."""
+    """Refuse, before Ray starts, a config the data or the models cannot satisfy (``DataError`` or
+    ``ConfigError`` names why): the split is drawn, and F and E are built and run once on the input's shape."""
     from training.data import build_split
+    from training.models import check_models
     from training.shards import load_labels
 
     labels = load_labels(cfg.data)
     build_split(cfg, labels.y_train, labels.y_test, labels.num_classes)
+    check_models(cfg.model, labels.input_shape, labels.num_classes)
 
 
 def run(args) -> int:

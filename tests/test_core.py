@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from training import federated, frontier, gates, objectives, prototypes, routing
+from training.backbones import Expert
 from training.config import DataConfig, Stage1Config, Stage2Config, load_config
 from training.gates.classgate import ClassGateModule as ClassGate
 from training.losses import nt_xent
-from training.models import Expert, Gate, Stage1Model, make_expert
+from training.models import Gate, Stage1Model, build_expert
 
 
 def test_importing_training_does_not_import_ray():
@@ -44,7 +45,7 @@ def test_nt_xent_is_lower_for_matching_views_than_shuffled():
 
 def test_fedsc_adds_weighted_nt_xent_to_cross_entropy():
     g = torch.Generator().manual_seed(1)
-    model = Stage1Model(load_config().model, 1, 8, 3)
+    model = Stage1Model(load_config().model, (1, 8, 8), 3)
     x, y = torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
     cfg, shift = Stage1Config(sc_lambda=0.3, temperature=0.2), torch.zeros(3)
     model.eval()  # BatchNorm on running stats: every forward of x gives the same latents
@@ -153,8 +154,8 @@ def test_classgate_sends_each_class_to_the_expert_that_holds_it_and_keeps_its_ow
     counts = torch.tensor([[400.0, 0, 10], [0, 400, 10], [20, 20, 400]])  # expert j holds class j
     moments = [prototypes.class_moments(*_gaussian_classes(c.long().tolist(), gen), 3) for c in counts]
     weight, bias = prototypes.class_posterior(moments)
-    gate = ClassGate(6, 3, 3, 8)
-    expert = Expert(6, 8, 3)
+    gate = ClassGate(6, 3, 3, Expert(6, 3, 8))
+    expert = Expert(6, 3, 8)
     gate.configure(
         weight,
         bias,
@@ -174,7 +175,7 @@ def test_classgate_sends_each_class_to_the_expert_that_holds_it_and_keeps_its_ow
         first = gate(h).argmax(1)
     assert (first[y == 1] == 1).float().mean() > 0.9 and (first[y == 2] == 2).float().mean() > 0.9
     assert (first[y == 0] == 0).all()  # its own class stays home
-    clone = ClassGate(6, 3, 3, 8)
+    clone = ClassGate(6, 3, 3, Expert(6, 3, 8))
     clone.load_state_dict(gate.state_dict())  # everything it routes and reads out by travels in the state dict
     assert torch.equal(clone(h), gate(h))
     assert all(torch.equal(a, b) for a, b in zip(clone.readout(), gate.readout()))
@@ -224,15 +225,15 @@ def test_local_loops_on_digits_lower_the_loss_and_beat_chance():
 
     torch.manual_seed(0)
     ds = load_dataset(DataConfig(name="digits"))
-    cfg = load_config(None, ["model.latent_dim=32", "model.channels=[8,16]"])
-    model = Stage1Model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
+    cfg = load_config(None, ["model.latent_dim=32", "model.extractor_args.channels=[8,16]"])
+    model = Stage1Model(cfg.model, ds.input_shape, ds.num_classes)
     s1 = Stage1Config(rounds=1, local_epochs=1, batch_size=32, lr=0.05)
     _, first = local.fit_stage1(model, ds.x_train, ds.y_train, s1, seed=0)
     _, second = local.fit_stage1(model, ds.x_train, ds.y_train, s1, seed=1)
     assert second["loss"] < first["loss"]
     h = local.compute_latents(model.extractor, ds.x_test)
     assert local.accuracy(model.classifier(h), ds.y_test) > 0.5
-    expert = make_expert(cfg.model, ds.num_classes)
+    expert = build_expert(cfg.model, ds.num_classes)
     _, m = local.fit_expert(
         expert, local.compute_latents(model.extractor, ds.x_train), ds.y_train, Stage2Config(epochs=3), seed=0
     )
@@ -250,11 +251,11 @@ def test_logit_adjusted_stage1_learns_balanced_answers_from_a_skewed_client():
     major = (ds.y_train == 0).nonzero().squeeze(1)
     minor = (ds.y_train != 0).nonzero().squeeze(1)
     keep = torch.cat([major, minor[torch.randperm(len(minor), generator=gen)[: len(major) // 9]]])
-    cfg = load_config(None, ["model.latent_dim=32", "model.channels=[8,16]"])
+    cfg = load_config(None, ["model.latent_dim=32", "model.extractor_args.channels=[8,16]"])
     called_major = {}
     for tau in (0.0, 1.0):
         torch.manual_seed(0)
-        model = Stage1Model(cfg.model, ds.channels, ds.image_size, ds.num_classes)
+        model = Stage1Model(cfg.model, ds.input_shape, ds.num_classes)
         s1 = Stage1Config(local_epochs=15, batch_size=16, lr=0.05, logit_adjust=tau)
         local.fit_stage1(model, ds.x_train[keep], ds.y_train[keep], s1, seed=0)
         pred = model.classifier(local.compute_latents(model.extractor, ds.x_test)).argmax(1)
@@ -275,7 +276,7 @@ def test_mixture_tilt_runs_from_no_tilt_to_the_full_own_prior():
 
 
 def test_classgate_personal_overrides_one_readout_and_old_gates_load_with_their_cap():
-    gate = ClassGate(6, 3, 3, 8)
+    gate = ClassGate(6, 3, 3, Expert(6, 3, 8))
     gate.log_prior.copy_(prototypes.label_log_prior(torch.tensor([90.0, 9, 1])))
     gate.tune(prior=1.0, prior_cap=2.0, mixture=1.0, personal=0.3)
     assert gate.personal() == pytest.approx(0.3)
@@ -284,7 +285,7 @@ def test_classgate_personal_overrides_one_readout_and_old_gates_load_with_their_
     assert torch.allclose(gate.readout().own_log_prior, prototypes.mixture_prior_tilt(gate.log_prior, 1.0, 0.3))
     old = {k: v for k, v in gate.state_dict().items()}
     old["settings"] = torch.tensor([0.0, 1.0, 0.3, 2.0])  # saved before the mixture tilt
-    again = ClassGate(6, 3, 3, 8)
+    again = ClassGate(6, 3, 3, Expert(6, 3, 8))
     again.load_state_dict(old)
     assert torch.equal(again.readout().own_log_prior, prototypes.own_prior_tilt(gate.log_prior, 1.0, 2.0))
     spec = gates.get("classgate")

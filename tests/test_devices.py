@@ -101,7 +101,7 @@ def test_clients_per_round_trains_exactly_the_sampled_clients(ray_session, data_
     state = json.loads((out / "state.json").read_text())
     labels = load_labels(cfg.data)
     split = build_split(cfg, labels.y_train, labels.y_test, labels.num_classes)
-    n, shape = cfg.num_clients, (cfg.model, labels.channels, labels.image_size, labels.num_classes)
+    n, shape = cfg.num_clients, (cfg.model, labels.input_shape, labels.num_classes)
     # stage 1, again in this process: the sampled clients only, then FedAvg over them
     prefixes = objectives.prefixes(cfg.stage1.method)
     before = torch.get_num_threads()

@@ -37,7 +37,7 @@ def test_smoke_run_reports_every_variant_and_baseline(smoke_run):
 def test_stage_bytes_follow_the_formulas(smoke_run):
     res = json.loads((smoke_run / "run" / "results.json").read_text())
     cfg = load_config(SMOKE)
-    model = Stage1Model(cfg.model, 1, 28, 10)
+    model = Stage1Model(cfg.model, (1, 28, 28), 10)
     size = federated.state_bytes(model.state_dict(), ("extractor.", "classifier."))
     assert res["bytes"]["stage2"] == 0
     assert res["bytes"]["stage1"] == cfg.stage1.rounds * cfg.num_clients * size * 2

@@ -19,7 +19,7 @@ from torch import nn
 
 from training.config import SMOKE_CONFIG, ConfigError, load_config
 from training.gates import ClientView, GateVariant
-from training.models import Expert
+from training.models import build_expert
 from training.registry import GATES, PluginError, Registry
 
 NAME = "ownplusholder"
@@ -29,9 +29,9 @@ HERE = str(Path(__file__).resolve())
 class HolderGate(nn.Module):
     """Logits that put the own expert first and the holder of the predicted class second."""
 
-    def __init__(self, latent_dim: int, hidden: int, num_classes: int, num_experts: int):
+    def __init__(self, expert: nn.Module, num_classes: int, num_experts: int):
         super().__init__()
-        self.expert = Expert(latent_dim, hidden, num_classes)
+        self.expert = expert
         self.register_buffer("own", torch.tensor(0))
         self.register_buffer("holder", torch.zeros(num_classes, dtype=torch.long))  # the best-stocked peer per class
         self.num_experts = num_experts
@@ -58,7 +58,7 @@ class OwnPlusHolder(GateVariant):
     exchanges = True
 
     def make_gate(self, cfg, num_classes: int) -> HolderGate:
-        return HolderGate(cfg.model.latent_dim, cfg.model.expert_hidden, num_classes, cfg.num_clients)
+        return HolderGate(build_expert(cfg.model, num_classes), num_classes, cfg.num_clients)
 
     def client_stats(self, client: ClientView) -> dict:
         return {"counts": torch.bincount(client.y, minlength=client.num_classes)}

@@ -24,7 +24,7 @@ import yaml
 
 from training import gates
 from training.config import ConfigError, ExperimentConfig, from_dict
-from training.models import Stage1Model, make_expert
+from training.models import Stage1Model, build_expert
 from training.schema import RunState
 
 
@@ -93,15 +93,22 @@ def load_trained(run: Path) -> dict:
     }
 
 
+def input_shape(meta: dict) -> tuple[int, ...]:
+    """The input's shape the run was trained on (runs recorded before ``input_shape``: square images)."""
+    if "input_shape" in meta:
+        return tuple(meta["input_shape"])
+    return meta["channels"], meta["image_size"], meta["image_size"]
+
+
 def load_extractor(cfg, meta: dict, stage1: dict) -> torch.nn.Module:
     """Eval-mode F from the stage-1 weights (F and its helpers)."""
-    model = Stage1Model(cfg.model, meta["channels"], meta["image_size"], meta["num_classes"])
+    model = Stage1Model(cfg.model, input_shape(meta), meta["num_classes"])
     model.load_state_dict(stage1)
     return model.extractor.eval()
 
 
 def load_expert(cfg, meta: dict, state: dict) -> torch.nn.Module:
-    expert = make_expert(cfg.model, meta["num_classes"])
+    expert = build_expert(cfg.model, meta["num_classes"])
     expert.load_state_dict(state)
     return expert.eval()
 

@@ -7,6 +7,7 @@ user can fix a config without reading this file.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from training.registry import GATES, OBJECTIVES, PluginError, load_plugins
+from training import backbones  # noqa: F401  (registers the built-in extractors and experts)
+from training.registry import EXPERTS, EXTRACTORS, GATES, OBJECTIVES, PluginError, load_plugins
 
 try:  # configs/ of an installed checkout, or its copy inside a wheel
     SHIPPED = files("training.configs")
@@ -57,9 +59,12 @@ class PartitionConfig:
 
 @dataclass
 class ModelConfig:
-    latent_dim: int = 128
-    channels: list[int] = field(default_factory=lambda: [32, 64])
-    expert_hidden: int = 128
+    extractor: str = "cnn"  # F: a registered name (cnn, resnet18, mlp, timm), "pkg.module:Name" or "file.py:Name"
+    extractor_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the extractor
+    extractor_weights: Optional[str] = None  # F's initial weights: a state dict file, or a run's stage1.pt
+    expert: str = "mlp"  # E: a registered name (mlp), "pkg.module:Name" or "file.py:Name"
+    expert_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the expert
+    latent_dim: int = 128  # d: the size of h = F(x), what travels
     gate_hidden: int = 64
     proj_dim: int = 64
 
@@ -185,6 +190,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return _build(tp, value, path + ".")
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{path}: expected a mapping of names to values, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
@@ -240,18 +251,15 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(p.min_samples >= 1, "partition.min_samples", "must be >= 1")
     _check(p.test_per_client >= 1, "partition.test_per_client", "must be >= 1")
     m = cfg.model
-    for key in ("latent_dim", "expert_hidden", "gate_hidden", "proj_dim"):
+    for key in ("latent_dim", "gate_hidden", "proj_dim"):
         _check(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
-    _check(
-        len(m.channels) >= 1 and all(c >= 1 for c in m.channels),
-        "model.channels",
-        "must be a non-empty list of positive ints",
-    )
     for i, spec in enumerate(cfg.plugins):
         try:
             load_plugins([spec])
         except PluginError as exc:
             raise ConfigError(f"plugins[{i}]: {str(exc).removeprefix('plugins: ')}") from None
+    _check_model("extractor", EXTRACTORS, m.extractor, ("input_shape", "latent_dim"), m.extractor_args)
+    _check_model("expert", EXPERTS, m.expert, ("latent_dim", "num_classes"), m.expert_args)
     _check(
         cfg.stage1.method in OBJECTIVES,
         "stage1.method",
@@ -261,7 +269,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         s = getattr(cfg, stage)
         _check(s.lr > 0, f"{stage}.lr", "must be > 0")
         _check(s.batch_size >= 1, f"{stage}.batch_size", "must be >= 1")
-    _check(cfg.stage1.rounds >= 1, "stage1.rounds", "must be >= 1")
+    _check(cfg.stage1.rounds >= 0, "stage1.rounds", "must be >= 0 (0: F is not trained, see model.extractor_weights)")
     _check(cfg.stage1.local_epochs >= 1, "stage1.local_epochs", "must be >= 1")
     _check(cfg.stage1.temperature > 0, "stage1.temperature", "must be > 0")
     _check(cfg.stage1.logit_adjust >= 0, "stage1.logit_adjust", "must be >= 0")
@@ -317,6 +325,22 @@ def gpu_share_problem(share: float | None, device: str, device_setting: str) -> 
     return None
 
 
+def _check_model(field: str, registry, spec: str, fixed: tuple[str, ...], args: dict) -> None:
+    """The model named in ``model.<field>`` can be found, and takes ``model.<field>_args`` (nothing is built)."""
+    try:
+        factory = registry.resolve(spec)
+    except PluginError as exc:
+        raise ConfigError(f"model.{field}: {str(exc).removeprefix('plugins: ')}") from None
+    taken = sorted(set(fixed) & set(args))
+    _check(not taken, f"model.{field}_args", f"{', '.join(taken)} is set by NMoE, not by the config")
+    try:
+        inspect.signature(factory).bind(**dict.fromkeys(fixed), **args)
+    except TypeError as exc:
+        raise ConfigError(f"model.{field}_args: {spec} does not take them ({exc})") from None
+    except ValueError:  # no signature to read: building will tell
+        pass
+
+
 def _check_per_round(v: int | float | None, path: str, n: int) -> None:
     if isinstance(v, int):
         _check(1 <= v <= n, path, f"a count must be between 1 and num_clients={n}, got {v}")
@@ -324,10 +348,30 @@ def _check_per_round(v: int | float | None, path: str, n: int) -> None:
         _check(0 < v <= 1, path, f"a fraction must be in (0, 1], got {v} (a count is an integer)")
 
 
+LEGACY_MODEL_KEYS = {"channels": ("extractor", "cnn"), "expert_hidden": ("expert", "mlp")}  # before plug-ins
+
+
+def _upgrade(data: dict) -> dict:
+    """Configs written before models were plug-ins: ``model.channels`` and ``model.expert_hidden`` become the
+    arguments of the built-ins they configured (``extractor_args.channels``, ``expert_args.hidden``)."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not set(model) & set(LEGACY_MODEL_KEYS):
+        return data
+    model = dict(model)
+    for key, (field_, builtin) in LEGACY_MODEL_KEYS.items():
+        if key not in model:
+            continue
+        _check(model.get(field_, builtin) == builtin, f"model.{key}", f"configures the {builtin} {field_} only")
+        args = model.get(f"{field_}_args") or {}
+        _check(isinstance(args, dict), f"model.{field_}_args", "expected a mapping")
+        model[f"{field_}_args"] = {"channels" if key == "channels" else "hidden": model.pop(key), **args}
+    return {**data, "model": model}
+
+
 def from_dict(data: dict) -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
-    return validate(_build(ExperimentConfig, data))
+    return validate(_build(ExperimentConfig, _upgrade(data)))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -62,6 +62,10 @@ class Dataset:
     def image_size(self) -> int:
         return int(self.x_train.shape[2])
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.x_train.shape[1:])
+
 
 # ---------------------------------------------------------------- loading
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from training import objectives, routing
 from training.config import Stage1Config, Stage2Config, Stage3Config
-from training.models import Expert, Gate, Stage1Model
+from training.models import Gate, Stage1Model
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
@@ -60,12 +60,12 @@ def fit_stage1(model: Stage1Model, x: torch.Tensor, y: torch.Tensor, cfg: Stage1
 def compute_latents(extractor: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """h = F(x) in eval mode (BatchNorm running stats), in chunks."""
     extractor.eval()
-    if len(x) == 0:
-        return torch.empty(0, extractor.fc.out_features, device=x.device)
+    if len(x) == 0:  # any module: its width read off one zero input
+        return extractor(torch.zeros(1, *x.shape[1:], device=x.device))[:0]
     return torch.cat([extractor(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def fit_expert(expert: Expert, h: torch.Tensor, y: torch.Tensor, cfg: Stage2Config, seed: int) -> tuple[dict, dict]:
+def fit_expert(expert: nn.Module, h: torch.Tensor, y: torch.Tensor, cfg: Stage2Config, seed: int) -> tuple[dict, dict]:
     """Stage 2: the client's expert on its own latents (F is frozen, so h is computed once)."""
     t0, gen = time.perf_counter(), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(expert.parameters(), lr=cfg.lr)
@@ -122,7 +122,7 @@ def fit_gate(
 
 
 def fit_centralized_moe(
-    experts: list[Expert],
+    experts: list[nn.Module],
     gate: Gate,
     h: torch.Tensor,
     y: torch.Tensor,
@@ -157,7 +157,7 @@ def fit_centralized_moe(
 
 
 @torch.no_grad()
-def moe_predict(experts: list[Expert], gate: Gate, h: torch.Tensor, top_k: int) -> torch.Tensor:
+def moe_predict(experts: list[nn.Module], gate: Gate, h: torch.Tensor, top_k: int) -> torch.Tensor:
     """Dense, single-process routed prediction (the centralized MoE's inference)."""
     all_logits = torch.stack([e(h) for e in experts], dim=1)
     choice, weights = routing.noisy_topk(gate(h), top_k)

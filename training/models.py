@@ -1,6 +1,10 @@
-"""The NMoE modules: feature extractor F, expert E_j, gate G_i (body + head), stage-1 helpers.
+"""The NMoE modules and how they are built: feature extractor F, expert E_j, gate G_i, stage-1 helpers.
 
-A gate variant's own module lives with the variant (``training/gates/``).
+F and E are plug-ins (``training/backbones.py`` holds the built-ins and their contract): the config
+names them (``model.extractor``, ``model.expert``) with keyword arguments, and ``build_extractor`` /
+``build_expert`` build them. ``check_models`` builds both once on the dataset's input shape and refuses,
+naming the field, a model that cannot be built or returns the wrong shape. A gate variant's own module
+lives with the variant (``training/gates/``).
 
 The gate's submodules are named ``body`` and ``head`` on purpose: FedGate synchronises
 parameters by these prefixes (``body.*`` averaged, ``head.*`` kept local).
@@ -8,42 +12,49 @@ parameters by these prefixes (``body.*`` averaged, ``head.*`` kept local).
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Sequence
+
 import torch
 from torch import nn
 
-from training.config import ModelConfig
+from training import backbones  # noqa: F401  (registers the built-in extractors and experts)
+from training.config import ConfigError, ModelConfig
+from training.registry import EXPERTS, EXTRACTORS, PluginError
+
+HELPERS = ("extractor.", "classifier.", "projector.")  # the parts of a Stage1Model's state
 
 
-class FeatureExtractor(nn.Module):
-    """Small CNN: conv-BN-ReLU-pool blocks, then a linear map to the d-dim latent h = F(x)."""
-
-    def __init__(self, in_channels: int, image_size: int, latent_dim: int, channels: list[int]):
-        super().__init__()
-        blocks: list[nn.Module] = []
-        c_in, size = in_channels, image_size
-        for c_out in channels:
-            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            if size >= 4:  # tiny inputs (8x8 digits) stop pooling early
-                blocks.append(nn.MaxPool2d(2))
-                size //= 2
-            c_in = c_out
-        self.conv = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(min(size, 4))
-        self.fc = nn.Linear(c_in * min(size, 4) ** 2, latent_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(self.pool(self.conv(x)).flatten(1)))
+def _factory(field: str, spec: str, registry):
+    try:
+        return registry.resolve(spec)
+    except PluginError as exc:
+        raise ConfigError(f"model.{field}: {str(exc).removeprefix('plugins: ')}") from None
 
 
-class Expert(nn.Module):
-    """E_j: latent -> class logits."""
+def _build(field: str, spec: str, registry, kwargs: dict) -> nn.Module:
+    factory = _factory(field, spec, registry)
+    try:
+        module = factory(**kwargs)
+    except (PluginError, ConfigError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user's module failing to build is reported by field
+        raise ConfigError(f"model.{field}: {spec} could not be built: {type(exc).__name__}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"model.{field}: {spec} returned {type(module).__name__}, not a torch nn.Module")
+    return module
 
-    def __init__(self, latent_dim: int, hidden: int, num_classes: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
+def build_extractor(cfg: ModelConfig, input_shape: Sequence[int]) -> nn.Module:
+    """F for inputs of ``input_shape``: ``[B, *input_shape] -> [B, latent_dim]``."""
+    kwargs = {"input_shape": tuple(int(v) for v in input_shape), "latent_dim": cfg.latent_dim}
+    return _build("extractor", cfg.extractor, EXTRACTORS, {**kwargs, **cfg.extractor_args})
+
+
+def build_expert(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """E: ``[B, latent_dim] -> [B, num_classes]`` logits."""
+    kwargs = {"latent_dim": cfg.latent_dim, "num_classes": int(num_classes)}
+    return _build("expert", cfg.expert, EXPERTS, {**kwargs, **cfg.expert_args})
 
 
 class Gate(nn.Module):
@@ -72,9 +83,9 @@ class ProjectionHead(nn.Module):
 class Stage1Model(nn.Module):
     """What stage 1 federates: F plus its helpers (linear classifier, projection head)."""
 
-    def __init__(self, cfg: ModelConfig, in_channels: int, image_size: int, num_classes: int):
+    def __init__(self, cfg: ModelConfig, input_shape: Sequence[int], num_classes: int):
         super().__init__()
-        self.extractor = FeatureExtractor(in_channels, image_size, cfg.latent_dim, cfg.channels)
+        self.extractor = build_extractor(cfg, input_shape)
         self.classifier = nn.Linear(cfg.latent_dim, num_classes)
         self.projector = ProjectionHead(cfg.latent_dim, cfg.proj_dim)
 
@@ -82,5 +93,69 @@ class Stage1Model(nn.Module):
         return self.classifier(self.extractor(x))
 
 
-def make_expert(cfg: ModelConfig, num_classes: int) -> Expert:
-    return Expert(cfg.latent_dim, cfg.expert_hidden, num_classes)
+def pretrained_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """``model.extractor_weights`` as a ``Stage1Model`` state (keys under ``extractor.``, and the helpers'
+    where the file has them): an NMoE run's ``checkpoints/stage1.pt``, a ``Stage1Model`` state dict, or the
+    extractor's own state dict. Nothing is downloaded."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"model.extractor_weights: {p}: no such file; NMoE downloads no weights: put the file there (the "
+            "extractor's state dict, saved with torch.save, or an NMoE run's checkpoints/stage1.pt)"
+        )
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported by field
+        raise ConfigError(f"model.extractor_weights: {p}: not a torch state dict ({type(exc).__name__})") from None
+    state = obj.get("state", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.extractor_weights: {p}: expected a state dict of tensors")
+    if state and all(k.startswith(HELPERS) for k in state):
+        return dict(state)
+    return {f"extractor.{k}": v for k, v in state.items()}
+
+
+def load_pretrained(model: Stage1Model, path: str | Path) -> list[str]:
+    """Load ``model.extractor_weights`` into ``model``: all of F, and any helper the file has; returns the parts
+    loaded (``["extractor", "classifier", ...]``)."""
+    state = pretrained_state(path)
+    own = model.state_dict()
+    missing = sorted(k for k in own if k.startswith("extractor.") and k not in state)
+    unknown = sorted(set(state) - set(own))
+    if missing or unknown:
+        what = f"lacks {missing[0]}" if missing else f"has {unknown[0]}, which the extractor has not"
+        raise ConfigError(f"model.extractor_weights: {path} does not fit model.extractor: it {what}")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ConfigError(
+                f"model.extractor_weights: {path}: {k} has shape {list(v.shape)}, the model's is {list(own[k].shape)}"
+            )
+    parts = sorted({k.split(".", 1)[0] for k in state})
+    model.load_state_dict({**own, **state})
+    return parts
+
+
+def check_models(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> None:
+    """Build F and E once and run them on a zero batch: a model that cannot be built, or that returns the wrong
+    shape, is a ``ConfigError`` naming the field. The caller's random state is left as it was."""
+    shape = tuple(int(v) for v in input_shape)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model = Stage1Model(cfg, shape, num_classes).eval()
+        for field, module, x, want in (
+            ("extractor", model.extractor, torch.zeros(2, *shape), (2, cfg.latent_dim)),
+            ("expert", build_expert(cfg, num_classes).eval(), torch.zeros(2, cfg.latent_dim), (2, num_classes)),
+        ):
+            try:
+                out = module(x)
+            except Exception as exc:  # noqa: BLE001 - reported by field, with the shape it was given
+                raise ConfigError(
+                    f"model.{field}: {getattr(cfg, field)} failed on a batch of shape {list(x.shape)}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+                got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ConfigError(
+                    f"model.{field}: {getattr(cfg, field)} maps {list(x.shape)} to {got}, expected {list(want)}"
+                )
+        if cfg.extractor_weights:
+            load_pretrained(model, cfg.extractor_weights)

@@ -1,6 +1,8 @@
-"""Registries of plug-ins by name: stage-3 gate variants and stage-1 objectives.
+"""Registries of plug-ins by name: stage-3 gate variants, stage-1 objectives, feature extractors, experts.
 
-A plug-in is a class registered under a name (``@GATES.register("mygate")``). Built-ins
+A plug-in is a class (or, for models, a factory) registered under a name (``@GATES.register("mygate")``).
+A model may also be named by where it lives, ``"package.module:Name"`` or ``"path/to/file.py:Name"``
+(``Registry.resolve``), with no registration at all. Built-ins
 register when ``training`` is imported; a user's own plug-ins are Python files or modules
 named in the config's ``plugins`` list, imported by ``load_plugins`` in every process that
 reads the config (driver, coordinator, clients, Serve replicas), so they need no project edit.
@@ -46,6 +48,18 @@ class Registry(Generic[T]):
             raise PluginError(f"unknown {self.kind} {name!r} (one of {', '.join(self._items)})")
         return self._items[name]
 
+    def resolve(self, spec: str) -> type[T]:
+        """A registered name, or ``"package.module:Name"`` / ``"path/to/file.py:Name"`` imported on demand."""
+        if ":" not in spec:
+            return self.get(spec)
+        where, _, attr = spec.rpartition(":")
+        if not where or not attr.isidentifier():
+            raise PluginError(f"{spec!r}: expected a registered {self.kind}, 'package.module:Name' or 'file.py:Name'")
+        module = load_plugins([where])[0]
+        if not hasattr(module, attr):
+            raise PluginError(f"{spec!r}: {where} has no {attr!r}")
+        return getattr(module, attr)
+
     def names(self) -> list[str]:
         return list(self._items)
 
@@ -64,12 +78,15 @@ def _origin(cls: type) -> tuple[str, str]:
 
 GATES: Registry = Registry("gate variant")
 OBJECTIVES: Registry = Registry("stage-1 objective")
+EXTRACTORS: Registry = Registry("feature extractor")
+EXPERTS: Registry = Registry("expert")
 
 _loaded: dict[str, object] = {}
 
 
-def load_plugins(specs: list[str]) -> None:
-    """Import each plug-in once: a ``.py`` file path, or a dotted module name on ``sys.path``."""
+def load_plugins(specs: list[str]) -> list[object]:
+    """Import each plug-in once: a ``.py`` file path, or a dotted module name on ``sys.path``; returns
+    the modules."""
     for spec in specs:
         if spec in _loaded:
             continue
@@ -90,3 +107,4 @@ def load_plugins(specs: list[str]) -> None:
         except Exception as exc:  # noqa: BLE001 - any import failure is the plug-in's, reported by name
             raise PluginError(f"plugins: cannot import {spec}: {type(exc).__name__}: {exc}") from None
         _loaded[spec] = module
+    return [_loaded[spec] for spec in specs]

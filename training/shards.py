@@ -40,6 +40,11 @@ class Labels:
     num_classes: int = NUM_CLASSES
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input's shape, what the extractor is built for."""
+        return self.channels, self.image_size, self.image_size
+
+    @property
     def input_bytes(self) -> int:
         """One raw input as float32, the size of what would travel if the input did."""
         return self.channels * self.image_size**2 * 4

@@ -18,7 +18,7 @@ from torch import nn
 
 from training import prototypes
 from training.gates.base import ClientView, GateVariant
-from training.models import Expert
+from training.models import build_expert
 from training.prototypes import own_prior_tilt, personal_tilt, prior_spread
 from training.registry import GATES
 from training.routing import ClassReadout
@@ -40,7 +40,7 @@ class ClassGateModule(nn.Module):
     # the knobs kept in the ``settings`` buffer (saved with the gate), in order; mixture: 1 or 0 (cap)
     SETTINGS = ("own_expert", "prior", "temperature", "prior_cap", "mixture", "personal")
 
-    def __init__(self, latent_dim: int, num_classes: int, num_experts: int, expert_hidden: int):
+    def __init__(self, latent_dim: int, num_classes: int, num_experts: int, expert: nn.Module):
         super().__init__()
         self.register_buffer("class_weight", torch.zeros(latent_dim, num_classes))
         self.register_buffer("class_bias", torch.zeros(num_classes))
@@ -49,7 +49,7 @@ class ClassGateModule(nn.Module):
         self.register_buffer("expert_log_prior", torch.zeros(num_experts, num_classes))
         self.register_buffer("own_bonus", torch.zeros(num_experts))
         self.register_buffer("settings", torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))  # see SETTINGS
-        self.expert = Expert(latent_dim, expert_hidden, num_classes)  # a frozen copy of the own expert
+        self.expert = expert  # a frozen copy of the own expert (``configure`` loads its weights)
 
     def configure(
         self,
@@ -137,7 +137,8 @@ class ClassGate(GateVariant):
     personal_knob = True
 
     def make_gate(self, cfg, num_classes: int) -> ClassGateModule:
-        return ClassGateModule(cfg.model.latent_dim, num_classes, cfg.num_clients, cfg.model.expert_hidden)
+        expert = build_expert(cfg.model, num_classes)
+        return ClassGateModule(cfg.model.latent_dim, num_classes, cfg.num_clients, expert)
 
     def check_config(self, cfg) -> list[tuple[str, str]]:
         s = cfg.stage3
