@@ -30,10 +30,10 @@ from actors.tracking import Tracker
 from training import checkpoint as ckpt
 from training import federated, frontier, gates, local, objectives, schema, seeds
 from training.config import PAPER_VARIANT, STAGES, from_dict
-from training.data import build_split, label_counts, load_dataset
+from training.data import build_split, label_counts
 from training.models import Gate, Stage1Model, build_expert, load_pretrained
 from training.schema import SPLITS
-from training.shards import load_labels
+from training.shards import load_labels, load_rows
 
 
 class Coordinator:
@@ -238,21 +238,23 @@ class Coordinator:
 
     def centralized_moe(self) -> dict:
         """Upper bound, NOT private: pooled train data, the same F, N experts + one gate trained jointly."""
-        cfg, ds, split = self.cfg, load_dataset(self.cfg.data), self.split  # pooled: the coordinator reads it all
+        cfg, lab, split = self.cfg, self.labels, self.split
+        pooled = np.concatenate(split.train)  # pooled: the coordinator reads every client's rows
+        x, y = load_rows(cfg.data, True, pooled)
+        x_test, y_test = load_rows(cfg.data, False, lab.test_rows)
         g = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"]
-        model = Stage1Model(cfg.model, ds.input_shape, ds.num_classes)
+        model = Stage1Model(cfg.model, lab.input_shape, lab.num_classes)
         model.load_state_dict(g)
-        pooled = np.concatenate(split.train)
         torch.manual_seed(seeds.centralized(cfg.seed))
-        experts = [build_expert(cfg.model, ds.num_classes) for _ in range(cfg.num_clients)]
+        experts = [build_expert(cfg.model, lab.num_classes) for _ in range(cfg.num_clients)]
         gate = Gate(cfg.model.latent_dim, cfg.model.gate_hidden, cfg.num_clients)
-        h = local.compute_latents(model.extractor, ds.x_train[pooled])
+        h = local.compute_latents(model.extractor, x)
         local.fit_centralized_moe(
-            experts, gate, h, ds.y_train[pooled], cfg.stage2, cfg.routing.top_k, cfg.routing.noise_std, seed=cfg.seed
+            experts, gate, h, y, cfg.stage2, cfg.routing.top_k, cfg.routing.noise_std, seed=cfg.seed
         )
         k = cfg.routing.top_k
-        h_test = local.compute_latents(model.extractor, ds.x_test)
-        right = (local.moe_predict(experts, gate, h_test, k).argmax(1) == ds.y_test).float()
+        h_test = local.compute_latents(model.extractor, x_test)
+        right = (local.moe_predict(experts, gate, h_test, k).argmax(1) == y_test).float()
         per = [
             {
                 "personalized_acc": float(right[t].mean()),

@@ -57,7 +57,7 @@ class Registry(Generic[T]):
             raise PluginError(f"{spec!r}: expected a registered {self.kind}, 'package.module:Name' or 'file.py:Name'")
         module = load_plugins([where])[0]
         if not hasattr(module, attr):
-            raise PluginError(f"{spec!r}: {where} has no {attr!r}")
+            raise PluginError(f"{where} has no {attr!r}")
         return getattr(module, attr)
 
     def names(self) -> list[str]:
