@@ -212,6 +212,11 @@ def machine_line(m: dict) -> str:
         gpu = "none used (CPU only" + (
             f"; a {m.get('gpu_model')} is present)" if m["gpu_available"] else "; none present)"
         )
+    if m["ray_cpus"] is None:  # an in-process suite: no Ray, no client actors
+        return (
+            f"Machine: {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, in one process "
+            f"(no Ray); GPU: {gpu}. Python {m['python']}."
+        )
     return (
         f"Machine: {m['cores']} cores ({m['ray_cpus']:g} Ray CPUs), torch {m['torch']} with "
         f"{m['torch_threads']} threads in the driver; each client actor uses max(1, floor(Ray CPUs / clients)) "

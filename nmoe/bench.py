@@ -9,14 +9,15 @@ from pathlib import Path
 
 from nmoe.common import UserError, config_args
 
-SUITES = ("accuracy", "overhead", "comm", "scaling", "serve", "classgate")
+SUITES = ("accuracy", "overhead", "comm", "scaling", "serve", "classgate", "models")
+IN_PROCESS = ("models",)  # suites that start no Ray
 # benchmarks/serve.py would shadow the serve package for scripts in benchmarks/
 MODULES = {"serve": "serving", "classgate": "classgate_sweep"}
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "bench", help="benchmarks: accuracy, overhead, comm, scaling, serve, classgate (tables under --out)"
+        "bench", help="benchmarks: accuracy, overhead, comm, scaling, serve, classgate, models (tables under --out)"
     )
     p.add_argument("suite", choices=SUITES, help="which benchmark to run")
     p.add_argument("--quick", action="store_true", help="tiny configs (configs/smoke.yaml-sized): minutes, not hours")
@@ -85,7 +86,8 @@ def run(args) -> int:
     if not args.no_tracking and base.tracking.enabled:
         ctx.tracking_uri = tracking.resolve_uri(args.tracking_uri or base.tracking.tracking_uri)
     try:
-        connect(args.address or base.cluster.address)
+        if args.suite not in IN_PROCESS:
+            connect(args.address or base.cluster.address)
     except ClusterError as exc:
         raise UserError(str(exc)) from None
     suite = importlib.import_module(f"benchmarks.{MODULES.get(args.suite, args.suite)}")

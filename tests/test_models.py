@@ -319,3 +319,21 @@ def test_the_cifar10_config_is_the_papers_setting():
     cfg = load_config(ROOT / "configs" / "cifar10.yaml")
     assert (cfg.data.name, cfg.model.extractor, cfg.num_clients) == ("cifar10", "resnet18", 10)
     assert (cfg.partition.method, cfg.partition.alpha) == ("dirichlet", 0.5)
+
+
+def test_nmoe_bench_models_measures_what_a_device_holds_and_sends(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    cmd = [sys.executable, "-m", "nmoe", "bench", "models", "--json", "--no-tracking", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["models"]
+    cnn, cfg = rows["cnn"], load_config()
+    f = build_extractor(cfg.model, (1, 28, 28))
+    assert cnn["f_params"] == sum(p.numel() for p in f.parameters())
+    assert cnn["f_macs"] > cnn["f_params"]  # a convolution reuses its weights over the image
+    d, n, e = cfg.model.latent_dim, cfg.num_clients, build_expert(cfg.model, 10)
+    assert cnn["expert_params"] == sum(p.numel() for p in e.parameters())
+    assert cnn["whole_moe_bytes"] - cnn["client_bytes"] == (n - 1) * 4 * cnn["expert_params"]
+    assert cnn["latent_bytes"] == d * 2 and cnn["routed_bytes_at_most"] == 2 * (d * 2 + 10 * 4)
+    assert rows["resnet18"]["f_params"] > 11_000_000 and {"mlp", "cnn, expert {'hidden': 2048}"} <= set(rows)
+    assert (tmp_path / "models.md").read_text().count("| `") == len(rows)
