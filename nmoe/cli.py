@@ -14,7 +14,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from nmoe import bench, serve_cmd, train
+from nmoe import bench, reference, serve_cmd, train
 from nmoe.common import UserError, config_args, load_config
 
 console = Console(stderr=True, soft_wrap=True)
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     gates.add_argument("--markdown", action="store_true", help="print the README's table of gate variants")
     gates.set_defaults(func=cmd_gates)
 
+    reference.add_parsers(sub)
     train.add_parser(sub)
     serve_cmd.add_parsers(sub)
     bench.add_parser(sub)

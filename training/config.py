@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"
+    name: str = "fashion_mnist"  # fashion_mnist, mnist, cifar10 or digits
     root: str = "data"  # explicit data dir; Debian's copy is unpacked here on first use
     download: bool = True  # let torchvision download when files are absent
     train_limit: Optional[int] = None  # use a seeded subset of the train set (tiny runs)
@@ -50,10 +50,10 @@ class DataConfig:
 
 @dataclass
 class PartitionConfig:
-    method: str = "dirichlet"
-    alpha: float = 0.5
-    classes_per_client: int = 2
-    min_samples: int = 10
+    method: str = "dirichlet"  # iid, dirichlet or shards
+    alpha: float = 0.5  # dirichlet: label-skew concentration (smaller: more skew)
+    classes_per_client: int = 2  # shards: classes each client holds
+    min_samples: int = 10  # every client gets at least this many training samples
     test_per_client: int = 500  # size of each client's test split and of its validation split (its label mix)
 
 
@@ -65,37 +65,37 @@ class ModelConfig:
     expert: str = "mlp"  # E: a registered name (mlp), "pkg.module:Name" or "file.py:Name"
     expert_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the expert
     latent_dim: int = 128  # d: the size of h = F(x), what travels
-    gate_hidden: int = 64
-    proj_dim: int = 64
+    gate_hidden: int = 64  # width of a trained gate's body (d -> hidden -> N)
+    proj_dim: int = 64  # fedsc: output size of the projection head (stage 1 only)
 
 
 @dataclass
 class Stage1Config:
-    method: str = "fedce"
-    rounds: int = 5
-    local_epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.05
+    method: str = "fedce"  # stage-1 objective: fedce, fedsc or a plug-in (nmoe gates lists them)
+    rounds: int = 5  # federated rounds of F (0: F is not trained, see model.extractor_weights)
+    local_epochs: int = 1  # epochs each client trains per round
+    batch_size: int = 64  # minibatch size
+    lr: float = 0.05  # SGD learning rate (momentum 0.9)
     sc_lambda: float = 0.5  # weight of NT-Xent in fedsc
-    temperature: float = 0.5
+    temperature: float = 0.5  # fedsc: NT-Xent temperature
     logit_adjust: float = 0.0  # tau: the CE term sees logits + tau * log(own label prior) (label-skew fix)
     clients_per_round: Optional[Union[int, float]] = None  # a count (int) or a fraction (float); null: every client
 
 
 @dataclass
 class Stage2Config:
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.01
+    epochs: int = 10  # epochs each client trains its expert, on its own data
+    batch_size: int = 64  # minibatch size
+    lr: float = 0.01  # Adam learning rate
 
 
 @dataclass
 class Stage3Config:
-    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
-    rounds: int = 10
-    local_epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.01
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))  # gate variants, same stages 1-2
+    rounds: int = 10  # gate rounds of the trained variants
+    local_epochs: int = 1  # epochs each client trains per round
+    batch_size: int = 64  # minibatch size
+    lr: float = 0.01  # Adam learning rate
     clients_per_round: Optional[Union[int, float]] = None  # the trained gates' rounds, as stage1.clients_per_round
     proto_ratio: float = 1.0  # protogate: synthetic latents from peers' class prototypes per own sample
     classgate_own_expert: float = 0.0  # classgate: weight of the own expert's answer in p(class | h)
@@ -109,17 +109,17 @@ class Stage3Config:
 
 @dataclass
 class RoutingConfig:
-    top_k: int = 2
+    top_k: int = 2  # experts each input is routed to
     noise_std: float = 1.0  # noisy top-k exploration while training gates
     fp16_latents: bool = True  # latents travel as float16
-    eval_batch: int = 4096
+    eval_batch: int = 4096  # rows routed at a time in evaluation
 
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "nmoe"
+    enabled: bool = True  # log the run to MLflow
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLflow tracking store (a file database, or a server URI)
+    experiment: str = "nmoe"  # MLflow experiment name
 
 
 @dataclass
@@ -133,15 +133,15 @@ class ClusterConfig:
     concurrent_clients: Optional[int] = None  # at most this many clients train at once (null: all of them)
     round_timeout_s: float = 300.0  # a client silent this long misses the step (every wait is bounded by it)
     peer_timeout_s: Optional[float] = None  # a peer's expert silent this long is routed around (None: half the above)
-    max_restarts: int = 2
+    max_restarts: int = 2  # times Ray restarts a client actor that died
     checkpoint_every: int = 1  # stage-1 rounds between checkpoints
 
 
 @dataclass
 class ExperimentConfig:
-    name: str = "default"
-    seed: int = 0
-    num_clients: int = 10
+    name: str = "default"  # the run's name (runs/<name>, MLflow run names)
+    seed: int = 0  # every random draw of the run derives from it (training/seeds.py)
+    num_clients: int = 10  # N: clients in the network, one expert each
     plugins: list[str] = field(default_factory=list)  # .py files or modules that register gates/objectives
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
