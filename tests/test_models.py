@@ -240,6 +240,11 @@ def test_your_own_model_from_a_file_trains_counts_its_bytes_and_serves(ray_sessi
     assert 0 < res["bytes"]["per_routed_sample"] <= cfg.routing.top_k * (d * 2 + 10 * 4)
     body = _serve_one_request(run, np.random.default_rng(0).random((2, 1, 28, 28)), tmp_path)
     assert len(body["predictions"]) == 2 and body["bytes_out"] <= 2 * 2 * d * 2
+    (tmp_path / "own_models.py").rename(tmp_path / "moved.py")  # the plug-in is gone when serving again
+    gone = Nmoe(["serve", "--run", str(run), "--port", str(free_port())], tmp_path)
+    text = gone.finish(seconds=180)
+    assert gone.proc.returncode == 2 and "model.extractor: " in text and "own_models.py: no such file" in text, text
+    assert "Traceback" not in text
 
 
 @pytest.mark.slow
@@ -337,3 +342,18 @@ def test_nmoe_bench_models_measures_what_a_device_holds_and_sends(tmp_path):
     assert cnn["latent_bytes"] == d * 2 and cnn["routed_bytes_at_most"] == 2 * (d * 2 + 10 * 4)
     assert rows["resnet18"]["f_params"] > 11_000_000 and {"mlp", "cnn, expert {'hidden': 2048}"} <= set(rows)
     assert (tmp_path / "models.md").read_text().count("| `") == len(rows)
+
+
+def test_the_readme_configuration_reference_is_generated_and_describes_every_field(capsys):
+    from nmoe.cli import main
+    from nmoe.reference import config_rows
+
+    assert main(["config"]) == 0
+    generated = capsys.readouterr().out
+    readme = (ROOT / "README.md").read_text()
+    assert readme.split("<!-- nmoe config -->\n")[1].split("<!-- /nmoe config -->")[0] == generated
+    rows = config_rows()
+    assert [k for k, _, _, meaning in rows if not meaning] == []
+    assert {"model.extractor", "model.extractor_args", "model.extractor_weights", "model.expert"} <= {
+        r[0] for r in rows
+    }
