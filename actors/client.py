@@ -73,6 +73,7 @@ class Client:
         self.num_classes = NUM_CLASSES
         torch.manual_seed(self.cfg.seed)  # same initial F everywhere; stage 1 overwrites it anyway
         self.model = Stage1Model(self.cfg.model, self.x.shape[1:], self.num_classes).to(self.device)
+        self.local_keys = federated.batchnorm_keys(self.model) if self.cfg.stage1.fedbn else set()  # never averaged
         torch.manual_seed(seeds.expert_init(self.cfg.seed, client_id))
         self.expert = build_expert(self.cfg.model, self.num_classes).eval().to(self.device)
         # one instance per variant: a variant may keep this client's state (ProtoGate's synthetic latents)
@@ -142,12 +143,13 @@ class Client:
 
     def load_state(self, state: dict) -> None:
         """Restore weights (after a restart, or on resume); ``state`` may hold any subset:
-        ``stage1`` (all of F and its helpers), ``global`` (what stage 1 federates), ``expert``,
-        ``gates`` and ``stage``."""
+        ``stage1`` (all of F and its helpers), ``global`` (what stage 1 federates), ``local`` (this client's own
+        part of F under FedBN), ``expert``, ``gates`` and ``stage``."""
         if "stage1" in state:
             self.model.load_state_dict(state["stage1"])
-        if "global" in state:
-            self.model.load_state_dict(federated.partial_sync(self.model.state_dict(), state["global"]))
+        for part in ("global", "local"):
+            if part in state:
+                self.model.load_state_dict(federated.partial_sync(self.model.state_dict(), state[part]))
         if "expert" in state:
             self.expert.load_state_dict(state["expert"])
         for v, g in state.get("gates", {}).items():
@@ -170,6 +172,10 @@ class Client:
         self._h.clear()
         _give_back_memory()
         return devices.cpu({k: state[k] for k in global_state}), metrics
+
+    def local_state(self) -> dict:
+        """The part of F this client keeps to itself (FedBN's BatchNorm layers; empty otherwise), for checkpoints."""
+        return devices.cpu({k: v for k, v in self.model.state_dict().items() if k in self.local_keys})
 
     def set_global(self, global_state: dict) -> None:
         """Take the aggregated stage-1 weights (end of stage 1, or a restore)."""

@@ -130,10 +130,22 @@ class Coordinator:
         snap = f.snapshot
         if ckpt.stage_file(self.out, "stage1").exists() and snap["global"] is None:
             prefixes = objectives.prefixes(self.cfg.stage1.method)
-            full = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"]
-            snap.update(stage="stage1", **{"global": {k: v for k, v in full.items() if k.startswith(prefixes)}})
+            saved = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))
+            local = saved.get("local", {})  # FedBN: each client's own BatchNorm layers
+            keys = set().union(*(part.keys() for part in local.values()))
+            glob = {k: v for k, v in saved["state"].items() if k.startswith(prefixes) and k not in keys}
+            snap.update(stage="stage1", local=local, **{"global": glob})
         if snap["global"] is not None and behind:
             f.call("set_global", ray.put(snap["global"]), ids=behind, stage=stage, essential=True)
+        if snap["local"] and behind:
+            mine = snap["local"]
+            f.call(
+                "load_state",
+                ids=behind,
+                stage=stage,
+                essential=True,
+                per_client=lambda i: ({"local": mine.get(i, {})},),
+            )
         if "stage2" in self.state["completed"]:
             if not snap["experts"]:
                 snap.update(stage="stage2", experts=ckpt.load_torch(ckpt.stage_file(self.out, "stage2"))["experts"])
@@ -165,16 +177,26 @@ class Coordinator:
         model = Stage1Model(cfg.model, lab.input_shape, lab.num_classes)
         start = self.state["stage1_round"] + 1
         if start > 0:
-            model.load_state_dict(ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"])
+            saved = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))
+            model.load_state_dict(saved["state"])
+            parts = saved.get("local", {})  # FedBN: resumed clients take their own BatchNorm layers back
+            self.fleet.snapshot.update(local=parts)
+            if parts:
+                self.fleet.call("load_state", stage="stage1", per_client=lambda i: ({"local": parts.get(i, {})},))
         elif cfg.model.extractor_weights:  # a pretrained F: stage 1 fine-tunes it, or (rounds: 0) freezes it
             self.state["pretrained"] = load_pretrained(model, cfg.model.extractor_weights)
         prefixes = objectives.prefixes(s1.method)
-        size = federated.state_bytes(model.state_dict(), prefixes)
+        local = federated.batchnorm_keys(model) if s1.fedbn else set()  # FedBN: never averaged, never sent
+
+        def shared() -> dict:
+            return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes) and k not in local}
+
+        size = federated.state_bytes(shared())
         t0 = time.perf_counter()
         for r in range(start, s1.rounds):
             self._say("stage1", f"{s1.method} round {r + 1}/{s1.rounds}", r + 1, s1.rounds)
             rt = time.perf_counter()
-            glob = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+            glob = shared()
             self.fleet.snapshot.update(stage="stage1", **{"global": glob})  # what a restarted client restores
             ref = ray.put(glob)
             live = self.fleet.active
@@ -201,15 +223,25 @@ class Coordinator:
             self.tracker.log({f"stage1/{k}": v for k, v in logged.items()}, step=r)
             self.state["stage1_round"] = r
             if (r + 1) % cfg.cluster.checkpoint_every == 0 or r + 1 == s1.rounds:
-                ckpt.save_torch(ckpt.stage_file(self.out, "stage1"), {"round": r, "state": model.state_dict()})
+                self._save_stage1(r, model, bool(local))
                 self.state["timings"]["stage1"] = self.state["timings"].get("stage1", 0.0) + time.perf_counter() - t0
                 t0 = time.perf_counter()
                 self._save_state()
         if s1.rounds == 0:  # F as built or loaded, frozen: checkpointed like a trained one
-            ckpt.save_torch(ckpt.stage_file(self.out, "stage1"), {"round": -1, "state": model.state_dict()})
-        glob = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+            self._save_stage1(-1, model, False)
+        glob = shared()
         self.fleet.snapshot.update(stage="stage1", **{"global": glob})
         self.fleet.call("set_global", ray.put(glob), stage="stage1", round_=s1.rounds - 1, essential=True)
+
+    def _save_stage1(self, round_: int, model: torch.nn.Module, fedbn: bool) -> None:
+        """The stage-1 checkpoint: the shared state and, under FedBN, each client's own BatchNorm layers (a client
+        that does not answer keeps the part last saved)."""
+        saved = {"round": round_, "state": model.state_dict()}
+        if fedbn:
+            fresh = self.fleet.call("local_state", stage="stage1", round_=round_, required=False)
+            self.fleet.snapshot.update(local={**self.fleet.snapshot["local"], **fresh})
+            saved["local"] = self.fleet.snapshot["local"]
+        ckpt.save_torch(ckpt.stage_file(self.out, "stage1"), saved)
 
     def stage2(self) -> None:
         self._restore("stage1", "stage2")
@@ -242,9 +274,8 @@ class Coordinator:
         pooled = np.concatenate(split.train)  # pooled: the coordinator reads every client's rows
         x, y = load_rows(cfg.data, True, pooled)
         x_test, y_test = load_rows(cfg.data, False, lab.test_rows)
-        g = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"]
         model = Stage1Model(cfg.model, lab.input_shape, lab.num_classes)
-        model.load_state_dict(g)
+        model.load_state_dict(ckpt.pooled_stage1(ckpt.load_torch(ckpt.stage_file(self.out, "stage1")), split.train))
         torch.manual_seed(seeds.centralized(cfg.seed))
         experts = [build_expert(cfg.model, lab.num_classes) for _ in range(cfg.num_clients)]
         gate = Gate(cfg.model.latent_dim, cfg.model.gate_hidden, cfg.num_clients)

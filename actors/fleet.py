@@ -45,7 +45,7 @@ class Fleet:
         self._starting: dict[int, ray.ObjectRef] = {}  # a client's first call, until it has answered
         self._late: dict[int, ray.ObjectRef] = {}  # a timed-out call still running on the client
         # what a restarted client restores: the shared stage-1 weights and each client's own pieces
-        self.snapshot: dict[str, Any] = {"stage": "init", "global": None, "experts": {}, "gates": {}}
+        self.snapshot: dict[str, Any] = {"stage": "init", "global": None, "local": {}, "experts": {}, "gates": {}}
 
     @property
     def active(self) -> list[int]:
@@ -202,6 +202,8 @@ class Fleet:
         state: dict[str, Any] = {"stage": stage, "gates": {v: g[i] for v, g in gates.items() if i in g}}
         if glob is not None:
             state["global"] = glob
+        if i in snap["local"]:  # FedBN: the client's own BatchNorm layers, as last checkpointed
+            state["local"] = snap["local"][i]
         if i in experts:
             state["expert"] = experts[i]
         return {"state": state, "peers": self.clients, "available": self.mask()}

@@ -152,7 +152,7 @@ def deploy(
     targets = {}
     for i in clients:
         weights = {
-            "stage1": trained["stage1"],
+            "stage1": ckpt.client_stage1(trained, i),
             "expert": trained["experts"][i],
             "gate": trained["gates"].get(variant, {}).get(i),
         }  # None for a variant without a gate

@@ -357,3 +357,52 @@ def test_the_readme_configuration_reference_is_generated_and_describes_every_fie
     assert {"model.extractor", "model.extractor_args", "model.extractor_weights", "model.expert"} <= {
         r[0] for r in rows
     }
+
+
+@pytest.mark.slow
+def test_fedbn_keeps_each_clients_batchnorm_resumes_with_it_and_serving_uses_it(ray_session, data_root, tmp_path):
+    from serve import launch
+    from training import checkpoint as ckpt
+    from training import gates, routing
+    from training.data import normalize
+
+    args = smoke_train_args(data_root, "stage1.fedbn=true", "stage3.variants=[classgate]")
+    _train(tmp_path, [*args, "--out", "run"])
+    _train(tmp_path, [*args, "--out", "halted", "--stop-after", "stage1"])
+    _train(tmp_path, ["train", "--resume", "halted"])  # new client actors: each must take its own layers back
+    experts = [
+        torch.load(tmp_path / r / "checkpoints" / "stage2.pt", weights_only=True)["experts"] for r in ("run", "halted")
+    ]
+    assert all(torch.equal(experts[0][i][k], experts[1][i][k]) for i in experts[0] for k in experts[0][i])
+    run, cfg = tmp_path / "run", load_config(tmp_path / "run" / "config.yaml")
+    saved = torch.load(run / "checkpoints" / "stage1.pt", weights_only=True)
+    torch.manual_seed(cfg.seed)
+    initial = Stage1Model(cfg.model, (1, 28, 28), 10).state_dict()
+    bn = federated.batchnorm_keys(Stage1Model(cfg.model, (1, 28, 28), 10))
+    assert bn and sorted(saved["local"]) == [0, 1, 2] and all(set(p) == bn for p in saved["local"].values())
+    key = "extractor.conv.1.running_mean"
+    assert not torch.equal(saved["local"][0][key], saved["local"][1][key])  # each client's own statistics
+    assert all(torch.equal(saved["state"][k], initial[k]) for k in bn)  # the shared copy never took them in
+    shared = {k: v for k, v in initial.items() if k.startswith(("extractor.", "classifier.")) and k not in bn}
+    res = json.loads((run / "results.json").read_text())
+    assert res["bytes"]["stage1"] == cfg.stage1.rounds * 3 * 2 * federated.state_bytes(shared)
+    assert {"nmoe/classgate", "local_only", "fedavg_global", "centralized_moe"} == set(res["methods"])
+    trained = ckpt.load_trained(run)
+    modules, spec = ckpt.build_modules(trained, "classgate"), gates.get("classgate")
+    pixels = np.random.default_rng(0).random((8, 1, 28, 28)).astype(np.float32)
+    served = launch.deploy(run, "classgate", "127.0.0.1", free_port(), max_batch=64)
+    try:
+        r = httpx.post(f"{served.url}/v1/clients/1/predict", json={"inputs": pixels.tolist()}, timeout=60)
+    finally:
+        launch.shutdown()
+    assert r.status_code == 200, r.text
+    probs = {}
+    for name, f in (("own", modules["extractors"][1]), ("shared", modules["extractor"])):
+        with torch.no_grad():
+            h = f(normalize(torch.from_numpy(pixels), cfg.data.name))
+            gate = modules["gates"][1]
+            idx, w = spec.choose(gate, h, cfg.routing.top_k, None, cfg.num_clients, 0)
+            logits = routing.route_in_process(h, idx, w, modules["experts"], 1, True, spec.readout(gate))
+        probs[name] = torch.softmax(logits, 1)
+    got = torch.tensor(r.json()["probabilities"])
+    assert torch.allclose(got, probs["own"], atol=1e-4) and not torch.allclose(got, probs["shared"], atol=1e-4)

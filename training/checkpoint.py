@@ -2,7 +2,8 @@
 
     <run>/config.yaml          the experiment config
     <run>/state.json           what is finished (written last, atomically: resume trusts it)
-    <run>/checkpoints/stage1.pt  {"round": r, "state": Stage1Model state}
+    <run>/checkpoints/stage1.pt  {"round": r, "state": Stage1Model state, "local": {client: its own part of F}}
+                                 ("local" under FedBN only: each client's BatchNorm layers)
     <run>/checkpoints/stage2.pt  {"experts": {client: Expert state}}
     <run>/checkpoints/stage3/<variant>.pt  {"round": r, "done": bool, "gates": {client: gate state}}
     <run>/checkpoints/stage3.pt  {"gates": {variant: {client: gate state}}}  (when stage 3 is done)
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from training import gates
+from training import federated, gates
 from training.config import ConfigError, ExperimentConfig, from_dict
 from training.models import Stage1Model, build_expert
 from training.schema import RunState
@@ -84,13 +85,30 @@ def load_trained(run: Path) -> dict:
         raise RunFolderError(
             f"{run}: run has not finished {', '.join(missing)}; resume it with nmoe train --resume {run}"
         )
+    stage1 = load_torch(stage_file(run, "stage1"))
     return {
         "config": cfg,
-        "stage1": load_torch(stage_file(run, "stage1"))["state"],
+        "stage1": stage1["state"],
+        "stage1_local": stage1.get("local", {}),
         "experts": load_torch(stage_file(run, "stage2"))["experts"],
         "gates": load_torch(stage_file(run, "stage3"))["gates"],
         "meta": state.get("meta", {}),
     }
+
+
+def client_stage1(trained: dict, i: int) -> dict:
+    """Client i's stage-1 state: the shared one, with its own BatchNorm layers under FedBN."""
+    return {**trained["stage1"], **trained.get("stage1_local", {}).get(i, {})}
+
+
+def pooled_stage1(saved: dict, train_rows: list) -> dict:
+    """One F for the pooled (centralized) baseline: the shared state, with the clients' own parts (FedBN)
+    averaged by their number of training samples."""
+    local = saved.get("local", {})
+    if not local:
+        return saved["state"]
+    ids = sorted(local)
+    return {**saved["state"], **federated.fedavg([local[i] for i in ids], [len(train_rows[i]) for i in ids])}
 
 
 def input_shape(meta: dict) -> tuple[int, ...]:
@@ -125,13 +143,18 @@ def load_gate(cfg, meta: dict, variant: str, state: dict | None) -> torch.nn.Mod
 
 
 def build_modules(trained: dict, variant: str | None = None) -> dict:
-    """Eval-mode modules from ``load_trained``: the extractor, ``experts[i]`` and ``gates[i]`` of ``variant``.
+    """Eval-mode modules from ``load_trained``: the extractor (``extractors[i]``: client i's, which differ under
+    FedBN only), ``experts[i]`` and ``gates[i]`` of ``variant``.
 
     Keyed by client id (a client that left the run has none), for in-process reference routing.
     """
-    cfg, meta = trained["config"], trained["meta"]
+    cfg, meta, own = trained["config"], trained["meta"], trained.get("stage1_local", {})
+    shared = load_extractor(cfg, meta, trained["stage1"])
     return {
-        "extractor": load_extractor(cfg, meta, trained["stage1"]),
+        "extractor": shared,
+        "extractors": {
+            i: load_extractor(cfg, meta, client_stage1(trained, i)) if i in own else shared for i in trained["experts"]
+        },
         "experts": {i: load_expert(cfg, meta, s) for i, s in trained["experts"].items()},
         "gates": {i: load_gate(cfg, meta, variant, s) for i, s in trained["gates"].get(variant, {}).items()}
         if variant

@@ -80,6 +80,7 @@ class Stage1Config:
     temperature: float = 0.5  # fedsc: NT-Xent temperature
     logit_adjust: float = 0.0  # tau: the CE term sees logits + tau * log(own label prior) (label-skew fix)
     clients_per_round: Optional[Union[int, float]] = None  # a count (int) or a fraction (float); null: every client
+    fedbn: bool = False  # FedBN: each client keeps F's BatchNorm layers (weights, running statistics), never averaged
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Aggregation: who takes part in a round, weighted FedAvg of state dicts, partial sync by submodule
-prefix, bytes.
+prefix, what FedBN keeps local, bytes.
 
 FedGate averages the gate body here: ``fedavg(gates, weights, include=("body.",))``
 averages only ``body.*`` and ``partial_sync`` writes that into each client's gate while
@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 State = dict[str, torch.Tensor]
 
@@ -68,6 +69,20 @@ def partial_sync(local: State, shared: State) -> State:
             raise KeyError(f"shared key {k!r} not in the local state")
         merged[k] = v.clone()
     return merged
+
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def batchnorm_keys(module: nn.Module) -> set[str]:
+    """The state-dict keys of ``module``'s BatchNorm layers (weights, biases, running statistics): what FedBN
+    (``stage1.fedbn``) keeps on each client."""
+    return {
+        f"{name}.{key}" if name else key
+        for name, m in module.named_modules()
+        if isinstance(m, BATCHNORMS)
+        for key in m.state_dict()
+    }
 
 
 def state_bytes(state: State, include: Sequence[str] | None = None) -> int:
