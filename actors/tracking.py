@@ -50,6 +50,8 @@ def run_tags(cfg) -> dict[str, str]:
         "variants": ",".join(cfg.stage3.variants),
         "dataset": cfg.data.name,
         "num_clients": str(cfg.num_clients),
+        "model.extractor": cfg.model.extractor,
+        "model.expert": cfg.model.expert,
         "mlflow.source.name": "nmoe train",
         "mlflow.source.type": "LOCAL",
     }

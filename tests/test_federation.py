@@ -93,6 +93,7 @@ def test_mlflow_run_has_filter_tags_commit_dataset_inputs_and_the_methods_table(
     tags, cfg = run.data.tags, load_config(SMOKE)
     assert tags["stage1.method"] == "fedce" and tags["partition"] == "dirichlet" and tags["partition.alpha"] == "0.5"
     assert tags["seed"] == "0" and tags["variants"] == ",".join(cfg.stage3.variants)
+    assert tags["model.extractor"] == "cnn" and tags["model.expert"] == "mlp"
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert tags["mlflow.source.git.commit"] == head.stdout.strip() and len(head.stdout.strip()) == 40
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
