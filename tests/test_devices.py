@@ -14,7 +14,7 @@ from training import checkpoint as ckpt
 from training import devices, federated, gates, local, objectives, seeds
 from training.config import ConfigError, load_config
 from training.data import build_split
-from training.models import Stage1Model, make_expert
+from training.models import Stage1Model, build_expert
 from training.shards import load_labels, load_rows
 
 
@@ -143,7 +143,7 @@ def test_clients_per_round_trains_exactly_the_sampled_clients(ray_session, data_
     assert sorted(trained) == list(range(n))
     for i in range(n):
         torch.manual_seed(seeds.expert_init(cfg.seed, i))
-        make_expert(cfg.model, 10)
+        build_expert(cfg.model, 10)
         gates.get("fedgate").make_gate(cfg, 10)  # built first: variants in config order
         initial = gates.get("localgate").make_gate(cfg, 10).state_dict()
         same = all(torch.equal(trained[i][k], initial[k]) for k in initial)

@@ -349,7 +349,8 @@ def _check_per_round(v: int | float | None, path: str, n: int) -> None:
         _check(0 < v <= 1, path, f"a fraction must be in (0, 1], got {v} (a count is an integer)")
 
 
-LEGACY_MODEL_KEYS = {"channels": ("extractor", "cnn"), "expert_hidden": ("expert", "mlp")}  # before plug-ins
+# before models were plug-ins: old key -> (the model field it configured, that built-in, its argument)
+LEGACY_MODEL_KEYS = {"channels": ("extractor", "cnn", "channels"), "expert_hidden": ("expert", "mlp", "hidden")}
 
 
 def _upgrade(data: dict) -> dict:
@@ -359,13 +360,13 @@ def _upgrade(data: dict) -> dict:
     if not isinstance(model, dict) or not set(model) & set(LEGACY_MODEL_KEYS):
         return data
     model = dict(model)
-    for key, (field_, builtin) in LEGACY_MODEL_KEYS.items():
+    for key, (field_, builtin, arg) in LEGACY_MODEL_KEYS.items():
         if key not in model:
             continue
         _check(model.get(field_, builtin) == builtin, f"model.{key}", f"configures the {builtin} {field_} only")
         args = model.get(f"{field_}_args") or {}
         _check(isinstance(args, dict), f"model.{field_}_args", "expected a mapping")
-        model[f"{field_}_args"] = {"channels" if key == "channels" else "hidden": model.pop(key), **args}
+        model[f"{field_}_args"] = {arg: model.pop(key), **args}
     return {**data, "model": model}
 
 

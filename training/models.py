@@ -36,8 +36,10 @@ def _build(field: str, spec: str, registry, kwargs: dict) -> nn.Module:
     factory = _factory(field, spec, registry)
     try:
         module = factory(**kwargs)
-    except (PluginError, ConfigError):
+    except ConfigError:
         raise
+    except PluginError as exc:  # a missing optional package (timm), say
+        raise ConfigError(f"model.{field}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a user's module failing to build is reported by field
         raise ConfigError(f"model.{field}: {spec} could not be built: {type(exc).__name__}: {exc}") from None
     if not isinstance(module, nn.Module):
