@@ -137,26 +137,17 @@ class Coordinator:
             snap.update(stage="stage1", local=local, **{"global": glob})
         if snap["global"] is not None and behind:
             f.call("set_global", ray.put(snap["global"]), ids=behind, stage=stage, essential=True)
-        if snap["local"] and behind:
-            mine = snap["local"]
-            f.call(
-                "load_state",
-                ids=behind,
-                stage=stage,
-                essential=True,
-                per_client=lambda i: ({"local": mine.get(i, {})},),
-            )
-        if "stage2" in self.state["completed"]:
-            if not snap["experts"]:
-                snap.update(stage="stage2", experts=ckpt.load_torch(ckpt.stage_file(self.out, "stage2"))["experts"])
-            pieces = snap["experts"]
-            f.call(
-                "load_state",
-                ids=behind,
-                stage=stage,
-                essential=True,
-                per_client=lambda i: ({"expert": pieces[i], "stage": "stage2"} if i in pieces else {},),
-            )
+        if "stage2" in self.state["completed"] and not snap["experts"]:
+            snap.update(stage="stage2", experts=ckpt.load_torch(ckpt.stage_file(self.out, "stage2"))["experts"])
+        own, experts = snap["local"], snap["experts"] if "stage2" in self.state["completed"] else {}
+
+        def pieces(i: int) -> tuple[dict]:
+            """Client i's own pieces: its BatchNorm layers (FedBN) and its expert."""
+            mine = {"local": own[i]} if i in own else {}
+            return ({**mine, "expert": experts[i], "stage": "stage2"} if i in experts else mine,)
+
+        if own or "stage2" in self.state["completed"]:
+            f.call("load_state", ids=behind, stage=stage, essential=True, per_client=pieces)
         if "stage3" in self.state["completed"]:
             gates = ckpt.load_torch(ckpt.stage_file(self.out, "stage3"))["gates"]
             snap.update(stage="stage3", gates=gates)
@@ -192,6 +183,9 @@ class Coordinator:
             return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes) and k not in local}
 
         size = federated.state_bytes(shared())
+        if local and start == 0 and self.state.get("pretrained"):  # each client's own layers start pretrained
+            whole = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+            self.fleet.call("set_global", ray.put(whole), stage="stage1", essential=True)
         t0 = time.perf_counter()
         for r in range(start, s1.rounds):
             self._say("stage1", f"{s1.method} round {r + 1}/{s1.rounds}", r + 1, s1.rounds)
@@ -228,20 +222,24 @@ class Coordinator:
                 t0 = time.perf_counter()
                 self._save_state()
         if s1.rounds == 0:  # F as built or loaded, frozen: checkpointed like a trained one
-            self._save_stage1(-1, model, False)
+            self._save_stage1(-1, model, bool(local))
         glob = shared()
         self.fleet.snapshot.update(stage="stage1", **{"global": glob})
         self.fleet.call("set_global", ray.put(glob), stage="stage1", round_=s1.rounds - 1, essential=True)
 
     def _save_stage1(self, round_: int, model: torch.nn.Module, fedbn: bool) -> None:
-        """The stage-1 checkpoint: the shared state and, under FedBN, each client's own BatchNorm layers (a client
-        that does not answer keeps the part last saved)."""
-        saved = {"round": round_, "state": model.state_dict()}
+        """The stage-1 checkpoint. Under FedBN it also holds each client's own BatchNorm layers (a client that does
+        not answer keeps the part last saved), and the shared state holds their average by sample count: the one F
+        of whatever needs one (the centralized baseline, a later run's ``model.extractor_weights``)."""
+        saved = {"round": round_}
         if fedbn:
             fresh = self.fleet.call("local_state", stage="stage1", round_=round_, required=False)
-            self.fleet.snapshot.update(local={**self.fleet.snapshot["local"], **fresh})
-            saved["local"] = self.fleet.snapshot["local"]
-        ckpt.save_torch(ckpt.stage_file(self.out, "stage1"), saved)
+            parts = self.fleet.snapshot["local"] = {**self.fleet.snapshot["local"], **fresh}
+            ids = sorted(parts)
+            pooled = federated.fedavg([parts[i] for i in ids], [len(self.split.train[i]) for i in ids])
+            model.load_state_dict(federated.partial_sync(model.state_dict(), pooled))  # never sent: local keys
+            saved["local"] = parts
+        ckpt.save_torch(ckpt.stage_file(self.out, "stage1"), {**saved, "state": model.state_dict()})
 
     def stage2(self) -> None:
         self._restore("stage1", "stage2")
@@ -275,7 +273,7 @@ class Coordinator:
         x, y = load_rows(cfg.data, True, pooled)
         x_test, y_test = load_rows(cfg.data, False, lab.test_rows)
         model = Stage1Model(cfg.model, lab.input_shape, lab.num_classes)
-        model.load_state_dict(ckpt.pooled_stage1(ckpt.load_torch(ckpt.stage_file(self.out, "stage1")), split.train))
+        model.load_state_dict(ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"])
         torch.manual_seed(seeds.centralized(cfg.seed))
         experts = [build_expert(cfg.model, lab.num_classes) for _ in range(cfg.num_clients)]
         gate = Gate(cfg.model.latent_dim, cfg.model.gate_hidden, cfg.num_clients)

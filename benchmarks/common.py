@@ -54,13 +54,11 @@ class Context:
     def cfg(self, *axis: str, quick_tweaks: tuple[str, ...] = ()):
         """The experiment config: base file, the suite's quick tweaks, the user's --set, then the
         suite's own axis (what the benchmark varies wins over --set)."""
-        from training.config import load_config
+        from training.config import absolute_paths, load_config
 
         base = self.config or (QUICK_CONFIG if self.quick else DEFAULT_CONFIG)
         tweaks = list(quick_tweaks) if self.quick else []
-        cfg = load_config(base, [*tweaks, *self.overrides, *axis])
-        cfg.data.root = str(Path(cfg.data.root).resolve())  # actors run in another directory
-        return cfg
+        return absolute_paths(load_config(base, [*tweaks, *self.overrides, *axis]))  # actors run elsewhere
 
 
 def config_key(cfg) -> str:

@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
 def _prepare(args):
     """The config, run folder and whether this continues an earlier run; refuses to mix runs."""
     from training import checkpoint as ckpt
+    from training.config import absolute_paths
 
     if args.resume:
         if args.config or args.overrides:
@@ -45,12 +46,7 @@ def _prepare(args):
             return ckpt.load_run_config(out), out, True
         except ckpt.RunFolderError as exc:
             raise UserError(str(exc)) from None
-    cfg = load_config(args)
-    cfg.data.root = str(Path(cfg.data.root).resolve())  # actors may run in another directory
-    cfg.plugins = [str(Path(p).resolve()) if p.endswith(".py") else p for p in cfg.plugins]
-    m = cfg.model
-    m.extractor, m.expert = _absolute(m.extractor), _absolute(m.expert)
-    m.extractor_weights = m.extractor_weights and str(Path(m.extractor_weights).resolve())
+    cfg = absolute_paths(load_config(args))  # actors may run in another directory
     out = Path(args.out or Path("runs") / cfg.name)
     if (out / "state.json").exists():
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
@@ -58,22 +54,20 @@ def _prepare(args):
     return cfg, out, False
 
 
-def _absolute(spec: str) -> str:
-    """A model named by ``file.py:Name`` with the file's absolute path (actors may run in another directory)."""
-    where, sep, name = spec.rpartition(":")
-    return f"{Path(where).resolve()}{sep}{name}" if sep and where.endswith(".py") else spec
-
-
 def _check_data(cfg) -> None:
     """Refuse, before Ray starts, a config the data or the models cannot satisfy (``DataError`` or
     ``ConfigError`` names why): the split is drawn, and F and E are built and run once on the input's shape."""
+    from training.config import ConfigError
     from training.data import build_split
+    from training.federated import batchnorm_keys
     from training.models import check_models
     from training.shards import load_labels
 
     labels = load_labels(cfg.data)
     build_split(cfg, labels.y_train, labels.y_test, labels.num_classes)
-    check_models(cfg.model, labels.input_shape, labels.num_classes)
+    model = check_models(cfg.model, labels.input_shape, labels.num_classes)
+    if cfg.stage1.fedbn and not batchnorm_keys(model.extractor):
+        raise ConfigError(f"stage1.fedbn: model.extractor {cfg.model.extractor} has no BatchNorm layer to keep local")
 
 
 def run(args) -> int:

@@ -128,11 +128,78 @@ def test_bad_models_are_refused_naming_the_field(tmp_path):
             check_models(cfg, (1, 28, 28) if "WrongWidth" in cfg.extractor else (20,), 10)
 
 
+ODD_MODELS = """
+import torch
+from torch import nn
+
+
+class double(nn.Module):
+    def __init__(self, input_shape, latent_dim):
+        super().__init__()
+        self.fc = nn.Linear(784, latent_dim)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)).double()
+
+
+def lazy(input_shape, latent_dim):
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(latent_dim))
+
+
+class Pair(nn.Module):
+    def __init__(self, input_shape, latent_dim):
+        super().__init__()
+        self.fc = nn.Linear(784, latent_dim)
+
+    def forward(self, x):
+        h = self.fc(x.flatten(1))
+        return (h, h) if self.training else h
+"""
+
+
+def test_models_that_would_fail_inside_ray_are_refused_before_it(tmp_path):
+    (tmp_path / "odd.py").write_text(ODD_MODELS)
+    for name, message in (
+        (
+            "double",
+            r"maps \[2, 1, 28, 28\] to \[2, 16\] torch.float64 in training mode, expected \[2, 16\] torch.float32",
+        ),
+        ("lazy", r"has lazy \(uninitialized\) parameters"),
+        ("Pair", r"maps \[2, 1, 28, 28\] to tuple in training mode"),
+    ):
+        with pytest.raises(ConfigError, match=f"model.extractor: .*odd.py:{name}.*{message}"):
+            check_models(_model(extractor=f"{tmp_path / 'odd.py'}:{name}"), (1, 28, 28), 10)
+    with pytest.raises(ConfigError, match="model.expert: mlp could not be built: ValueError: hidden must be >= 1"):
+        check_models(_model(expert_args={"hidden": 0}), (1, 28, 28), 10)
+    with pytest.raises(ConfigError, match="model.channels: set twice"):
+        load_config(SMOKE, ["model.channels=[4,4]"])  # the smoke config sets extractor_args.channels
+
+
+def test_a_last_batch_of_one_sample_joins_the_one_before_so_batchnorm_can_train():
+    from training import local
+
+    assert [len(b) for b in local.batches(65, 32, torch.Generator().manual_seed(0))] == [32, 33]
+    assert [len(b) for b in local.batches(66, 32, torch.Generator())] == [32, 32, 2]
+    assert sorted(torch.cat(list(local.batches(65, 32, torch.Generator()))).tolist()) == list(range(65))
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    x, y = torch.randn(65, 4), torch.randint(0, 3, (65,))
+    _, metrics = local.fit_expert(net, x, y, load_config(SMOKE).stage2, seed=0)  # a batch of 1 would raise
+    assert metrics["samples"] == 65
+
+
+def test_pretrained_helpers_load_only_where_they_fit(tmp_path):
+    cfg = load_config(SMOKE).model
+    torch.save({"state": Stage1Model(cfg, (1, 28, 28), 10).state_dict()}, tmp_path / "stage1.pt")
+    other = Stage1Model(cfg, (1, 28, 28), 7)  # another number of classes: F alone, and the projection head
+    assert load_pretrained(other, tmp_path / "stage1.pt") == ["extractor", "projector"]
+
+
 def test_bad_models_stop_nmoe_train_before_ray_starts_with_one_line(tmp_path):
     (tmp_path / "own.py").write_text(OWN_MODELS)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     for sets, message in (
         (["model.extractor=own.py:WrongWidth", "model.extractor_args={}"], "model.extractor: "),
+        (["stage1.fedbn=true", "model.extractor=mlp", "model.extractor_args={}"], "stage1.fedbn: "),
         (["model.extractor_weights=nothere.pt"], "model.extractor_weights: "),
     ):
         args = [a for s in sets for a in ("--set", s)]
@@ -248,19 +315,23 @@ def test_your_own_model_from_a_file_trains_counts_its_bytes_and_serves(ray_sessi
 
 
 @pytest.mark.slow
-def test_a_frozen_pretrained_f_stays_bit_identical_and_its_experts_train(ray_session, smoke_run, data_root, tmp_path):
+@pytest.mark.parametrize("fedbn", [False, True])
+def test_a_frozen_pretrained_f_stays_bit_identical_and_its_experts_train(
+    ray_session, smoke_run, data_root, tmp_path, fedbn
+):
+    """Under FedBN too: each client's own BatchNorm layers start from the pretrained ones, and stay."""
     earlier = smoke_run / "run"
     full = torch.load(earlier / "checkpoints" / "stage1.pt", weights_only=True)["state"]
     torch.save(
         {k.removeprefix("extractor."): v for k, v in full.items() if k.startswith("extractor.")}, tmp_path / "f.pt"
     )
     sets = ("stage1.rounds=0", "model.extractor_weights=f.pt", "stage3.variants=[fedgate,classgate]")
-    _train(tmp_path, [*smoke_train_args(data_root, *sets), "--out", "run"])
+    _train(tmp_path, [*smoke_train_args(data_root, *sets, f"stage1.fedbn={str(fedbn).lower()}"), "--out", "run"])
     run = tmp_path / "run"
-    now = torch.load(run / "checkpoints" / "stage1.pt", weights_only=True)["state"]
-    for k, v in full.items():
-        if k.startswith("extractor."):
-            assert torch.equal(now[k], v), k
+    saved = torch.load(run / "checkpoints" / "stage1.pt", weights_only=True)
+    for state in [saved["state"], *({**saved["state"], **p} for p in saved.get("local", {}).values())]:
+        assert all(torch.equal(state[k], v) for k, v in full.items() if k.startswith("extractor."))
+    assert len(saved.get("local", {})) == (3 if fedbn else 0)
     res = json.loads((run / "results.json").read_text())
     assert res["bytes"]["stage1"] == 0 and res["history"]["stage1"] == []
     assert "fedavg_global" not in res["methods"]  # no stage-1 classifier was trained or loaded
@@ -382,7 +453,10 @@ def test_fedbn_keeps_each_clients_batchnorm_resumes_with_it_and_serving_uses_it(
     assert bn and sorted(saved["local"]) == [0, 1, 2] and all(set(p) == bn for p in saved["local"].values())
     key = "extractor.conv.1.running_mean"
     assert not torch.equal(saved["local"][0][key], saved["local"][1][key])  # each client's own statistics
-    assert all(torch.equal(saved["state"][k], initial[k]) for k in bn)  # the shared copy never took them in
+    sizes = [c["train_samples"] for c in json.loads((run / "state.json").read_text())["meta"]["clients"]]
+    pooled = federated.fedavg([saved["local"][i] for i in range(3)], sizes)
+    assert all(torch.equal(saved["state"][k], pooled[k]) for k in bn)  # the one F of the pooled baseline
+    assert not torch.equal(saved["state"][key], initial[key])
     shared = {k: v for k, v in initial.items() if k.startswith(("extractor.", "classifier.")) and k not in bn}
     res = json.loads((run / "results.json").read_text())
     assert res["bytes"]["stage1"] == cfg.stage1.rounds * 3 * 2 * federated.state_bytes(shared)

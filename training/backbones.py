@@ -84,6 +84,8 @@ class MLPExtractor(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], latent_dim: int, hidden: Sequence[int] = (256,)):
         super().__init__()
+        if any(int(h) < 1 for h in hidden):
+            raise ValueError(f"hidden must be a list of positive ints, got {hidden!r}")
         size = 1
         for v in input_shape:
             size *= int(v)
@@ -97,8 +99,9 @@ class MLPExtractor(nn.Module):
 class TimmExtractor(nn.Module):
     """Any model of the timm library by ``name``, without its classifier, then a linear map to d.
 
-    Extra arguments go to ``timm.create_model``. NMoE downloads no weights: pass a local file with
-    ``pretrained: true, pretrained_cfg_overlay: {file: PATH}``, or load F from ``model.extractor_weights``.
+    Extra arguments go to ``timm.create_model``. NMoE downloads no weights: pass timm's own weights file with
+    ``pretrained: true, pretrained_cfg_overlay: {file: PATH}`` (``model.extractor_weights`` takes this module's
+    state dict, as an NMoE run saves it, not timm's).
     """
 
     def __init__(self, input_shape: Sequence[int], latent_dim: int, name: str, **kwargs):
@@ -114,8 +117,8 @@ class TimmExtractor(nn.Module):
             self.body = timm.create_model(name, num_classes=0, in_chans=c, **kwargs)
         except (OSError, RuntimeError) as exc:  # pretrained weights asked for and not on disk
             raise ValueError(
-                f"timm could not build {name!r} ({exc}); NMoE downloads no weights: put them in a file and pass "
-                "pretrained_cfg_overlay: {file: PATH} in model.extractor_args, or use model.extractor_weights"
+                f"timm could not build {name!r} ({exc}); NMoE downloads no weights: put timm's weights file on disk "
+                "and pass pretrained_cfg_overlay: {file: PATH} in model.extractor_args"
             ) from None
         self.proj = nn.Linear(self.body.num_features, latent_dim)
 
@@ -129,6 +132,8 @@ class Expert(nn.Module):
 
     def __init__(self, latent_dim: int, num_classes: int, hidden: int = 128):
         super().__init__()
+        if int(hidden) < 1:
+            raise ValueError(f"hidden must be >= 1, got {hidden}")
         self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

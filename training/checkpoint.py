@@ -3,7 +3,8 @@
     <run>/config.yaml          the experiment config
     <run>/state.json           what is finished (written last, atomically: resume trusts it)
     <run>/checkpoints/stage1.pt  {"round": r, "state": Stage1Model state, "local": {client: its own part of F}}
-                                 ("local" under FedBN only: each client's BatchNorm layers)
+                                 ("local" under FedBN only: each client's BatchNorm layers; "state" holds
+                                 their average by sample count)
     <run>/checkpoints/stage2.pt  {"experts": {client: Expert state}}
     <run>/checkpoints/stage3/<variant>.pt  {"round": r, "done": bool, "gates": {client: gate state}}
     <run>/checkpoints/stage3.pt  {"gates": {variant: {client: gate state}}}  (when stage 3 is done)
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from training import federated, gates
+from training import gates
 from training.config import ConfigError, ExperimentConfig, from_dict
 from training.models import Stage1Model, build_expert
 from training.schema import RunState
@@ -101,16 +102,6 @@ def client_stage1(trained: dict, i: int) -> dict:
     return {**trained["stage1"], **trained.get("stage1_local", {}).get(i, {})}
 
 
-def pooled_stage1(saved: dict, train_rows: list) -> dict:
-    """One F for the pooled (centralized) baseline: the shared state, with the clients' own parts (FedBN)
-    averaged by their number of training samples."""
-    local = saved.get("local", {})
-    if not local:
-        return saved["state"]
-    ids = sorted(local)
-    return {**saved["state"], **federated.fedavg([local[i] for i in ids], [len(train_rows[i]) for i in ids])}
-
-
 def input_shape(meta: dict) -> tuple[int, ...]:
     """The input's shape the run was trained on (runs recorded before ``input_shape``: square images)."""
     if "input_shape" in meta:
@@ -151,7 +142,7 @@ def build_modules(trained: dict, variant: str | None = None) -> dict:
     cfg, meta, own = trained["config"], trained["meta"], trained.get("stage1_local", {})
     shared = load_extractor(cfg, meta, trained["stage1"])
     return {
-        "extractor": shared,
+        "extractor": shared,  # under FedBN: with the clients' BatchNorm averaged
         "extractors": {
             i: load_extractor(cfg, meta, client_stage1(trained, i)) if i in own else shared for i in trained["experts"]
         },

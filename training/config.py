@@ -342,6 +342,22 @@ def _check_model(field: str, registry, spec: str, fixed: tuple[str, ...], args: 
         pass
 
 
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config's files with absolute paths (actors and Serve replicas may run in another directory): the data
+    root, plug-in files, models named by ``file.py:Name`` and the extractor's weights. Changes ``cfg`` in place."""
+
+    def spec(s: str) -> str:
+        where, sep, name = s.rpartition(":")
+        return f"{Path(where).resolve()}{sep}{name}" if sep and where.endswith(".py") else s
+
+    m = cfg.model
+    cfg.data.root = str(Path(cfg.data.root).resolve())
+    cfg.plugins = [str(Path(p).resolve()) if p.endswith(".py") else p for p in cfg.plugins]
+    m.extractor, m.expert = spec(m.extractor), spec(m.expert)
+    m.extractor_weights = m.extractor_weights and str(Path(m.extractor_weights).resolve())
+    return cfg
+
+
 def _check_per_round(v: int | float | None, path: str, n: int) -> None:
     if isinstance(v, int):
         _check(1 <= v <= n, path, f"a count must be between 1 and num_clients={n}, got {v}")
@@ -366,6 +382,7 @@ def _upgrade(data: dict) -> dict:
         _check(model.get(field_, builtin) == builtin, f"model.{key}", f"configures the {builtin} {field_} only")
         args = model.get(f"{field_}_args") or {}
         _check(isinstance(args, dict), f"model.{field_}_args", "expected a mapping")
+        _check(arg not in args, f"model.{key}", f"set twice: drop it, model.{field_}_args.{arg} says the same")
         model[f"{field_}_args"] = {arg: model.pop(key), **args}
     return {**data, "model": model}
 

@@ -20,9 +20,14 @@ from training.models import Gate, Stage1Model
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """A seeded permutation in batches; a last batch of one sample joins the one before it (BatchNorm cannot
+    train on one value per channel)."""
     perm = torch.randperm(n, generator=gen)
-    for i in range(0, n, batch_size):
-        yield perm[i : i + batch_size]
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    for i, start in enumerate(starts):
+        yield perm[start : starts[i + 1] if i + 1 < len(starts) else n]
 
 
 def _metrics(loss_sum: float, correct: int, seen: int, t0: float) -> dict:

@@ -12,6 +12,7 @@ parameters by these prefixes (``body.*`` averaged, ``head.*`` kept local).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -44,6 +45,11 @@ def _build(field: str, spec: str, registry, kwargs: dict) -> nn.Module:
         raise ConfigError(f"model.{field}: {spec} could not be built: {type(exc).__name__}: {exc}") from None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model.{field}: {spec} returned {type(module).__name__}, not a torch nn.Module")
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
+        raise ConfigError(
+            f"model.{field}: {spec} has lazy (uninitialized) parameters; give its layers their sizes "
+            "(the input's shape and d are its arguments)"
+        )
     return module
 
 
@@ -118,46 +124,59 @@ def pretrained_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(model: Stage1Model, path: str | Path) -> list[str]:
-    """Load ``model.extractor_weights`` into ``model``: all of F, and any helper the file has; returns the parts
-    loaded (``["extractor", "classifier", ...]``)."""
-    state = pretrained_state(path)
-    own = model.state_dict()
-    missing = sorted(k for k in own if k.startswith("extractor.") and k not in state)
-    unknown = sorted(set(state) - set(own))
+    """Load ``model.extractor_weights`` into ``model``: all of F, and each helper the file has whole and in the
+    same shapes (an earlier run on other classes lends F alone); returns the parts loaded (``["extractor", ...]``)."""
+    state, own = pretrained_state(path), model.state_dict()
+    f = {k: v for k, v in state.items() if k.startswith("extractor.")}
+    missing = sorted(k for k in own if k.startswith("extractor.") and k not in f)
+    unknown = sorted(set(f) - set(own))
     if missing or unknown:
         what = f"lacks {missing[0]}" if missing else f"has {unknown[0]}, which the extractor has not"
         raise ConfigError(f"model.extractor_weights: {path} does not fit model.extractor: it {what}")
-    for k, v in state.items():
+    for k, v in f.items():
         if v.shape != own[k].shape:
             raise ConfigError(
                 f"model.extractor_weights: {path}: {k} has shape {list(v.shape)}, the model's is {list(own[k].shape)}"
             )
-    parts = sorted({k.split(".", 1)[0] for k in state})
-    model.load_state_dict({**own, **state})
-    return parts
+    parts = ["extractor"]
+    for helper in HELPERS[1:]:
+        mine = {k: v for k, v in own.items() if k.startswith(helper)}
+        theirs = {k: v for k, v in state.items() if k.startswith(helper)}
+        if theirs.keys() == mine.keys() and all(v.shape == mine[k].shape for k, v in theirs.items()):
+            f.update(theirs)
+            parts.append(helper.rstrip("."))
+    model.load_state_dict({**own, **f})
+    return sorted(parts)
 
 
-def check_models(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> None:
-    """Build F and E once and run them on a zero batch: a model that cannot be built, or that returns the wrong
-    shape, is a ``ConfigError`` naming the field. The caller's random state is left as it was."""
+def check_models(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> Stage1Model:
+    """Build F and E once and run them on a random batch, in training and in eval mode: a model that cannot be
+    built, or that does not return float32 of the contract's shape, is a ``ConfigError`` naming the field. Returns
+    the stage-1 model (pretrained weights loaded); the caller's random state is left as it was."""
     shape = tuple(int(v) for v in input_shape)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        model = Stage1Model(cfg, shape, num_classes).eval()
+    with torch.random.fork_rng(devices=[]):
+        model = Stage1Model(cfg, shape, num_classes)
         for field, module, x, want in (
-            ("extractor", model.extractor, torch.zeros(2, *shape), (2, cfg.latent_dim)),
-            ("expert", build_expert(cfg, num_classes).eval(), torch.zeros(2, cfg.latent_dim), (2, num_classes)),
+            ("extractor", model.extractor, torch.rand(2, *shape), (2, cfg.latent_dim)),
+            ("expert", build_expert(cfg, num_classes), torch.rand(2, cfg.latent_dim), (2, num_classes)),
         ):
-            try:
-                out = module(x)
-            except Exception as exc:  # noqa: BLE001 - reported by field, with the shape it was given
-                raise ConfigError(
-                    f"model.{field}: {getattr(cfg, field)} failed on a batch of shape {list(x.shape)}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from None
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-                got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ConfigError(
-                    f"model.{field}: {getattr(cfg, field)} maps {list(x.shape)} to {got}, expected {list(want)}"
+            for mode in ("train", "eval"):
+                _check_output(
+                    f"model.{field}: {getattr(cfg, field)}", copy.deepcopy(module).train(mode == "train"), x, want
                 )
         if cfg.extractor_weights:
             load_pretrained(model, cfg.extractor_weights)
+    return model
+
+
+def _check_output(what: str, module: nn.Module, x: torch.Tensor, want: tuple[int, ...]) -> None:
+    mode = "training" if module.training else "eval"
+    try:
+        out = module(x)
+    except Exception as exc:  # noqa: BLE001 - reported by field, with the shape it was given
+        raise ConfigError(
+            f"{what} failed on a batch of shape {list(x.shape)} ({mode} mode): {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != torch.float32:
+        got = f"{list(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{what} maps {list(x.shape)} to {got} in {mode} mode, expected {list(want)} torch.float32")

@@ -104,6 +104,7 @@ class RunState(TypedDict, total=False):
     mlflow_run_id: Optional[str]
     meta: dict[str, Any]  # dataset, classes, image shape, each client's info()
     centralized_moe: MethodScore  # decided by stages 1-2: computed once per run
+    pretrained: list[str]  # the parts of the stage-1 model loaded from model.extractor_weights
 
 
 class Bytes(TypedDict):
