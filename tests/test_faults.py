@@ -228,3 +228,30 @@ def test_a_config_the_data_cannot_satisfy_is_refused_before_ray_starts(data_root
     out = refused.finish(seconds=120)
     assert refused.proc.returncode == 2 and out.strip().splitlines()[-1].startswith("error:"), out
     assert "Ray" not in out and "Traceback" not in out and time.time() - t0 < 60
+
+
+def test_a_driver_killed_mid_stage1_under_fedbn_resumes_with_each_clients_own_batchnorm(data_root, tmp_path):
+    """FedBN: resumed client actors are new, so each must take its own BatchNorm layers back from the checkpoint
+    before the next round; then the run ends exactly as an undisturbed one."""
+    import torch
+
+    sets = ["stage1.fedbn=true", "stage1.rounds=3", "stage3.variants=[classgate]"]
+    args = [*smoke_train_args(data_root, *sets), "--no-tracking", "--out"]
+    undisturbed = Nmoe([*args, "undisturbed"], tmp_path, new_session=True)
+    out = undisturbed.finish()
+    assert undisturbed.proc.returncode == 0, out
+    killed = Nmoe([*args, "killed"], tmp_path, new_session=True)
+    _wait_for(tmp_path / "killed" / "state.json", lambda s: 0 <= s["stage1_round"] < 2, killed)
+    os.kill(killed.proc.pid, signal.SIGKILL)
+    _kill_group(killed)
+    resumed = Nmoe(["train", "--resume", "killed", "--no-tracking"], tmp_path)
+    out = resumed.finish()
+    assert resumed.proc.returncode == 0, out
+
+    def saved(run: str, stage: str) -> dict:
+        return torch.load(tmp_path / run / "checkpoints" / f"{stage}.pt", weights_only=True)
+
+    for stage, key in (("stage1", "local"), ("stage2", "experts")):
+        a, b = saved("undisturbed", stage)[key], saved("killed", stage)[key]
+        assert sorted(a) == sorted(b) == [0, 1, 2]
+        assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i]), stage
