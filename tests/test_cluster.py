@@ -124,7 +124,7 @@ def placement(tmp_path_factory, data_root) -> dict:
 @pytest.fixture(scope="module")
 def node_loss(tmp_path_factory, data_root) -> dict:
     return _scenario(
-        "node_loss", tmp_path_factory.mktemp("node_loss"), data_root, "--rounds", "6", "--round-timeout", "20"
+        "node_loss", tmp_path_factory.mktemp("node_loss"), data_root, "--rounds", "6", "--round-timeout", "30"
     )
 
 
