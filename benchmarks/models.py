@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common
-from training import routing
+from training import federated, routing
 from training.models import Gate, build_expert, build_extractor
 
 FASHION, CIFAR = ((1, 28, 28), "Fashion-MNIST 1×28×28"), ((3, 32, 32), "CIFAR-10 3×32×32")
@@ -34,8 +34,7 @@ MODELS = [
 
 def held(module: nn.Module) -> tuple[int, int]:
     """``(parameters, bytes)``: its parameter count, and the bytes of its whole state dict (buffers too)."""
-    params = sum(p.numel() for p in module.parameters())
-    return params, sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    return sum(p.numel() for p in module.parameters()), federated.state_bytes(module.state_dict())
 
 
 @torch.no_grad()
