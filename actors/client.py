@@ -2,7 +2,7 @@
 
 It reads its own rows from its own disk (the coordinator only sends row numbers) and holds
 nothing else of the dataset: the balanced global halves (test, validation) are read in chunks
-when their latents are needed (``training.shards``). It keeps its feature extractor, its expert
+when their latents are needed (``training.datasets``). It keeps its feature extractor, its expert
 and one gate per stage-3 variant on its device (``cluster.device``, the GPU share Ray assigned
 it), and answers its peers' ``expert_forward`` calls. Raw samples never leave it: every method
 returns weights, metrics, latents-derived logits or counts, on the CPU (``training.devices``).
@@ -22,10 +22,10 @@ from actors import peers
 from training import devices, federated, frontier, gates, local, routing, seeds
 from training.config import ExperimentConfig, from_dict
 from training.data import label_counts
+from training.datasets import load_labels, load_rows
 from training.gates import ClientView
 from training.models import Stage1Model, build_expert
 from training.schema import SPLITS
-from training.shards import NUM_CLASSES, load_rows
 
 STAGE_ORDER = ("init", "stage1", "stage2", "stage3")
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; absent elsewhere
@@ -61,16 +61,17 @@ class Client:
         self.id = client_id
         self.cfg: ExperimentConfig = from_dict(cfg)
         self.device = devices.local(device)
-        x, y = load_rows(self.cfg.data, True, train_rows)
+        self.labels = load_labels(self.cfg.data)  # labels and facts; of the inputs, only these rows are read
+        x, y = load_rows(self.cfg.data, True, train_rows, self.labels)
         self.x, self.y = x.to(self.device), y.to(self.device)
-        x, y = load_rows(self.cfg.data, False, test_rows)
+        x, y = load_rows(self.cfg.data, False, test_rows, self.labels)
         self.x_test, self.y_test = x.to(self.device), y.to(self.device)
-        x, y = load_rows(self.cfg.data, False, val_rows)
+        x, y = load_rows(self.cfg.data, False, val_rows, self.labels)
         self.x_val, self.y_val = x.to(self.device), y.to(self.device)
         # the global halves are read when their latents are needed (_latents)
         self.global_rows = {"global": np.asarray(global_rows), "global_val": np.asarray(global_val_rows)}
         self.y_global: dict[str, torch.Tensor] = {}
-        self.num_classes = NUM_CLASSES
+        self.num_classes = self.labels.num_classes
         torch.manual_seed(self.cfg.seed)  # same initial F everywhere; stage 1 overwrites it anyway
         self.model = Stage1Model(self.cfg.model, self.x.shape[1:], self.num_classes).to(self.device)
         self.local_keys = federated.batchnorm_keys(self.model) if self.cfg.stage1.fedbn else set()  # never averaged
@@ -191,7 +192,7 @@ class Client:
             if which in self.global_rows:
                 hs, ys, rows = [], [], self.global_rows[which]
                 for i in range(0, len(rows), GLOBAL_CHUNK):
-                    x, y = load_rows(self.cfg.data, False, rows[i : i + GLOBAL_CHUNK])
+                    x, y = load_rows(self.cfg.data, False, rows[i : i + GLOBAL_CHUNK], self.labels)
                     hs.append(local.compute_latents(F, x.to(self.device)))
                     ys.append(y)
                 self._h[which] = torch.cat(hs) if hs else local.compute_latents(F, self.x_test[:0])

@@ -31,9 +31,9 @@ from training import checkpoint as ckpt
 from training import federated, frontier, gates, local, objectives, schema, seeds
 from training.config import PAPER_VARIANT, STAGES, from_dict
 from training.data import build_split, label_counts
+from training.datasets import load_labels, load_rows
 from training.models import Gate, Stage1Model, build_expert, load_pretrained
 from training.schema import SPLITS
-from training.shards import load_labels, load_rows
 
 
 class Coordinator:
@@ -80,7 +80,7 @@ class Coordinator:
         and the first round goes to the clients that are up first (``Fleet``)."""
         cfg = self.cfg
         self.labels = labels = load_labels(cfg.data)  # labels only: the images stay on the clients' disks
-        split = build_split(cfg, labels.y_train, labels.y_test, labels.num_classes)
+        split = build_split(cfg, labels.y_train, labels.y_test, labels.num_classes, labels.client_train)
         self.split = split
         try:
             me = ray.get_runtime_context().current_actor  # restarted clients ask it for their state
@@ -101,11 +101,7 @@ class Coordinator:
         infos = self.fleet.call("info", ids=list(range(len(self.clients))), stage="setup", required=False)
         lab = self.labels
         self.state["meta"] = {
-            "dataset": lab.name,
-            "num_classes": lab.num_classes,
-            "channels": lab.channels,
-            "image_size": lab.image_size,
-            "input_shape": list(lab.input_shape),
+            **lab.facts(),  # dataset, num_classes, input_shape, image, mean, std
             "clients": [infos.get(i) or self._split_info(i) for i in range(len(self.clients))],
         }
         self._meta = True
@@ -270,8 +266,8 @@ class Coordinator:
         """Upper bound, NOT private: pooled train data, the same F, N experts + one gate trained jointly."""
         cfg, lab, split = self.cfg, self.labels, self.split
         pooled = np.concatenate(split.train)  # pooled: the coordinator reads every client's rows
-        x, y = load_rows(cfg.data, True, pooled)
-        x_test, y_test = load_rows(cfg.data, False, lab.test_rows)
+        x, y = load_rows(cfg.data, True, pooled, lab)
+        x_test, y_test = load_rows(cfg.data, False, lab.test_rows, lab)
         model = Stage1Model(cfg.model, lab.input_shape, lab.num_classes)
         model.load_state_dict(ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"])
         torch.manual_seed(seeds.centralized(cfg.seed))

@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.client import Client
 from training import devices
-from training.shards import client_rows
+from training.datasets import client_rows
 
 # two malloc arenas per client process, not one per thread of its thread pool: about 15 MB less
 # each during stage 1 (benchmarks/results/scaling.md)

@@ -125,7 +125,7 @@ class Tracker:
             ds = mlflow.data.from_numpy(
                 rows.astype(np.int64),
                 targets=np.asarray(y)[rows],
-                source=str(cfg.data.root),
+                source=str(cfg.data.path or cfg.data.root),
                 name=f"{cfg.data.name}/{name}",
             )
             found.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))

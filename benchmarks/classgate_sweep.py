@@ -27,7 +27,8 @@ from benchmarks import classgate_report, common
 from benchmarks.accuracy import BASELINES, PARTITIONS
 from training import checkpoint as ckpt
 from training import frontier, local, prototypes, routing, schema
-from training.data import build_split, load_dataset
+from training.data import build_split
+from training.datasets import load_dataset
 from training.gates.classgate import TILTS, ClassGate
 from training.models import build_expert
 from training.schema import SPLITS

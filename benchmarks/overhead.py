@@ -19,7 +19,8 @@ from actors.placement import client_resources
 from benchmarks import common
 from training import checkpoint as ckpt
 from training import federated, local, objectives, seeds
-from training.data import build_split, load_dataset
+from training.data import build_split
+from training.datasets import load_dataset
 from training.models import Stage1Model
 
 QUICK = ("stage1.rounds=2",)

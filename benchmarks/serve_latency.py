@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import gates, routing, seeds  # noqa: E402
 from training.config import PAPER_VARIANT  # noqa: E402
-from training.data import denormalize, load_dataset, normalize  # noqa: E402
+from training.datasets import STATS, load_dataset, normalize  # noqa: E402
 
 TOP_K = 2
 # (batch, concurrency, body format): the targets' cells first, then the JSON path beside them
@@ -51,7 +51,7 @@ def in_process(run: Path, pixels: np.ndarray, batch: int, repeats: int) -> dict:
         x = torch.from_numpy(pixels[(r * batch) % (len(pixels) - batch) :][:batch])
         t0 = time.perf_counter()
         with torch.no_grad():
-            h = ext(normalize(x, cfg.data.name))
+            h = ext(normalize(x, *STATS[cfg.data.name]))
             idx, w = spec.choose(gate, h, TOP_K, None, cfg.num_clients, seeds.routing(cfg.seed, 0))
             routing.route_in_process(h, idx, w, experts, 0, cfg.routing.fp16_latents, spec.readout(gate))
         lat.append(time.perf_counter() - t0)
@@ -135,7 +135,7 @@ def run_benchmark(run: Path, requests: int = 200, port: int | None = None) -> di
     t = ckpt.load_trained(run)
     cfg = t["config"]
     ds = load_dataset(cfg.data)
-    pixels = denormalize(ds.x_test[:2048], ds.name).numpy()
+    pixels = ds.raw(ds.x_test[:2048]).numpy()
     if port is None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

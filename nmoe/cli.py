@@ -21,14 +21,15 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 def cmd_data_summary(args) -> int:
-    from training.data import build_split, label_counts, label_entropy, load_dataset
+    from training.data import build_split, label_counts, label_entropy
+    from training.datasets import load_labels
 
     cfg = load_config(args)
-    ds = load_dataset(cfg.data)
-    split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+    ds = load_labels(cfg.data)
+    split = build_split(cfg, ds.y_train, ds.y_test, ds.num_classes, ds.client_train)
     clients = []
     for i, (tr, te, va) in enumerate(zip(split.train, split.test, split.val)):
-        counts = label_counts(ds.y_train.numpy()[tr], ds.num_classes)
+        counts = label_counts(ds.y_train[tr], ds.num_classes)
         clients.append(
             {
                 "id": i,
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from training.config import ConfigError
-    from training.data import DataError
+    from training.datasets import DataError
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback unless told otherwise
     args = build_parser().parse_args(argv)

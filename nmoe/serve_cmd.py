@@ -45,7 +45,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--client", type=int, required=True)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--sample", type=int, help="index of a test-set image of the served dataset")
+    what.add_argument("--sample", type=int, help="index of a test-set input of the served dataset (built-ins)")
     what.add_argument("--input", help="an image file: .npy (uint8 or float32 pixels in [0, 1]), .png or .jpg")
     p.add_argument("--data-root", default="data", help="where the dataset lives (for --sample)")
     p.add_argument("--top-k", type=int, default=None)
@@ -159,13 +159,18 @@ def _load_input(args, health: dict) -> np.ndarray:
 
     if args.sample is not None:
         from training.config import DataConfig
-        from training.data import denormalize, load_dataset
+        from training.datasets import DataError, load_labels, source
 
-        ds = load_dataset(DataConfig(name=health["dataset"], root=args.data_root))
-        if not 0 <= args.sample < len(ds.y_test):
-            raise UserError(f"--sample: {args.sample} is outside the test set (0..{len(ds.y_test) - 1})")
-        print(f"sample {args.sample}: true label {int(ds.y_test[args.sample])}")
-        return denormalize(ds.x_test[args.sample : args.sample + 1], ds.name)[0].numpy()
+        cfg = DataConfig(name=health["dataset"], root=args.data_root)
+        try:
+            labels = load_labels(cfg)
+            if not 0 <= args.sample < len(labels.y_test):
+                raise UserError(f"--sample: {args.sample} is outside the test set (0..{len(labels.y_test) - 1})")
+            x = source(cfg).rows(cfg, False, [args.sample])  # as stored: what a user sends
+        except DataError as exc:
+            raise UserError(f"--sample: {exc}; send the input with --input instead") from None
+        print(f"sample {args.sample}: true label {int(labels.y_test[args.sample])}")
+        return np.asarray(x[0], dtype=np.float32)
     path = Path(args.input)
     if not path.is_file():
         raise UserError(f"--input: {path} not found")

@@ -56,15 +56,16 @@ def _prepare(args):
 
 def _check_data(cfg) -> None:
     """Refuse, before Ray starts, a config the data or the models cannot satisfy (``DataError`` or
-    ``ConfigError`` names why): the split is drawn, and F and E are built and run once on the input's shape."""
+    ``ConfigError`` names why): every input is read once and checked, the split is drawn, and F and E are built and
+    run once on the input's shape."""
     from training.config import ConfigError
     from training.data import build_split
+    from training.datasets import check_data
     from training.federated import batchnorm_keys
     from training.models import check_models
-    from training.shards import load_labels
 
-    labels = load_labels(cfg.data)
-    build_split(cfg, labels.y_train, labels.y_test, labels.num_classes)
+    labels = check_data(cfg.data)
+    build_split(cfg, labels.y_train, labels.y_test, labels.num_classes, labels.client_train)
     model = check_models(cfg.model, labels.input_shape, labels.num_classes)
     if cfg.stage1.fedbn and not batchnorm_keys(model.extractor):
         raise ConfigError(f"stage1.fedbn: model.extractor {cfg.model.extractor} has no BatchNorm layer to keep local")
@@ -80,7 +81,7 @@ def run(args) -> int:
     from actors.plots import make_plots
     from training import checkpoint as ckpt
     from training.data import build_split
-    from training.shards import load_labels
+    from training.datasets import load_labels
 
     cfg, out, resume = _prepare(args)
     console = Console(soft_wrap=True)
@@ -145,7 +146,8 @@ def run(args) -> int:
     plots = make_plots(results, out)
     if tracker.client is not None:
         labels = load_labels(cfg.data)
-        tracker.inputs(cfg, labels, build_split(cfg, labels.y_train, labels.y_test, labels.num_classes))
+        split = build_split(cfg, labels.y_train, labels.y_test, labels.num_classes, labels.client_train)
+        tracker.inputs(cfg, labels, split)
         tracker.table(results["methods"])
     tracker.artifacts([out / "results.json", out / "config.yaml", out / "state.json"])
     tracker.artifacts([out / "checkpoints"], "checkpoints")

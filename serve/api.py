@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from serve import inputs
+from training import checkpoint as ckpt
 from training import gates
 
 NODE_HEADER = "X-NMoE-Node"  # the Ray node that decoded the input: client i's own node
@@ -161,40 +162,43 @@ PERSONAL_SCHEMA = {
 def predict_openapi(meta: dict, n: int, max_batch: int, secured: bool, personal: bool) -> dict:
     """The predict operation's request bodies (JSON with exact shapes, or a binary file) for the schema;
     ``personal``: whether the served gate takes that knob (only then is it in the schema)."""
-    c, s = meta["channels"], meta["image_size"]
-    pixel = {"type": "number", "minimum": 0, "maximum": 1}
+    spec = inputs.InputSpec.of(ckpt.data_facts(meta))
+    value = {"type": "number", **({"minimum": 0, "maximum": 1} if spec.image else {})}
 
     def nested(dims: list[int]) -> dict:
-        out = pixel
+        out = value
         for d in reversed(dims):
             out = {"type": "array", "items": out, "minItems": d, "maxItems": d}
         return out
 
-    shapes = [nested([c, s, s]), {**nested([1, c, s, s]), "minItems": 1, "maxItems": max_batch}]
-    if c == 1:
-        shapes.insert(0, nested([s, s]))
+    dims = list(spec.shape)
+    shapes = [nested(dims), {**nested([1, *dims]), "minItems": 1, "maxItems": max_batch}]
+    if spec.image and dims[0] == 1:
+        shapes.insert(0, nested(dims[1:]))
+    what = "pixels in [0, 1]" if spec.image else "numbers"
     body = {
         "type": "object",
         "required": ["inputs"],
         "additionalProperties": False,
         "properties": {
-            "inputs": {"anyOf": shapes, "description": f"pixels in [0, 1]: [{c},{s},{s}] or [B,{c},{s},{s}]"},
+            "inputs": {"anyOf": shapes, "description": f"{what}: {spec.shown()}"},
             "top_k": {"type": "integer", "minimum": 1, "maximum": n},
             **({"personal": PERSONAL_SCHEMA} if personal else {}),
         },
     }
     binary = {"schema": {"type": "string", "format": "binary"}}
-    image = f"one 8-bit image, pixels read as value / 255; another size is resized to {s}x{s} (bilinear)"
+    content: dict = {inputs.JSON: {"schema": body}}
+    if spec.image:
+        image = (
+            f"one 8-bit image, pixels read as value / 255; another size is resized to {dims[1]}x{dims[2]} (bilinear)"
+        )
+        content[inputs.PNG] = {**binary, "description": image}
+        content[inputs.JPEG] = {**binary, "description": image}
+        content[inputs.NPY] = {**binary, "description": "np.save of uint8 (0-255) or float32 (0-1) pixels"}
+    else:
+        content[inputs.NPY] = {**binary, "description": f"np.save of float32 or float64 arrays {spec.shown()}"}
     extra: dict = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                inputs.JSON: {"schema": body},
-                inputs.PNG: {**binary, "description": image},
-                inputs.JPEG: {**binary, "description": image},
-                inputs.NPY: {**binary, "description": "np.save of uint8 (0-255) or float32 (0-1) pixels"},
-            },
-        },
+        "requestBody": {"required": True, "content": content},
         "parameters": [
             {
                 "name": "top_k",

@@ -21,7 +21,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from serve import api, inputs
 from training import checkpoint as ckpt
 from training import devices, gates, routing, seeds
-from training.data import normalize
+from training.datasets import normalize
 
 APP_PREFIX = "nmoe-client-"
 
@@ -65,6 +65,7 @@ class ClientDeployment:
         self.gate = None if gate is None else gate.to(self.device)
         self.knob = self.spec.personal(self.gate)  # the gate's personal knob as trained (None: it has none)
         self.num_classes = meta["num_classes"]
+        self.facts = ckpt.data_facts(meta)  # the input's shape and normalization, as trained
         self.node = ray.get_runtime_context().get_node_id()
         self._peers: dict[int, object] = {}
         self._received: collections.deque = collections.deque(maxlen=256)
@@ -72,7 +73,7 @@ class ClientDeployment:
     def __serve_build_asgi_app__(self):
         """Client i's own FastAPI app, mounted by Serve at /v1/clients/{i} (no docs: the index has them)."""
         app = api.bare_app(openapi_url=None, docs_url=None, redoc_url=None)
-        c, s = self.meta["channels"], self.meta["image_size"]
+        spec = inputs.InputSpec.of(self.facts)
 
         @app.get("/")
         def info(request: Request) -> dict:
@@ -82,8 +83,8 @@ class ClientDeployment:
         @app.post("/predict")
         async def predict(request: Request) -> Response:
             self.tokens.check(request, self.id)
-            kind = inputs.media_type(request.headers.get("content-type"))
-            x, knobs = inputs.decode(await request.body(), kind, c, s, self.max_batch)
+            kind = inputs.media_type(request.headers.get("content-type"), spec)
+            x, knobs = inputs.decode(await request.body(), kind, spec, self.max_batch)
             k = api.parse_top_k(request, knobs["top_k"], self.cfg.routing.top_k, self.n)
             personal = api.parse_personal(request, knobs["personal"], self.variant, self.spec.personal_knob)
             reply = await self.predict(x, k, personal)
@@ -127,9 +128,10 @@ class ClientDeployment:
         return self.spec.choose(self.gate, h, k, available, self.n, seeds.routing(self.cfg.seed, self.id))
 
     async def predict(self, pixels: np.ndarray, top_k: int | None = None, personal: float | None = None) -> dict:
-        """Routed inference for a batch of pixels in [0, 1], shape [B, C, H, W]; ``personal``: the
-        readout's knob for this call (None: the run's, chosen on validation)."""
-        x = normalize(torch.from_numpy(pixels).float(), self.meta["dataset"]).to(self.device)
+        """Routed inference for a batch of inputs as stored, ``[B, *input_shape]`` (pixels in [0, 1] for images);
+        ``personal``: the readout's knob for this call (None: the run's, chosen on validation)."""
+        facts = self.facts
+        x = normalize(torch.from_numpy(pixels).float(), facts["mean"], facts["std"]).to(self.device)
         with torch.no_grad():
             h = self.extractor(x)
         k = min(top_k or self.cfg.routing.top_k, int(self.served.sum()))

@@ -1,4 +1,5 @@
-"""Request bodies -> pixels: JSON, PNG/JPEG (Pillow) or ``.npy``, all checked the same way.
+"""Request bodies -> inputs: JSON, ``.npy``, or PNG/JPEG (Pillow) where the input is an image, all checked the same
+way against the shape the run recorded.
 
 Decoding happens in client i's own replica, on client i's node: raw inputs go no further.
 Every bad body raises ``HTTPException`` with a 4xx whose message names the field or format.
@@ -7,11 +8,14 @@ Every bad body raises ``HTTPException`` with a 4xx whose message names the field
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+
+from training.datasets.folders import pixels
 
 JSON, PNG, JPEG, NPY = "application/json", "image/png", "image/jpeg", "application/x-npy"
 FORMATS = (JSON, PNG, JPEG, NPY)
@@ -20,12 +24,21 @@ _PIL_FORMAT = {PNG: "PNG", JPEG: "JPEG"}
 Number = Union[StrictInt, StrictFloat]  # strict: true, "0.5" and null are not pixels
 
 
+Inputs = Union[
+    list[Number],
+    list[list[Number]],
+    list[list[list[Number]]],
+    list[list[list[list[Number]]]],
+    list[list[list[list[list[Number]]]]],
+]
+
+
 class PredictRequest(BaseModel):
     """The JSON body. Unknown fields are refused so that a misspelled knob is not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: Union[list[list[Number]], list[list[list[Number]]], list[list[list[list[Number]]]]] = Field(
-        ..., min_length=1, description="one image [C,H,W] (or [H,W] for one channel) or a batch [B,C,H,W]"
+    inputs: Inputs = Field(
+        ..., min_length=1, description="one input of the recorded shape (an image [C,H,W]) or a batch [B, ...]"
     )
     # not Optional: an explicit null is refused like any other non-integer (the default is not validated)
     top_k: StrictInt = Field(None, description="experts per sample; default: the trained top_k")
@@ -38,28 +51,58 @@ class PredictRequest(BaseModel):
     )
 
 
-def media_type(content_type: str | None) -> str:
-    """The bare media type of a Content-Type header, or 415 naming the ones this API takes."""
+@dataclass(frozen=True)
+class InputSpec:
+    """What a served model takes: one input's shape, and whether it is an image of pixels in [0, 1]
+    (``training.checkpoint.data_facts``); the model's normalization is applied after these checks."""
+
+    shape: tuple[int, ...]
+    image: bool
+
+    @classmethod
+    def of(cls, facts: dict) -> "InputSpec":
+        return cls(tuple(int(v) for v in facts["input_shape"]), bool(facts["image"]))
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def shown(self) -> str:
+        one = ",".join(str(v) for v in self.shape)
+        return f"[{one}] or [B,{one}]"
+
+
+def media_type(content_type: str | None, spec: InputSpec | None = None) -> str:
+    """The bare media type of a Content-Type header, or 415 naming the ones this API (and this model) takes."""
     kind = (content_type or "").split(";")[0].strip().lower()
     kind = {"image/jpg": JPEG, "application/npy": NPY}.get(kind, kind)
     if kind not in FORMATS:
         shown = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
-        raise HTTPException(415, f"{shown}: send one of {', '.join(FORMATS)}")
+        raise HTTPException(415, f"{shown}: send one of {', '.join(formats(spec))}")
+    if spec is not None and kind in _PIL_FORMAT and not spec.image:
+        raise HTTPException(
+            415, f"{kind}: this model takes {list(spec.shape)} arrays, not images; send {JSON} or {NPY}"
+        )
     return kind
 
 
-def max_body_bytes(channels: int, size: int, max_batch: int) -> int:
-    """Generous bound on a body: JSON text of the largest batch (at most ~24 characters a pixel)."""
-    return 24 * max_batch * channels * size * size + 65536
+def formats(spec: InputSpec | None) -> tuple[str, ...]:
+    """The media types a model takes: images only where its input is an image."""
+    return FORMATS if spec is None or spec.image else (JSON, NPY)
 
 
-def decode(body: bytes, kind: str, channels: int, size: int, max_batch: int) -> tuple[np.ndarray, dict]:
-    """A body of media type ``kind`` -> (float32 pixels [B, C, H, W] in [0, 1], the knobs the body
-    set: ``top_k`` and ``personal``, each None when absent)."""
-    if len(body) > max_body_bytes(channels, size, max_batch):
+def max_body_bytes(spec: InputSpec, max_batch: int) -> int:
+    """Generous bound on a body: JSON text of the largest batch (at most ~24 characters a value)."""
+    return 24 * max_batch * spec.size + 65536
+
+
+def decode(body: bytes, kind: str, spec: InputSpec, max_batch: int) -> tuple[np.ndarray, dict]:
+    """A body of media type ``kind`` -> (float32 inputs [B, *shape], pixels in [0, 1] for an image; the knobs the
+    body set: ``top_k`` and ``personal``, each None when absent)."""
+    if len(body) > max_body_bytes(spec, max_batch):
         raise HTTPException(413, f"body: {len(body)} bytes exceeds the limit for a batch of {max_batch}")
     if not body:
-        raise HTTPException(422, "body: empty; send one image or a batch")
+        raise HTTPException(422, "body: empty; send one input or a batch")
     knobs = {"top_k": None, "personal": None}
     if kind == JSON:
         req = _json(body)
@@ -69,10 +112,10 @@ def decode(body: bytes, kind: str, channels: int, size: int, max_batch: int) -> 
         except ValueError:
             raise HTTPException(422, "inputs: not a rectangular array (rows of different lengths)") from None
     elif kind == NPY:
-        x = _npy(body)
+        x = _npy(body, spec)
     else:
-        x = _image(body, kind, channels, size)
-    return check(x, channels, size, max_batch), knobs
+        x = _image(body, kind, spec.shape[0], spec.shape[1])
+    return check(x, spec, max_batch), knobs
 
 
 def _json(body: bytes) -> PredictRequest:
@@ -91,23 +134,25 @@ def _json(body: bytes) -> PredictRequest:
             raise HTTPException(422, "body: must be a JSON object with inputs (and top_k, personal)") from None
         if field == "inputs":
             if kind == "too_short":
-                raise HTTPException(422, "inputs: empty; send one image or a non-empty batch") from None
-            raise HTTPException(422, "inputs: must be nested lists of numbers, shape [C,H,W] or [B,C,H,W]") from None
+                raise HTTPException(422, "inputs: empty; send one input or a non-empty batch") from None
+            raise HTTPException(422, "inputs: must be nested lists of numbers, one input or a batch") from None
         raise HTTPException(422, f"{field}: {err['msg']}") from None
 
 
-def _npy(body: bytes) -> np.ndarray:
+def _npy(body: bytes, spec: InputSpec) -> np.ndarray:
     try:
         x = np.load(io.BytesIO(body), allow_pickle=False)
     except Exception:  # noqa: BLE001 - numpy raises many kinds for a bad file: all mean "not .npy"
         raise HTTPException(422, "body: not a readable .npy array (np.save writes one)") from None
     if not isinstance(x, np.ndarray):
         raise HTTPException(422, "body: an .npz archive, not one .npy array")
-    if x.dtype == np.uint8:
+    if spec.image and x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
-    if x.dtype == np.float32:
-        return x
-    raise HTTPException(422, f"body: .npy dtype {x.dtype}; send uint8 (0-255) or float32 (0-1)")
+    if x.dtype == np.float32 or (not spec.image and x.dtype == np.float64):
+        return x.astype(np.float32, copy=False)
+    if spec.image:
+        raise HTTPException(422, f"body: .npy dtype {x.dtype}; send uint8 (0-255) or float32 (0-1)")
+    raise HTTPException(422, f"body: .npy dtype {x.dtype}; send float32 or float64")
 
 
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -130,36 +175,35 @@ def _image(body: bytes, kind: str, channels: int, size: int) -> np.ndarray:
     if img.mode not in _EIGHT_BIT:
         raise HTTPException(422, f"body: image mode {img.mode} is not 8-bit; send an 8-bit grayscale or RGB image")
     try:
-        img = img.convert("L" if channels == 1 else "RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        pixels = np.asarray(img, dtype=np.float32) / 255.0
+        return pixels(img, channels, size)[None]
     except (OSError, ValueError, SyntaxError):
         raise HTTPException(422, f"body: a truncated or corrupt {_PIL_FORMAT[kind]} image") from None
-    return pixels[None, None] if channels == 1 else pixels.transpose(2, 0, 1)[None]
 
 
-def check(x: np.ndarray, channels: int, size: int, max_batch: int) -> np.ndarray:
-    """Any decoded array -> float32 [B, C, H, W] in [0, 1], or a 4xx naming what is wrong."""
-    expected = f"[{channels},{size},{size}] or [B,{channels},{size},{size}]"
-    shape = list(x.shape)
-    if x.ndim == 2 and channels == 1:
-        x = x[None, None]
-    elif x.ndim == 3:
+def check(x: np.ndarray, spec: InputSpec, max_batch: int) -> np.ndarray:
+    """Any decoded array -> float32 [B, *shape] (pixels in [0, 1] for an image), or a 4xx naming what is wrong."""
+    expected, shape, want = spec.shown(), list(x.shape), spec.shape
+    if spec.image and want[0] == 1 and x.ndim == 2:
+        x = x[None, None]  # one grayscale image [H, W]
+    elif x.ndim == len(want):
         x = x[None]
-    if x.ndim != 4:
+    if x.ndim != len(want) + 1:
         raise HTTPException(422, f"inputs: shape {shape} is not {expected}")
     if x.shape[0] > max_batch:
         # 422, not 413: the schema states the limit (maxItems), so this is a validation error like the others
         raise HTTPException(422, f"inputs: batch of {x.shape[0]} exceeds the limit of {max_batch}")
     if x.shape[0] == 0:
         raise HTTPException(422, "inputs: empty batch")
-    if x.shape[1] != channels:
-        raise HTTPException(422, f"inputs: {x.shape[1]} channels, this model takes {channels} (shape {expected})")
-    if x.shape[2:] != (size, size):
-        raise HTTPException(422, f"inputs: image size {list(x.shape[2:])}, expected {size}x{size} (shape {expected})")
+    if spec.image and x.shape[1] != want[0]:
+        raise HTTPException(422, f"inputs: {x.shape[1]} channels, this model takes {want[0]} (shape {expected})")
+    if spec.image and x.shape[2:] != want[1:]:
+        raise HTTPException(
+            422, f"inputs: image size {list(x.shape[2:])}, expected {want[1]}x{want[2]} (shape {expected})"
+        )
+    if x.shape[1:] != want:
+        raise HTTPException(422, f"inputs: shape {shape} is not {expected}")
     if not np.isfinite(x).all():
         raise HTTPException(422, "inputs: contains NaN or infinity")
-    if x.min() < 0 or x.max() > 1:
+    if spec.image and (x.min() < 0 or x.max() > 1):
         raise HTTPException(422, f"inputs: pixels must lie in [0, 1] (8-bit value / 255); got {x.min()}..{x.max()}")
     return np.ascontiguousarray(x, dtype=np.float32)

@@ -16,7 +16,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 def data_root(tmp_path_factory) -> Path:
     """Fashion-MNIST unpacked once per session (from Debian's package) into a temp root."""
     from training.config import DataConfig
-    from training.data import load_dataset
+    from training.datasets import load_dataset
 
     root = tmp_path_factory.mktemp("data")
     load_dataset(DataConfig(name="fashion_mnist", root=str(root), download=False))

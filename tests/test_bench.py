@@ -203,7 +203,8 @@ def test_classgate_knobs_are_chosen_without_reading_a_test_label(bench, capsys):
     """Shuffling the labels of the test half (validation half untouched) changes the test numbers
     but not the knobs chosen; the validation and test indices never overlap."""
     from benchmarks.classgate_sweep import sweep
-    from training.data import build_split, load_dataset
+    from training.data import build_split
+    from training.datasets import load_dataset
 
     res = json.loads((bench.out / "classgate.json").read_text())
     run = res["sweeps"]["dirichlet0.5"][0]["run"]

@@ -221,7 +221,7 @@ def test_class_readout_never_picks_an_unheld_class_and_caps_the_own_prior():
 
 def test_local_loops_on_digits_lower_the_loss_and_beat_chance():
     from training import local
-    from training.data import load_dataset
+    from training.datasets import load_dataset
 
     torch.manual_seed(0)
     ds = load_dataset(DataConfig(name="digits"))
@@ -244,7 +244,7 @@ def test_logit_adjusted_stage1_learns_balanced_answers_from_a_skewed_client():
     """One client, 90% of its digits a single class: plain CE learns that prior and calls many
     other digits by it; logit-adjusted CE learns the balanced p(c | x) and rarely does."""
     from training import local
-    from training.data import load_dataset
+    from training.datasets import load_dataset
 
     ds = load_dataset(DataConfig(name="digits"))
     gen = torch.Generator().manual_seed(0)

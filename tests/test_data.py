@@ -10,18 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from training import data
 from training.config import DataConfig, ExperimentConfig, PartitionConfig
-from training.data import (
-    DataError,
-    build_split,
-    client_test_indices,
-    label_counts,
-    label_entropy,
-    load_dataset,
-    partition,
-    two_views,
-)
+from training.data import build_split, client_test_indices, label_counts, label_entropy, partition, two_views
+from training.datasets import DataError, builtin, load_dataset
 
 METHODS = ("iid", "dirichlet", "shards")
 
@@ -194,16 +185,16 @@ def write_idx(folder, gz: bool, n_train: int = 20, n_test: int = 10, seed: int =
 
 @pytest.fixture
 def no_debian(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(builtin, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
 
 
 def check_loaded(ds, arrays, n_train=20, n_test=10):
     assert ds.x_train.shape == (n_train, 1, 28, 28) and ds.x_test.shape == (n_test, 1, 28, 28)
     assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
-    assert ds.channels == 1 and ds.image_size == 28 and ds.num_classes == 10
+    assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10 and ds.labels.image
     assert ds.y_train.tolist() == arrays["train"][1].tolist()
     assert ds.y_test.tolist() == arrays["t10k"][1].tolist()
-    mean, std = data.STATS["fashion_mnist"]
+    mean, std = builtin.STATS["fashion_mnist"]
     expected = (torch.from_numpy(arrays["train"][0]).float() / 255 - mean[0]) / std[0]
     assert torch.allclose(ds.x_train[:, 0], expected, atol=1e-5)
 
@@ -218,12 +209,12 @@ def test_loads_idx_fixture_from_root(tmp_path, no_debian):
 
 
 def same_rows_as_the_whole(cfg: DataConfig, ds, train_rows: np.ndarray, test_rows: np.ndarray) -> None:
-    """``training.shards`` reads these rows (and all labels) bit-identical to the whole dataset's."""
-    from training.shards import load_labels, load_rows
+    """``training.datasets.load_rows`` reads these rows (and all labels) bit-identical to the whole dataset's."""
+    from training.datasets import load_labels, load_rows
 
     labels = load_labels(cfg)
     assert np.array_equal(labels.y_train, ds.y_train.numpy()) and np.array_equal(labels.y_test, ds.y_test.numpy())
-    assert (labels.channels, labels.image_size) == (ds.channels, ds.image_size)
+    assert labels.input_shape == ds.input_shape
     for train, rows, x_all, y_all in ((True, train_rows, ds.x_train, ds.y_train), (False, test_rows, ds.x_test, None)):
         x, y = load_rows(cfg, train, rows)
         assert torch.equal(x, x_all[rows])
@@ -234,7 +225,7 @@ def same_rows_as_the_whole(cfg: DataConfig, ds, train_rows: np.ndarray, test_row
 def test_a_client_reads_only_its_rows_of_the_idx_files(tmp_path, no_debian, monkeypatch):
     """IDX files are memory-mapped: the images a client gets are its rows, copied; with a test
     limit, the test rows map through ``Labels.test_rows`` to the file."""
-    from training import shards
+    from training import datasets as shards
 
     root = tmp_path / "root"
     write_idx(root / "FashionMNIST" / "raw", gz=False, n_train=40, n_test=200)
@@ -245,8 +236,7 @@ def test_a_client_reads_only_its_rows_of_the_idx_files(tmp_path, no_debian, monk
     picked = np.array([3, 0, 49])
     x, y = shards.load_rows(cfg, False, labels.test_rows[picked])
     assert torch.equal(x, ds.x_test[picked]) and torch.equal(y, ds.y_test[picked])
-    monkeypatch.setattr(data, "load_dataset", None)  # a client never loads the whole set
-    monkeypatch.setattr(shards, "load_dataset", None)
+    monkeypatch.setattr(shards, "load_dataset", None)  # a client never loads the whole set
     x, _ = shards.load_rows(cfg, True, np.array([5, 7]))
     assert x.shape == (2, 1, 28, 28) and torch.equal(x, ds.x_train[[5, 7]])
     with pytest.raises(DataError, match="unreadable"):
@@ -257,12 +247,12 @@ def test_a_client_reads_only_its_rows_of_the_idx_files(tmp_path, no_debian, monk
 def test_unpacks_debian_copy_on_first_use(tmp_path, monkeypatch):
     debian = tmp_path / "debian"
     arrays = write_idx(debian, gz=True)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(debian))
+    monkeypatch.setattr(builtin, "DEBIAN_FASHION_MNIST", str(debian))
     root = tmp_path / "root"
     ds = load_dataset(DataConfig(name="fashion_mnist", root=str(root), download=False))
     check_loaded(ds, arrays)
     raw = sorted(os.listdir(root / "FashionMNIST" / "raw"))
-    assert raw == sorted(data.IDX_FILES)  # unpacked, no temp files left behind
+    assert raw == sorted(builtin.IDX_FILES)  # unpacked, no temp files left behind
 
 
 def test_test_limit_keeps_balanced_subset(tmp_path, no_debian):
@@ -297,10 +287,10 @@ def test_cifar10_pickles_load_as_chw(tmp_path, monkeypatch):
     ds = load_dataset(cfg)
     assert ds.x_train.shape == (15, 3, 32, 32) and ds.x_test.shape == (3, 3, 32, 32)
     same_rows_as_the_whole(cfg, ds, np.array([1, 4, 5, 11, 14]), np.array([0, 2]))  # rows across batch files
-    assert ds.channels == 3 and ds.image_size == 32
+    assert ds.input_shape == (3, 32, 32)
     assert ds.y_test.tolist() == batches["test_batch"][1]
     raw = torch.from_numpy(batches["test_batch"][0]).view(3, 3, 32, 32).float() / 255  # CHW rows
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in data.STATS["cifar10"])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in builtin.STATS["cifar10"])
     assert torch.allclose(ds.x_test, (raw - mean) / std, atol=1e-5)
 
 
@@ -325,7 +315,7 @@ def test_failed_download_becomes_dataerror(tmp_path, no_debian, monkeypatch):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(DataError, match="fashion_mnist"):
+    with pytest.raises(DataError, match="data.name: unknown dataset 'imagenet' .*fashion_mnist"):
         load_dataset(DataConfig(name="imagenet", download=False))
 
 
@@ -344,7 +334,7 @@ def test_digits_loads_offline():
     not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="Debian dataset-fashion-mnist not installed"
 )
 def test_real_fashion_mnist_from_debian(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+    monkeypatch.setattr(builtin, "DEBIAN_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
     ds = load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path), download=False))
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert ds.num_classes == 10 and set(ds.y_train.unique().tolist()) == set(range(10))

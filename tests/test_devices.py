@@ -14,8 +14,8 @@ from training import checkpoint as ckpt
 from training import devices, federated, gates, local, objectives, seeds
 from training.config import ConfigError, load_config
 from training.data import build_split
+from training.datasets import load_labels, load_rows
 from training.models import Stage1Model, build_expert
-from training.shards import load_labels, load_rows
 
 
 def test_gpu_shares_reach_the_clients_bundles_and_actors(tmp_path, data_root):

@@ -13,9 +13,9 @@ from conftest import SMOKE
 from training import checkpoint as ckpt
 from training import federated, gates, routing
 from training.config import load_config
-from training.data import build_split, load_dataset
+from training.data import build_split
+from training.datasets import client_rows, load_dataset, load_labels
 from training.models import Gate, Stage1Model
-from training.shards import client_rows, load_labels
 
 
 def test_smoke_run_reports_every_variant_and_baseline(smoke_run):

@@ -435,7 +435,7 @@ def test_fedbn_keeps_each_clients_batchnorm_resumes_with_it_and_serving_uses_it(
     from serve import launch
     from training import checkpoint as ckpt
     from training import gates, routing
-    from training.data import normalize
+    from training.datasets import STATS, normalize
 
     args = smoke_train_args(data_root, "stage1.fedbn=true", "stage3.variants=[classgate]")
     _train(tmp_path, [*args, "--out", "run"])
@@ -473,7 +473,7 @@ def test_fedbn_keeps_each_clients_batchnorm_resumes_with_it_and_serving_uses_it(
     probs = {}
     for name, f in (("own", modules["extractors"][1]), ("shared", modules["extractor"])):
         with torch.no_grad():
-            h = f(normalize(torch.from_numpy(pixels), cfg.data.name))
+            h = f(normalize(torch.from_numpy(pixels), *STATS[cfg.data.name]))
             gate = modules["gates"][1]
             idx, w = spec.choose(gate, h, cfg.routing.top_k, None, cfg.num_clients, 0)
             logits = routing.route_in_process(h, idx, w, modules["experts"], 1, True, spec.readout(gate))

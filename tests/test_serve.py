@@ -13,7 +13,8 @@ from PIL import Image
 
 from training import checkpoint as ckpt
 from training import gates, routing
-from training.data import build_split, denormalize, load_dataset, normalize
+from training.data import build_split
+from training.datasets import STATS, load_dataset, normalize
 
 JSON = {"Content-Type": "application/json"}
 NPY = {"Content-Type": "application/x-npy"}
@@ -57,7 +58,7 @@ def reference(smoke_run, variant):
     modules = ckpt.build_modules(trained, variant)
     ds = load_dataset(cfg.data)
     split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
-    pixels = denormalize(ds.x_test[split.test[0][:24]], ds.name).numpy()
+    pixels = ds.raw(ds.x_test[split.test[0][:24]]).numpy()
     return cfg, modules, gates.get(variant), pixels
 
 
@@ -65,7 +66,7 @@ def _offline(ref, client: int, pixels: np.ndarray, k: int):
     cfg, modules, spec, _ = ref
     extractor, experts, gate = modules["extractor"], modules["experts"], modules["gates"][client]
     with torch.no_grad():
-        h = extractor(normalize(torch.from_numpy(pixels), cfg.data.name))
+        h = extractor(normalize(torch.from_numpy(pixels), *STATS[cfg.data.name]))
         idx, w = spec.choose(gate, h, k, None, cfg.num_clients, 0)
     logits = routing.route_in_process(h, idx, w, experts, client, cfg.routing.fp16_latents, spec.readout(gate))
     return idx, torch.softmax(logits, 1)
@@ -173,7 +174,7 @@ def test_personal_moves_the_answer_along_the_frontier_and_is_echoed(served, refe
         return
     gate, k = modules["gates"][0], cfg.routing.top_k
     with torch.no_grad():
-        h = modules["extractor"](normalize(torch.from_numpy(pixels), cfg.data.name))
+        h = modules["extractor"](normalize(torch.from_numpy(pixels), *STATS[cfg.data.name]))
         idx, w = spec.choose(gate, h, k, None, cfg.num_clients, 0)
         offline = {
             p: routing.route_in_process(h, idx, w, modules["experts"], 0, True, spec.readout(gate, p)).argmax(1)

@@ -109,6 +109,22 @@ def input_shape(meta: dict) -> tuple[int, ...]:
     return meta["channels"], meta["image_size"], meta["image_size"]
 
 
+def data_facts(meta: dict) -> dict:
+    """The run's data facts (``training.datasets.Labels.facts``): shape, image or not, normalization. Runs recorded
+    before datasets were plug-ins trained on a built-in image dataset, whose normalization is known."""
+    from training.datasets.builtin import STATS
+
+    mean, std = (meta["mean"], meta["std"]) if "mean" in meta else STATS[meta["dataset"]]
+    return {
+        "dataset": meta["dataset"],
+        "num_classes": meta["num_classes"],
+        "input_shape": list(input_shape(meta)),
+        "image": meta.get("image", True),
+        "mean": mean,
+        "std": std,
+    }
+
+
 def load_extractor(cfg, meta: dict, stage1: dict) -> torch.nn.Module:
     """Eval-mode F from the stage-1 weights (F and its helpers)."""
     model = Stage1Model(cfg.model, input_shape(meta), meta["num_classes"])

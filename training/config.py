@@ -17,8 +17,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from training import backbones  # noqa: F401  (registers the built-in extractors and experts)
-from training.registry import EXPERTS, EXTRACTORS, GATES, OBJECTIVES, PluginError, load_plugins
+from training import backbones, datasets  # noqa: F401  (register the built-in models and datasets)
+from training.registry import DATASETS, EXPERTS, EXTRACTORS, GATES, OBJECTIVES, PluginError, load_plugins
 
 try:  # configs/ of an installed checkout, or its copy inside a wheel
     SHIPPED = files("training.configs")
@@ -26,8 +26,7 @@ except ModuleNotFoundError:  # a checkout on PYTHONPATH, not installed
     SHIPPED = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = Path(str(SHIPPED / "default.yaml"))  # the main job
 SMOKE_CONFIG = Path(str(SHIPPED / "smoke.yaml"))  # tiny: tests and --quick benchmarks
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
-PARTITIONS = ("iid", "dirichlet", "shards")
+PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 # what stage3.variants holds by default, in this order (a variant's place fixes its gate's initial weights)
 DEFAULT_VARIANTS = ("rangate", "rollgate", "fedgate", "localgate", "fullgate", "protogate", "classgate")
 DEVICES = ("auto", "cpu", "cuda")
@@ -41,16 +40,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist, mnist, cifar10 or digits
-    root: str = "data"  # explicit data dir; Debian's copy is unpacked here on first use
-    download: bool = True  # let torchvision download when files are absent
+    name: str = "fashion_mnist"  # fashion_mnist, mnist, cifar10, digits, arrays, image_folder, hf, or a plug-in
+    path: Optional[str] = None  # arrays: the .npz; image_folder: the folder; hf: a saved dataset, files or hub name
+    columns: dict[str, Any] = field(default_factory=dict)  # hf: {input: col or [cols], label: col, client: col}
+    root: str = "data"  # data and caches dir; Debian's Fashion-MNIST is unpacked here on first use
+    download: bool = True  # let torchvision download the built-ins when their files are absent
+    image_size: Optional[int] = None  # image_folder, hf images: resize to this square size (null: the first image's)
+    channels: Optional[int] = None  # image_folder, hf images: 1 (grayscale) or 3 (RGB) (null: the first image's)
+    num_classes: Optional[int] = None  # classes (null: the dataset's, else the largest label + 1)
+    mean: Optional[list[float]] = None  # per-channel (or feature) mean subtracted from stored inputs (null: dataset's)
+    std: Optional[list[float]] = None  # per-channel (or feature) std inputs are divided by (null: the dataset's)
     train_limit: Optional[int] = None  # use a seeded subset of the train set (tiny runs)
     test_limit: Optional[int] = None  # cap the balanced global test set
 
 
 @dataclass
 class PartitionConfig:
-    method: str = "dirichlet"  # iid, dirichlet or shards
+    method: str = "dirichlet"  # iid, dirichlet, shards, or natural (by the dataset's client ids)
     alpha: float = 0.5  # dirichlet: label-skew concentration (smaller: more skew)
     classes_per_client: int = 2  # shards: classes each client holds
     min_samples: int = 10  # every client gets at least this many training samples
@@ -239,10 +245,10 @@ def _check(ok: bool, path: str, msg: str) -> None:
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Value checks that types alone cannot express; raises ConfigError naming the field."""
     _check(cfg.num_clients >= 1, "num_clients", "must be >= 1")
-    _check(cfg.data.name in DATASETS, "data.name", f"unknown dataset {cfg.data.name!r} (one of {', '.join(DATASETS)})")
-    for key in ("train_limit", "test_limit"):
+    for key in ("train_limit", "test_limit", "image_size", "num_classes"):
         v = getattr(cfg.data, key)
         _check(v is None or v > 0, f"data.{key}", "must be positive or null")
+    _check(cfg.data.channels in (None, 1, 3), "data.channels", "must be 1, 3 or null")
     p = cfg.partition
     _check(
         p.method in PARTITIONS, "partition.method", f"unknown partitioner {p.method!r} (one of {', '.join(PARTITIONS)})"
@@ -259,6 +265,16 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             load_plugins([spec])
         except PluginError as exc:
             raise ConfigError(f"plugins[{i}]: {str(exc).removeprefix('plugins: ')}") from None
+    try:
+        source = DATASETS.resolve(cfg.data.name)
+    except PluginError as exc:
+        raise ConfigError(f"data.name: {exc}") from None
+    _check(
+        isinstance(source, type) and issubclass(source, datasets.Source),
+        "data.name",
+        f"{cfg.data.name} is not a dataset (a subclass of training.datasets.Source)",
+    )
+    _check(not cfg.data.columns or cfg.data.name == "hf", "data.columns", "only data.name hf reads columns")
     _check_model("extractor", EXTRACTORS, m.extractor, ("input_shape", "latent_dim"), m.extractor_args)
     _check_model("expert", EXPERTS, m.expert, ("latent_dim", "num_classes"), m.expert_args)
     _check(
@@ -344,7 +360,8 @@ def _check_model(field: str, registry, spec: str, fixed: tuple[str, ...], args: 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config's files with absolute paths (actors and Serve replicas may run in another directory): the data
-    root, plug-in files, models named by ``file.py:Name`` and the extractor's weights. Changes ``cfg`` in place."""
+    root and path, plug-in files, models and datasets named by ``file.py:Name`` and the extractor's weights.
+    Changes ``cfg`` in place."""
 
     def spec(s: str) -> str:
         where, sep, name = s.rpartition(":")
@@ -353,7 +370,9 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     m = cfg.model
     cfg.data.root = str(Path(cfg.data.root).resolve())
     cfg.plugins = [str(Path(p).resolve()) if p.endswith(".py") else p for p in cfg.plugins]
-    m.extractor, m.expert = spec(m.extractor), spec(m.expert)
+    m.extractor, m.expert, cfg.data.name = spec(m.extractor), spec(m.expert), spec(cfg.data.name)
+    if cfg.data.path and Path(cfg.data.path).exists():  # not a hub name
+        cfg.data.path = str(Path(cfg.data.path).resolve())
     m.extractor_weights = m.extractor_weights and str(Path(m.extractor_weights).resolve())
     return cfg
 

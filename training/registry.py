@@ -1,7 +1,7 @@
-"""Registries of plug-ins by name: stage-3 gate variants, stage-1 objectives, feature extractors, experts.
+"""Registries of plug-ins by name: stage-3 gate variants, stage-1 objectives, feature extractors, experts, datasets.
 
 A plug-in is a class (or, for models, a factory) registered under a name (``@GATES.register("mygate")``).
-A model may also be named by where it lives, ``"package.module:Name"`` or ``"path/to/file.py:Name"``
+A model or a dataset may also be named by where it lives, ``"package.module:Name"`` or ``"path/to/file.py:Name"``
 (``Registry.resolve``), with no registration at all. Built-ins
 register when ``training`` is imported; a user's own plug-ins are Python files or modules
 named in the config's ``plugins`` list, imported by ``load_plugins`` in every process that
@@ -80,6 +80,7 @@ GATES: Registry = Registry("gate variant")
 OBJECTIVES: Registry = Registry("stage-1 objective")
 EXTRACTORS: Registry = Registry("feature extractor")
 EXPERTS: Registry = Registry("expert")
+DATASETS: Registry = Registry("dataset")
 
 _loaded: dict[str, object] = {}
 

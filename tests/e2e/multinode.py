@@ -143,7 +143,7 @@ def placement(args, workers: dict) -> dict:
     out["infos"] = ray.get([c.info.remote() for c in clients])
     # routed inference from every client through both other clients' experts (top_k = 3):
     # the latents go through the object store to the other nodes, logits come back
-    from training.data import load_dataset
+    from training.datasets import load_dataset
 
     ds = load_dataset(cfg.data)
     x = ds.x_test[:16]
@@ -173,11 +173,11 @@ def serve_across_nodes(run: Path, x) -> dict:
 
     from serve import launch
     from serve.deployments import client_app_name
-    from training.data import denormalize
+    from training.datasets import STATS, denormalize
 
     served = launch.deploy(run, "fedgate", "127.0.0.1", free_port())
     try:
-        pixels = denormalize(x, "fashion_mnist").numpy()
+        pixels = denormalize(x, *STATS["fashion_mnist"]).numpy()
         out: dict = {"clients": {}, "served": {str(i): w for i, w in served.clients.items()}}
         for i, w in served.clients.items():
             r = httpx.post(f"{w['url']}/predict", json={"inputs": pixels.tolist(), "top_k": 3}, timeout=60)
