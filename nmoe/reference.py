@@ -1,5 +1,5 @@
-"""``nmoe config`` and ``nmoe models``: the configuration reference, generated from the typed config (so it
-cannot drift from it), and the registered feature extractors and experts."""
+"""``nmoe config``, ``nmoe models`` and ``nmoe datasets``: the configuration reference, generated from the typed
+config (so it cannot drift from it), and the registered feature extractors, experts and datasets."""
 
 from __future__ import annotations
 
@@ -51,16 +51,27 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _listing(args, registries: tuple) -> int:
+    """One row per registered plug-in: the config key that names it, its name, its docstring's first paragraph."""
+    load_config(args)  # imports the config's plugins
+    print("| key | name | what it is |\n|---|---|---|")
+    for key, registry in registries:
+        for name in registry.names():
+            doc = (inspect.getdoc(registry.get(name)) or "").split("\n\n")[0].replace("\n", " ")
+            print(f"| `{key}` | `{name}` | {doc} |")
+    return 0
+
+
 def cmd_models(args) -> int:
     from training.registry import EXPERTS, EXTRACTORS
 
-    load_config(args)  # imports the config's plugins
-    print("| kind | name | what it is |\n|---|---|---|")
-    for kind, registry in (("extractor", EXTRACTORS), ("expert", EXPERTS)):
-        for name in registry.names():
-            doc = (inspect.getdoc(registry.get(name)) or "").split("\n\n")[0].replace("\n", " ")
-            print(f"| `model.{kind}` | `{name}` | {doc} |")
-    return 0
+    return _listing(args, (("model.extractor", EXTRACTORS), ("model.expert", EXPERTS)))
+
+
+def cmd_datasets(args) -> int:
+    from training.registry import DATASETS
+
+    return _listing(args, (("data.name", DATASETS),))
 
 
 def add_parsers(sub) -> None:
@@ -69,3 +80,6 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("models", help="the registered feature extractors (model.extractor) and experts (model.expert)")
     config_args(p)  # its plugins are listed too
     p.set_defaults(func=cmd_models)
+    p = sub.add_parser("datasets", help="the registered datasets (data.name): built-ins, general loaders, plug-ins")
+    config_args(p)
+    p.set_defaults(func=cmd_datasets)

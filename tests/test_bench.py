@@ -230,3 +230,19 @@ def test_classgate_finished_only_tabulates_the_finished_runs_without_training(be
     res, _ = bench(capsys, "classgate", "--finished-only")
     assert sorted(p.name for p in (bench.out / "runs").iterdir()) == runs  # nothing trained
     assert res["sweeps"]["dirichlet0.5"][0]["chosen"] == before["chosen"]
+
+
+def test_datasets_suite_tables_every_method_on_the_digits_as_vectors(bench, capsys):
+    res, md = bench(capsys, "datasets")
+    assert res["partitions"] == ["natural", "dirichlet0.5"] and len(res["seeds"]) == 1
+    assert res["config"]["data"]["name"] == "arrays" and res["config"]["model"]["extractor"] == "mlp"
+    names = [r["method"] for r in res["rows"]]
+    assert {"local_only", "fedavg_global", "centralized_moe"} <= set(names) and "nmoe/fedgate" in names
+    personalized, global_ = md.split("## Global accuracy")
+    for r in res["rows"]:
+        for part, which, text in (
+            (p, w, t) for p in res["partitions"] for w, t in (("personalized", personalized), ("global", global_))
+        ):
+            c = r["cells"][part]
+            assert c["seeds"] == 1 and 0 <= c[f"{which}_mean"] <= 1
+            assert f"{100 * c[f'{which}_mean']:.1f}" in _row(text, r["method"])

@@ -481,3 +481,28 @@ def test_a_client_reading_a_tenth_of_the_rows_holds_about_a_tenth_of_the_inputs(
     whole = N_LEAN * 784 * 4
     assert got["rows"] == N_LEAN // 10 and got["shape"][1:] in ([784], [28, 28])
     assert got["grew"] < 0.35 * whole, got  # a tenth is 0.1 (0.25 with conversion buffers); the whole: 1.0 or more
+
+
+def test_hf_reads_csv_files_with_string_labels_and_feature_columns(tmp_path):
+    """A folder of csv files (split by file name) read through Hugging Face: a list of numeric columns is one vector,
+    string labels are numbered in sorted order, and a site column gives the client ids."""
+    import csv
+
+    from sklearn.datasets import load_wine
+
+    w = load_wine()
+    order = np.random.default_rng(0).permutation(len(w.target))
+    for name, rows in (("train", order[:130]), ("test", order[130:])):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["alcohol", "malic_acid", "ash", "grape", "site"])
+            out.writerows([*w.data[r, :3], w.target_names[w.target[r]], f"s{r % 5}"] for r in rows)
+    columns = {"input": ["alcohol", "malic_acid", "ash"], "label": "grape", "client": "site"}
+    cfg = _cfg(tmp_path, name="hf", path=str(tmp_path), columns=columns)
+    labels = check_data(cfg.data)
+    assert labels.input_shape == (3,) and labels.num_classes == 3 and labels.classes == list(w.target_names)
+    assert labels.y_train.tolist() == w.target[order[:130]].tolist()
+    assert labels.client_train.tolist() == (order[:130] % 5).tolist()  # "s0".."s4" numbered in sorted order
+    x, y = load_rows(cfg.data, True, np.array([4, 0]), labels)
+    assert torch.allclose(x, torch.tensor(w.data[order[[4, 0]], :3], dtype=torch.float32))
+    assert y.tolist() == w.target[order[[4, 0]]].tolist()
