@@ -22,7 +22,7 @@ from actors import peers
 from training import devices, federated, frontier, gates, local, routing, seeds
 from training.config import ExperimentConfig, from_dict
 from training.data import label_counts
-from training.datasets import load_labels, load_rows
+from training.datasets import Labels, load_labels, load_rows
 from training.gates import ClientView
 from training.models import Stage1Model, build_expert
 from training.schema import SPLITS
@@ -51,17 +51,19 @@ class Client:
         global_rows: np.ndarray,
         val_rows: np.ndarray,
         global_val_rows: np.ndarray,
+        labels: Labels | None = None,
         threads: int = 1,
         coordinator=None,
         device: str = "cpu",
     ):
         """``*_rows``: row numbers in the dataset's train and test files (``training.shards``):
-        the own train, test and validation splits, and the global test and validation halves."""
+        the own train, test and validation splits, and the global test and validation halves. ``labels``: the
+        dataset's labels and facts, as the coordinator read them (None: read here)."""
         torch.set_num_threads(max(1, threads))
         self.id = client_id
         self.cfg: ExperimentConfig = from_dict(cfg)
         self.device = devices.local(device)
-        self.labels = load_labels(self.cfg.data)  # labels and facts; of the inputs, only these rows are read
+        self.labels = labels if labels is not None else load_labels(self.cfg.data)  # of the inputs: these rows only
         x, y = load_rows(self.cfg.data, True, train_rows, self.labels)
         self.x, self.y = x.to(self.device), y.to(self.device)
         x, y = load_rows(self.cfg.data, False, test_rows, self.labels)

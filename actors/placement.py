@@ -83,6 +83,7 @@ def start_clients(cfg, labels, split, coordinator=None) -> tuple:
             f"{cfg.cluster.placement}; the cluster has {ray.cluster_resources()}"
         ) from None
     actor, cfg_dict = ray.remote(Client), cfg.to_dict()
+    facts = ray.put(labels)  # labels and facts, once for all clients (no inputs): they need not read them again
     clients = [
         actor.options(
             max_restarts=cfg.cluster.max_restarts,
@@ -93,7 +94,15 @@ def start_clients(cfg, labels, split, coordinator=None) -> tuple:
             resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
             runtime_env={"env_vars": CLIENT_ENV},
-        ).remote(i, cfg_dict, **client_rows(labels, split, i), threads=threads, coordinator=coordinator, device=device)
+        ).remote(
+            i,
+            cfg_dict,
+            **client_rows(labels, split, i),
+            labels=facts,
+            threads=threads,
+            coordinator=coordinator,
+            device=device,
+        )
         for i in range(cfg.num_clients)
     ]
     return pg, clients

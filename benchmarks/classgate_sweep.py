@@ -120,7 +120,7 @@ def sweep(run_dir: Path, ds=None, split=None) -> dict:
         raise ckpt.RunFolderError(f"{run_dir}: made before the validation split; train it again (--fresh)")
     mods = ckpt.build_modules(trained, ClassGate.name)
     ds = ds if ds is not None else load_dataset(cfg.data)
-    split = split or build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+    split = split or build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes, ds.labels.client_train)
     data = _data(mods, ds, split)
     curves = classgate_curves(cfg, mods, data)
     pooled = pooled_reference(cfg, mods["extractor"], ds, split, data, mods["gates"])

@@ -33,7 +33,7 @@ def in_process(cfg, threads: int | None = None) -> dict:
     try:
         t0 = time.perf_counter()
         ds = load_dataset(cfg.data)
-        split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+        split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes, ds.labels.client_train)
         shards = [(ds.x_train[idx], ds.y_train[idx]) for idx in split.train]
         shape = (cfg.model, ds.input_shape, ds.num_classes)
         torch.manual_seed(cfg.seed)  # the coordinator's global model

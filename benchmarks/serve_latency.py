@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import gates, routing, seeds  # noqa: E402
 from training.config import PAPER_VARIANT  # noqa: E402
-from training.datasets import STATS, load_dataset, normalize  # noqa: E402
+from training.datasets import load_dataset, normalize  # noqa: E402
 
 TOP_K = 2
 # (batch, concurrency, body format): the targets' cells first, then the JSON path beside them
@@ -43,6 +43,7 @@ def in_process(run: Path, pixels: np.ndarray, batch: int, repeats: int) -> dict:
     """The same routed forward (client 0, the paper's variant) with every module in this process."""
     t = ckpt.load_trained(run)
     cfg = t["config"]
+    facts = ckpt.data_facts(t["meta"])
     m = ckpt.build_modules(t, PAPER_VARIANT)
     ext, experts, gate = m["extractor"], m["experts"], m["gates"][0]
     spec = gates.get(PAPER_VARIANT)
@@ -51,7 +52,7 @@ def in_process(run: Path, pixels: np.ndarray, batch: int, repeats: int) -> dict:
         x = torch.from_numpy(pixels[(r * batch) % (len(pixels) - batch) :][:batch])
         t0 = time.perf_counter()
         with torch.no_grad():
-            h = ext(normalize(x, *STATS[cfg.data.name]))
+            h = ext(normalize(x, facts["mean"], facts["std"]))
             idx, w = spec.choose(gate, h, TOP_K, None, cfg.num_clients, seeds.routing(cfg.seed, 0))
             routing.route_in_process(h, idx, w, experts, 0, cfg.routing.fp16_latents, spec.readout(gate))
         lat.append(time.perf_counter() - t0)

@@ -166,7 +166,7 @@ def _load_input(args, health: dict) -> np.ndarray:
             labels = load_labels(cfg)
             if not 0 <= args.sample < len(labels.y_test):
                 raise UserError(f"--sample: {args.sample} is outside the test set (0..{len(labels.y_test) - 1})")
-            x = source(cfg).rows(cfg, False, [args.sample])  # as stored: what a user sends
+            x = source(cfg).rows(cfg, False, np.array([args.sample]))  # as stored: what a user sends
         except DataError as exc:
             raise UserError(f"--sample: {exc}; send the input with --input instead") from None
         print(f"sample {args.sample}: true label {int(labels.y_test[args.sample])}")

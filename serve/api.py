@@ -196,7 +196,7 @@ def predict_openapi(meta: dict, n: int, max_batch: int, secured: bool, personal:
         content[inputs.JPEG] = {**binary, "description": image}
         content[inputs.NPY] = {**binary, "description": "np.save of uint8 (0-255) or float32 (0-1) pixels"}
     else:
-        content[inputs.NPY] = {**binary, "description": f"np.save of float32 or float64 arrays {spec.shown()}"}
+        content[inputs.NPY] = {**binary, "description": f"np.save of numeric arrays {spec.shown()}, as stored"}
     extra: dict = {
         "requestBody": {"required": True, "content": content},
         "parameters": [

@@ -148,11 +148,11 @@ def _npy(body: bytes, spec: InputSpec) -> np.ndarray:
         raise HTTPException(422, "body: an .npz archive, not one .npy array")
     if spec.image and x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
-    if x.dtype == np.float32 or (not spec.image and x.dtype == np.float64):
+    if x.dtype == np.float32 or (not spec.image and x.dtype.kind in "uif"):
         return x.astype(np.float32, copy=False)
     if spec.image:
         raise HTTPException(422, f"body: .npy dtype {x.dtype}; send uint8 (0-255) or float32 (0-1)")
-    raise HTTPException(422, f"body: .npy dtype {x.dtype}; send float32 or float64")
+    raise HTTPException(422, f"body: .npy dtype {x.dtype}; send numbers (float32, float64 or integers)")
 
 
 MAX_IMAGE_PIXELS = 4096 * 4096

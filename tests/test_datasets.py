@@ -492,13 +492,14 @@ def test_hf_reads_csv_files_with_string_labels_and_feature_columns(tmp_path):
 
     w = load_wine()
     order = np.random.default_rng(0).permutation(len(w.target))
+    (tmp_path / "csv").mkdir()
     for name, rows in (("train", order[:130]), ("test", order[130:])):
-        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+        with open(tmp_path / "csv" / f"{name}.csv", "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["alcohol", "malic_acid", "ash", "grape", "site"])
             out.writerows([*w.data[r, :3], w.target_names[w.target[r]], f"s{r % 5}"] for r in rows)
     columns = {"input": ["alcohol", "malic_acid", "ash"], "label": "grape", "client": "site"}
-    cfg = _cfg(tmp_path, name="hf", path=str(tmp_path), columns=columns)
+    cfg = _cfg(tmp_path, name="hf", path=str(tmp_path / "csv"), columns=columns)
     labels = check_data(cfg.data)
     assert labels.input_shape == (3,) and labels.num_classes == 3 and labels.classes == list(w.target_names)
     assert labels.y_train.tolist() == w.target[order[:130]].tolist()
@@ -506,3 +507,40 @@ def test_hf_reads_csv_files_with_string_labels_and_feature_columns(tmp_path):
     x, y = load_rows(cfg.data, True, np.array([4, 0]), labels)
     assert torch.allclose(x, torch.tensor(w.data[order[[4, 0]], :3], dtype=torch.float32))
     assert y.tolist() == w.target[order[[4, 0]]].tolist()
+
+
+def test_uint8_arrays_that_are_not_square_images_are_used_as_stored(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, shape in (("vectors", (40, 10)), ("wide", (40, 1, 4, 8))):
+        x = rng.integers(0, 256, shape).astype(np.uint8)
+        y = np.arange(40) % 4
+        np.savez(tmp_path / f"{name}.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+        cfg = _cfg(tmp_path, name="arrays", path=str(tmp_path / f"{name}.npz"))
+        labels = check_data(cfg.data)
+        assert labels.image is False and labels.input_shape == shape[1:] and labels.num_classes == 4
+        got, _ = load_rows(cfg.data, True, np.array([3, 1]), labels)
+        assert torch.equal(got, torch.from_numpy(x[[3, 1]].astype(np.float32)))  # values as stored, not / 255
+
+
+def test_serve_decodes_vectors_by_json_and_npy_and_refuses_images_for_them():
+    from fastapi import HTTPException
+
+    from serve import inputs
+
+    spec = inputs.InputSpec((5,), image=False)
+    one, _ = inputs.decode(json.dumps({"inputs": [1, 2, 3, 4, 5.5]}).encode(), inputs.JSON, spec, 8)
+    assert one.shape == (1, 5) and one.dtype == np.float32 and one[0, 4] == 5.5  # no [0, 1] range for vectors
+    batch, _ = inputs.decode(_npy(np.arange(10, dtype=np.int64).reshape(2, 5)), inputs.NPY, spec, 8)
+    assert batch.shape == (2, 5) and batch[1, 0] == 5.0
+    for body, kind, status, detail in (
+        (json.dumps({"inputs": [1, 2, 3]}).encode(), inputs.JSON, 422, "shape [3] is not [5] or [B,5]"),
+        (_npy(np.zeros((9, 5), np.float32)), inputs.NPY, 422, "batch of 9 exceeds the limit of 8"),
+        (_npy(np.array([[1, 2, 3, 4, np.nan]], np.float32)), inputs.NPY, 422, "NaN"),
+        (_npy(np.array([["a"] * 5])), inputs.NPY, 422, "send numbers"),
+    ):
+        with pytest.raises(HTTPException) as err:
+            inputs.decode(body, kind, spec, 8)
+        assert err.value.status_code == status and detail in err.value.detail, err.value.detail
+    with pytest.raises(HTTPException) as err:
+        inputs.media_type("image/png", spec)
+    assert err.value.status_code == 415 and "takes [5] arrays, not images" in err.value.detail

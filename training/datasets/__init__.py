@@ -63,15 +63,16 @@ def load_rows(cfg, train: bool, rows: np.ndarray, labels: Labels | None = None) 
     labels = labels if labels is not None else load_labels(cfg)
     rows = np.asarray(rows, dtype=np.int64)
     x = torch.as_tensor(source(cfg).rows(cfg, train, rows), dtype=torch.float32)
-    y = labels.y_train[rows] if train else _test_labels(labels)[rows]
+    y = labels.y_train[rows] if train else _test_labels(labels, rows)
     return normalize(x, labels.mean, labels.std).contiguous(), torch.from_numpy(np.ascontiguousarray(y))
 
 
-def _test_labels(labels: Labels) -> np.ndarray:
-    """Labels of the test file's rows (``labels.y_test`` holds the ``test_limit`` subset's)."""
-    out = np.full(int(labels.test_rows.max(initial=-1)) + 1, -1, np.int64)
-    out[labels.test_rows] = labels.y_test
-    return out
+def _test_labels(labels: Labels, rows: np.ndarray) -> np.ndarray:
+    """Labels of these rows of the test file (``labels.y_test`` holds the ``test_limit`` subset's, in file order)."""
+    at = np.searchsorted(labels.test_rows, rows)
+    if len(rows) and (at.max() >= len(labels.test_rows) or not np.array_equal(labels.test_rows[at], rows)):
+        raise DataError(f"{labels.name}: test rows asked for are not in the data.test_limit subset")
+    return labels.y_test[at]
 
 
 def client_rows(labels: Labels, split, i: int) -> dict[str, np.ndarray]:

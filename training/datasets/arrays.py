@@ -3,8 +3,8 @@
 The file (``data.path``, written with ``np.savez``) holds ``x_train``, ``y_train``, ``x_test``, ``y_test`` and,
 optionally, ``client_train``: one client id per training row (any integers or strings), for
 ``partition.method: natural``. Inputs may be any shape: vectors ``[N, D]``, images ``[N, C, H, W]``, or more.
-Images are recognised as such when they are uint8 (read as value / 255) or float in [0, 1] with 1 or 3 channels;
-Serve then takes PNG and JPEG too. Other arrays are used as stored.
+Square images ``[C, S, S]`` with 1 or 3 channels are recognised as such when they are uint8 (read as value / 255)
+or float in [0, 1]; Serve then takes PNG and JPEG too. Other arrays are used as stored (as float32).
 
 So that a client reads its own rows only, the archive is unpacked once into ``data.root/arrays/`` as plain
 ``.npy`` files, which every process memory-maps.
@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -44,7 +45,9 @@ class Arrays(Source):
         folder, info = self._unpacked(cfg)
         x = np.load(folder / ("x_train.npy" if train else "x_test.npy"), mmap_mode="r")
         out = np.asarray(x[np.asarray(rows, dtype=np.int64)])  # copies these rows only
-        return out.astype(np.float32) / 255.0 if out.dtype == np.uint8 else out.astype(np.float32, copy=False)
+        if info["image"] and out.dtype == np.uint8:
+            return out.astype(np.float32) / 255.0
+        return out.astype(np.float32, copy=False)
 
     def where(self, cfg) -> str:
         return f"data.path {cfg.path}"
@@ -65,14 +68,14 @@ class Arrays(Source):
         key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
         folder = Path(cfg.root) / "arrays" / f"{path.stem}-{key}"
         if not (folder / "info.json").is_file():
-            tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+            tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex}")
             try:
                 info = _unpack(path, tmp)
                 (tmp / "info.json").write_text(json.dumps(info))
-                try:
-                    os.replace(tmp, folder)
-                except OSError:  # another process unpacked it first
-                    pass
+                os.replace(tmp, folder)
+            except OSError as exc:
+                if not (folder / "info.json").is_file():  # else another process unpacked it first
+                    raise DataError(f"data.root {cfg.root}: cannot unpack {path.name} into {folder} ({exc})") from None
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return folder, json.loads((folder / "info.json").read_text())
@@ -117,7 +120,7 @@ def _unpack(path: Path, out: Path) -> dict:
     lo, hi = _scan(arrays, where)
     shape = list(arrays["x_train"].shape[1:])
     pixels = arrays["x_train"].dtype == np.uint8 or (lo >= 0 and hi <= 1)
-    image = len(shape) == 3 and shape[0] in (1, 3) and pixels
+    image = len(shape) == 3 and shape[0] in (1, 3) and shape[1] == shape[2] and pixels
     return {"shape": shape, "image": bool(image), "client_train": "client_train" in names}
 
 

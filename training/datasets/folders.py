@@ -25,14 +25,14 @@ class ImageFolder(Source):
     """Images in ``train/<class>/`` and ``test/<class>/`` folders under ``data.path``."""
 
     def labels(self, cfg) -> Labels:
-        classes, train, test = _layout(cfg.path)
+        classes, train, test = _layout(cfg.path, _stamp(cfg.path))
         channels, size = _geometry(cfg, train[0][0])
         return Labels(
             "image_folder", train[1], test[1], (channels, size, size), len(classes), image=True, classes=classes
         )
 
     def rows(self, cfg, train: bool, rows: np.ndarray) -> np.ndarray:
-        _, tr, te = _layout(cfg.path)
+        _, tr, te = _layout(cfg.path, _stamp(cfg.path))
         files = (tr if train else te)[0]
         channels, size = _geometry(cfg, tr[0][0])
         out = np.empty((len(rows), channels, size, size), np.float32)
@@ -66,9 +66,8 @@ def pixels(img, channels: int, size: int) -> np.ndarray:
     return out[None] if channels == 1 else out.transpose(2, 0, 1)
 
 
-@functools.lru_cache(maxsize=8)
-def _layout(path: str | None) -> tuple[list[str], tuple, tuple]:
-    """Class names, and (files, labels) of the train and test folders, in row order."""
+def _stamp(path: str | None) -> tuple:
+    """When the folders last changed: the cached layout is read again after any file is added or removed."""
     if not path:
         raise DataError("data.path: set it to the folder holding train/<class>/ and test/<class>/")
     root = Path(path)
@@ -77,6 +76,13 @@ def _layout(path: str | None) -> tuple[list[str], tuple, tuple]:
             raise DataError(
                 f"data.path {root}: no {part}/ folder; an image_folder dataset has train/<class>/ and test/<class>/"
             )
+    return tuple(p.stat().st_mtime_ns for part in ("train", "test") for p in [root / part, *(root / part).iterdir()])
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(path: str, stamp: tuple) -> tuple[list[str], tuple, tuple]:
+    """Class names, and (files, labels) of the train and test folders, in row order."""
+    root = Path(path)
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if len(classes) < 2:
         raise DataError(f"data.path {root}: train/ has {len(classes)} class folders; a classifier needs at least 2")
@@ -98,7 +104,7 @@ def _layout(path: str | None) -> tuple[list[str], tuple, tuple]:
 
 
 @functools.lru_cache(maxsize=8)
-def _first(path: str) -> tuple[str, tuple[int, int]]:
+def _first(path: str, mtime: int) -> tuple[str, tuple[int, int]]:
     from PIL import Image
 
     try:
@@ -110,7 +116,7 @@ def _first(path: str) -> tuple[str, tuple[int, int]]:
 
 def _geometry(cfg, first: str) -> tuple[int, int]:
     """``(channels, size)``: the config's, else the first training image's (grayscale modes: 1 channel)."""
-    mode, (w, h) = _first(first)
+    mode, (w, h) = _first(first, Path(first).stat().st_mtime_ns)
     channels = cfg.channels or (1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
     if channels not in (1, 3):
         raise DataError(f"data.channels: {channels}; images are read as 1 (grayscale) or 3 (RGB) channels")

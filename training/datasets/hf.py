@@ -1,8 +1,8 @@
 """``data.name: hf``: a Hugging Face dataset (the ``nmoe[hf]`` extra), from disk or from the hub.
 
-``data.path`` is a folder written by ``Dataset(Dict).save_to_disk`` (read with ``load_from_disk``), a folder or file
-of parquet, csv, json or arrow files (split by file name: ``train*``, ``test*``), or a hub name when the machine is
-online. The train split is ``train``; the test split is ``test`` (or ``validation``). ``data.columns`` maps columns:
+``data.path`` is a folder written by ``DatasetDict.save_to_disk`` (read with ``load_from_disk``), a folder of parquet,
+csv, json or arrow files (split by file name: ``train*``, ``test*``), or a hub name when the machine is online.
+The train split is ``train``; the test split is ``test`` (or ``validation``). ``data.columns`` maps columns:
 
 - ``input``: an image column (converted and resized like ``image_folder``), a column of numbers or lists of numbers,
   or a list of numeric columns (a table's features, read as one vector);
@@ -31,7 +31,7 @@ class HuggingFace(Source):
     """A Hugging Face dataset; ``data.columns`` names its input, label and (optional) client id columns."""
 
     def labels(self, cfg) -> Labels:
-        train, test = _splits(cfg.path, cfg.root)
+        train, test = _splits(cfg.path, cfg.root, _stamp(cfg.path))
         cols = _columns(cfg, train)
         ytr, yte, classes = _label_values(cfg, train, test, cols["label"])
         ids = np.asarray(train.with_format("numpy")[cols["client"]]) if cols.get("client") else None
@@ -41,7 +41,7 @@ class HuggingFace(Source):
         )
 
     def rows(self, cfg, train: bool, rows: np.ndarray) -> np.ndarray:
-        tr, te = _splits(cfg.path, cfg.root)
+        tr, te = _splits(cfg.path, cfg.root, _stamp(cfg.path))
         cols = _columns(cfg, tr)
         image, shape = _input_kind(cfg, tr, cols["input"])
         part = (tr if train else te).select(np.asarray(rows, dtype=np.int64))
@@ -52,19 +52,31 @@ class HuggingFace(Source):
                 out[k] = pixels(img, shape[0], shape[1])
             return out
         data = part.with_format("numpy")
-        if isinstance(inputs, list):
-            x = np.stack([np.asarray(data[c], dtype=np.float32) for c in inputs], axis=1)
-        else:
-            x = np.asarray(data[inputs], dtype=np.float32)
-        return x.reshape(len(part), *shape)
+        try:
+            if isinstance(inputs, list):
+                x = np.stack([np.asarray(data[c], dtype=np.float32) for c in inputs], axis=1)
+            else:
+                x = np.asarray(data[inputs], dtype=np.float32)
+            return x.reshape(len(part), *shape)
+        except (ValueError, TypeError) as exc:  # strings, or lists of different lengths
+            raise DataError(
+                f"data.columns.input: {inputs} in {cfg.path} is not numbers of one shape {list(shape)} per row "
+                f"({first_line(exc)})"
+            ) from None
 
     def where(self, cfg) -> str:
         return f"data.path {cfg.path}"
 
 
+def _stamp(path: str | None) -> tuple:
+    """When a local dataset last changed (a folder saved again is loaded again); a hub name has none."""
+    where = Path(path or "")
+    return tuple(p.stat().st_mtime_ns for p in (where, where / "dataset_dict.json") if path and p.exists())
+
+
 @functools.lru_cache(maxsize=4)
-def _splits(path: str | None, root: str):
-    """The train and test splits (``datasets.Dataset``), loaded once per process."""
+def _splits(path: str | None, root: str, stamp: tuple):
+    """The train and test splits (``datasets.Dataset``), loaded once per process while they do not change."""
     try:
         import datasets
     except ImportError:
