@@ -69,15 +69,7 @@ def summarize(
                 got = scores.get((method, name, part))
                 if not got:
                     continue
-                pm, ps = common.mean_std([p for p, _ in got])
-                gm, gs = common.mean_std([g for _, g in got])
-                cells[part] = {
-                    "personalized_mean": pm,
-                    "personalized_std": ps,
-                    "global_mean": gm,
-                    "global_std": gs,
-                    "seeds": len(got),
-                }
+                cells[part] = common.seed_cell(got)
                 for key, v in cells[part].items():
                     if key != "seeds":
                         metrics[f"{method}/{name}/{part}/{key}"] = v

@@ -231,6 +231,13 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_cell(got: list[tuple[float, float]]) -> dict:
+    """Mean and std over seeds of ``(personalized, global)`` accuracies: one table cell."""
+    pm, ps = mean_std([p for p, _ in got])
+    gm, gs = mean_std([g for _, g in got])
+    return {"personalized_mean": pm, "personalized_std": ps, "global_mean": gm, "global_std": gs, "seeds": len(got)}
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 

@@ -70,16 +70,7 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     for name in names:
         cells = {}
         for part in PARTITIONS:
-            got = scores.get((name, part), [])
-            pm, ps = common.mean_std([p for p, _ in got])
-            gm, gs = common.mean_std([g for _, g in got])
-            cells[part] = {
-                "personalized_mean": pm,
-                "personalized_std": ps,
-                "global_mean": gm,
-                "global_std": gs,
-                "seeds": len(got),
-            }
+            cells[part] = common.seed_cell(scores.get((name, part), []))
             metrics.update({f"{name}/{part}/{key}": v for key, v in cells[part].items() if key != "seeds"})
         rows.append({"method": name, "cells": cells})
     cfg = ctx.cfg(*overrides(path, ctx.quick))

@@ -58,6 +58,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def train_in(work: Path, args: list[str]) -> None:
+    """``nmoe train ARGS --no-tracking`` in this process (the session's Ray), run from ``work``."""
+    from nmoe.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        assert main([*args, "--no-tracking"]) == 0
+    finally:
+        os.chdir(cwd)
+
+
 def smoke_train_args(data_root, *settings: str) -> list[str]:
     """``nmoe train`` on the smoke config with the test data and ``--set`` for each of ``settings``."""
     sets = [arg for s in (f"data.root={data_root}", *settings) for arg in ("--set", s)]

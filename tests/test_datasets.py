@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMOKE, free_port, smoke_train_args
+from conftest import ROOT, SMOKE, free_port, smoke_train_args, train_in
 
 from training import checkpoint as ckpt
 from training import gates, routing, seeds
@@ -104,16 +104,11 @@ def wine_saved_to_disk(path: Path) -> None:
     datasets.DatasetDict({"train": part(tr), "test": part(te)}).save_to_disk(str(path))
 
 
-def _train(work: Path, args: list[str]) -> Path:
-    from nmoe.cli import main
-
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        assert main([*args, "--no-tracking"]) == 0
-    finally:
-        os.chdir(cwd)
-    return work / "run"
+def _trained(work: Path, *sets: str) -> tuple[Path, dict, dict]:
+    """A smoke-sized ``nmoe train`` with these settings in ``work``: the run folder, its meta and its results."""
+    train_in(work, [*smoke_train_args(work / "data", *sets), "--out", "run"])
+    run = work / "run"
+    return run, json.loads((run / "state.json").read_text())["meta"], json.loads((run / "results.json").read_text())
 
 
 def _in_process(run: Path, client: int, x: np.ndarray, variant: str) -> torch.Tensor:
@@ -191,9 +186,7 @@ def test_fedsc_views_of_vectors_drop_features_and_add_noise():
 def test_a_users_own_table_trains_by_natural_partition_and_serves_json_and_npy(ray_session, tmp_path):
     arrays = digits_vectors(tmp_path / "digits.npz")
     sets = (*VECTORS, "data.name=arrays", "data.path=digits.npz", "partition.method=natural")
-    run = _train(tmp_path, [*smoke_train_args(tmp_path / "data", *sets), "--out", "run"])
-    res = json.loads((run / "results.json").read_text())
-    meta = json.loads((run / "state.json").read_text())["meta"]
+    run, meta, res = _trained(tmp_path, *sets)
     assert meta["input_shape"] == [64] and meta["num_classes"] == 10 and meta["image"] is False
     assert res["bytes"]["raw_input_per_sample"] == 64 * 4
     assert all(0 <= m["personalized_acc"] <= 1 for m in res["methods"].values())
@@ -254,7 +247,7 @@ def test_an_image_folder_of_fashion_mnist_trains_as_its_idx_files_do(ray_session
         ("png", ("data.name=image_folder", "data.path=png", f"data.mean=[{mean[0]}]", f"data.std=[{std[0]}]")),
     ):
         args = [*smoke_train_args(tmp_path / "data", "stage3.variants=[fedgate,classgate]", *sets), "--out", name]
-        _train(tmp_path, args)
+        train_in(tmp_path, args)
         runs[name] = json.loads((tmp_path / name / "results.json").read_text())
     assert runs["png"]["methods"] == runs["idx"]["methods"]  # the same pixels: bit-identical
     assert runs["png"]["bytes"] == runs["idx"]["bytes"]
@@ -274,11 +267,9 @@ def test_a_hugging_face_dataset_saved_to_disk_trains_with_its_client_column_and_
         "partition.min_samples=10",
         "data.columns={input: features, label: label, client: region}",
     )
-    run = _train(tmp_path, [*smoke_train_args(tmp_path / "data", *sets), "--out", "run"])
-    meta = json.loads((run / "state.json").read_text())["meta"]
+    run, meta, res = _trained(tmp_path, *sets)
     assert meta["input_shape"] == [13] and meta["num_classes"] == 3 and meta["dataset"] == "hf"
     assert sum(c["train_samples"] for c in meta["clients"]) == 133
-    res = json.loads((run / "results.json").read_text())
     assert res["methods"]["local_only"]["personalized_acc"] > 0.5  # three classes: above chance
     cfg = load_config(run / "config.yaml")
     labels = load_labels(cfg.data)
@@ -306,11 +297,9 @@ def test_a_26_class_dataset_from_a_users_file_trains_routes_and_serves_png(ray_s
         "partition.method=iid",
         "stage3.variants=[fedgate,classgate]",
     )
-    run = _train(tmp_path, [*smoke_train_args(tmp_path / "data", *sets), "--out", "run"])
-    meta = json.loads((run / "state.json").read_text())["meta"]
+    run, meta, res = _trained(tmp_path, *sets)
     assert meta["num_classes"] == 26 and meta["input_shape"] == [1, 8, 8] and meta["image"] is True
     assert all(len(c["label_counts"]) == 26 for c in meta["clients"])
-    res = json.loads((run / "results.json").read_text())
     assert res["methods"]["nmoe/fedgate"]["global_acc"] > 0.1  # 26 classes: chance is 0.04
     cfg = load_config(run / "config.yaml")
     labels = load_labels(cfg.data)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, SMOKE, Nmoe, free_port, smoke_train_args
+from conftest import train_in as _train
 from torch import nn
 
 from training import federated
@@ -248,17 +249,6 @@ def test_pretrained_weights_load_from_a_run_checkpoint_or_the_extractors_own_sta
 
 
 # ---------------------------------------------------------------- end to end on Ray
-
-
-def _train(work: Path, args: list[str]) -> None:
-    from nmoe.cli import main
-
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        assert main([*args, "--no-tracking"]) == 0
-    finally:
-        os.chdir(cwd)
 
 
 def _serve_one_request(run: Path, pixels: np.ndarray, cwd: Path) -> dict:
