@@ -56,7 +56,7 @@ class Client:
         coordinator=None,
         device: str = "cpu",
     ):
-        """``*_rows``: row numbers in the dataset's train and test files (``training.shards``):
+        """``*_rows``: row numbers in the dataset's train and test sets (``training.datasets.client_rows``):
         the own train, test and validation splits, and the global test and validation halves. ``labels``: the
         dataset's labels and facts, as the coordinator read them (None: read here)."""
         torch.set_num_threads(max(1, threads))

@@ -46,7 +46,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--client", type=int, required=True)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--sample", type=int, help="index of a test-set input of the served dataset (built-ins)")
-    what.add_argument("--input", help="an image file: .npy (uint8 or float32 pixels in [0, 1]), .png or .jpg")
+    what.add_argument(
+        "--input", help="a file: .npy (an input as stored; images: uint8, or float32 pixels in [0, 1]), .png or .jpg"
+    )
     p.add_argument("--data-root", default="data", help="where the dataset lives (for --sample)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument(
