@@ -356,41 +356,33 @@ class Client:
         """The chosen experts' answers on latents ``h``, through the object store, and the bytes.
 
         A chosen peer that does not answer is replaced by the gate's next-best available expert
-        (``lost_peers`` says which); the bytes sent to it still count.
+        (``lost_peers`` says which); the bytes sent to it still count (``routing.Failover``).
         """
         self._serving()
-        fp16, live, lost_all, out, back = self.cfg.routing.fp16_latents, self._live(), [], 0, 0
-        h, ref = h.to(self.device), None
-        while True:
-            idx, w = self.choose(h, variant, top_k, live if lost_all else None)
-            plan = routing.dispatch_plan(idx)
-            remote = [j for j in plan if j != self.id]
-            answers: dict[int, torch.Tensor] = {}
-            lost: list[int] = []
-            if remote:
-                if ref is None:
-                    ref = ray.put((h.half() if fp16 else h).cpu())  # once, however many peers read it
-                futures = {j: self.peers[j].expert_forward.remote(ref, plan[j][0].cpu()) for j in remote}
-                answers, lost = peers.ask(futures, self._peer_timeout())
-                answers = devices.to(answers, self.device)
-            sent, got = routing.routed_bytes(plan, self.id, h.shape[1], self.num_classes, fp16)
-            out += sent  # sent, even to a peer that was lost
-            back += got - sum(len(plan[j][0]) for j in lost) * self.num_classes * 4
-            if not lost:
-                break
-            lost_all += lost
-            live[lost] = False
-        self._lose(lost_all)
-        if self.id in plan:
-            answers[self.id] = self._expert(h[plan[self.id][0]])
+        fp16, h, ref = self.cfg.routing.fp16_latents, h.to(self.device), []
+
+        def ask(rows: dict[int, torch.Tensor]) -> tuple[dict, list[int]]:
+            if not rows:
+                return {}, []
+            if not ref:
+                ref.append(ray.put((h.half() if fp16 else h).cpu()))  # once, however many peers read it
+            futures = {j: self.peers[j].expert_forward.remote(ref[0], r.cpu()) for j, r in rows.items()}
+            answers, lost = peers.ask(futures, self._peer_timeout())
+            return devices.to(answers, self.device), lost
+
+        loop = routing.Failover(
+            lambda live: self.choose(h, variant, top_k, live), self._live(), self.id, h.shape[1], self.num_classes, fp16
+        )
+        r = routing.route(loop, ask, lambda rows: self._expert(h[rows]))
+        self._lose(r.lost)
         return {
-            "idx": idx,
-            "w": w,
-            "plan": plan,
-            "answers": answers,
-            "bytes_out": out,
-            "bytes_in": back,
-            "lost_peers": lost_all,
+            "idx": r.idx,
+            "w": r.weights,
+            "plan": r.plan,
+            "answers": r.answers,
+            "bytes_out": r.bytes_out,
+            "bytes_in": r.bytes_in,
+            "lost_peers": r.lost,
         }
 
     def _combine(self, d: dict, variant: str, personal: float | None = None) -> torch.Tensor:

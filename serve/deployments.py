@@ -137,37 +137,33 @@ class ClientDeployment:
         k = min(top_k or self.cfg.routing.top_k, int(self.served.sum()))
         fp16 = self.cfg.routing.fp16_latents
         payload = (h.half() if fp16 else h).cpu().numpy()  # what travels: latents, on the CPU
-        available = self.served.clone()
-        bytes_out = bytes_in = 0
-        failed: list[int] = []
-        while True:
-            idx, w = self.choose(h, k, available)
-            plan = routing.dispatch_plan(idx)
-            remote = [j for j in plan if j != self.id]
+
+        async def ask(rows: dict[int, torch.Tensor]) -> tuple[dict, list[int]]:
+            remote = list(rows)
             replies = await asyncio.gather(
-                *(self._ask(j, payload[plan[j][0].cpu().numpy()]) for j in remote), return_exceptions=True
+                *(self._ask(j, payload[rows[j].cpu().numpy()]) for j in remote), return_exceptions=True
             )
-            out, _ = routing.routed_bytes(plan, self.id, h.shape[1], self.num_classes, fp16)  # sent, even if lost
-            bytes_out += out
-            bytes_in += sum(
-                len(plan[j][0]) * self.num_classes * 4
+            answers = {
+                j: torch.from_numpy(np.asarray(r)).to(self.device)
                 for j, r in zip(remote, replies)
                 if not isinstance(r, BaseException)
-            )
-            lost = [j for j, r in zip(remote, replies) if isinstance(r, BaseException)]
-            if not lost:
-                break
-            failed += lost
-            available[lost] = False  # the gate's next-best experts stand in
-            if not available.any():
-                raise HTTPException(503, f"client {self.id}: no expert in the network answered")
-            k = min(k, int(available.sum()))
-        answers = {j: torch.from_numpy(np.asarray(r)).to(self.device) for j, r in zip(remote, replies)}
-        if self.id in plan:
+            }
+            return answers, [j for j, r in zip(remote, replies) if isinstance(r, BaseException)]
+
+        def choose(available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.choose(h, min(k, int(available.sum())), available)
+
+        def local(rows: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                answers[self.id] = self.expert(h[plan[self.id][0]])
-        logits = routing.combine(w, plan, answers, self.spec.readout(self.gate, personal)).cpu()
-        idx, w = idx.cpu(), w.cpu()
+                return self.expert(h[rows])
+
+        loop = routing.Failover(choose, self.served, self.id, h.shape[1], self.num_classes, fp16)
+        try:
+            r = await routing.route_async(loop, ask, local)
+        except routing.NoExpertAvailable:
+            raise HTTPException(503, f"client {self.id}: no expert in the network answered") from None
+        logits = routing.combine(r.weights, r.plan, r.answers, self.spec.readout(self.gate, personal)).cpu()
+        idx, w = r.idx.cpu(), r.weights.cpu()
         return {
             "predictions": logits.argmax(1).tolist(),
             "probabilities": torch.softmax(logits, 1).tolist(),
@@ -175,9 +171,9 @@ class ClientDeployment:
                 [{"expert": int(j), "weight": float(wt)} for j, wt in zip(ri, wi)]
                 for ri, wi in zip(idx.tolist(), w.tolist())
             ],
-            "bytes_out": int(bytes_out),
-            "bytes_in": int(bytes_in),
-            "degraded": bool(failed),
-            "unavailable_experts": sorted(set(failed)),
+            "bytes_out": int(r.bytes_out),
+            "bytes_in": int(r.bytes_in),
+            "degraded": bool(r.lost),
+            "unavailable_experts": sorted(set(r.lost)),
             "personal": self.knob if personal is None else float(personal),
         }

@@ -99,6 +99,53 @@ def test_unavailable_experts_are_replaced_by_the_next_best():
     assert idx.tolist() == [[0, 2]] and w.sum().item() == pytest.approx(1.0)
 
 
+def test_the_failover_loop_routes_around_lost_peers_alike_in_sync_and_async_drivers():
+    """One loop (``routing.Failover``): a peer that does not answer is masked, the gate chooses again, the bytes
+    count what was sent to it, and the blocking and the asyncio drivers give the same routed batch."""
+    import asyncio
+
+    from training import routing
+
+    torch.manual_seed(0)
+    h, logits, experts = torch.randn(6, 4), torch.randn(6, 5), [torch.nn.Linear(4, 3) for _ in range(5)]
+    down = {1, 3}  # peers that never answer
+
+    def answer(rows: dict) -> tuple[dict, list]:
+        with torch.no_grad():
+            got = {j: experts[j](h[r]) for j, r in rows.items() if j not in down}
+        return got, sorted(set(rows) & down)
+
+    async def answer_async(rows: dict) -> tuple[dict, list]:
+        await asyncio.sleep(0)
+        return answer(rows)
+
+    def run(driver):
+        loop = routing.Failover(
+            lambda live: routing.noisy_topk(logits, 2, available=live), torch.ones(5, dtype=torch.bool), 0, 4, 3, True
+        )
+        local = lambda rows: experts[0](h[rows]).detach()  # noqa: E731
+        out = driver(loop, answer, local) if driver is routing.route else asyncio.run(driver(loop, answer_async, local))
+        return out, loop
+
+    sync, loop = run(routing.route)
+    asyn, _ = run(routing.route_async)
+    first = routing.dispatch_plan(routing.noisy_topk(logits, 2)[0])
+    assert set(sync.lost) == down & set(first) and not (set(sync.plan) & down)
+    assert sync.idx.equal(routing.noisy_topk(logits, 2, available=loop.available)[0])  # the next-best stand in
+    sent = [routing.routed_bytes(p, 0, 4, 3, True) for p in (first, sync.plan)]
+    lost_rows = sum(len(first[j][0]) for j in sync.lost)
+    assert sync.bytes_out == sent[0][0] + sent[1][0] and sync.bytes_in == sent[0][1] - lost_rows * 12 + sent[1][1]
+    assert set(sync.answers) == set(sync.plan)
+    ref = routing.route_in_process(h, sync.idx, sync.weights, experts, 0, fp16=False)
+    assert torch.allclose(routing.combine(sync.weights, sync.plan, sync.answers), ref)
+    assert asyn.idx.equal(sync.idx) and asyn.weights.equal(sync.weights)
+    assert (asyn.lost, asyn.bytes_out, asyn.bytes_in) == (sync.lost, sync.bytes_out, sync.bytes_in)
+    down.update(range(1, 5))  # every peer gone: the own expert answers alone
+    alone, _ = run(routing.route)
+    assert set(alone.plan) == {0} and sorted(alone.lost) == [1, 2, 3, 4]
+    assert alone.bytes_in == 0 and alone.bytes_out > 0  # sent to the lost peers, nothing came back
+
+
 def test_fedavg_is_exact_with_unequal_weights():
     a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(5)}

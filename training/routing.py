@@ -8,7 +8,8 @@ softmax over the k chosen gate logits, or, for a gate that brings a ``ClassReado
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, NamedTuple
 
 import torch
 
@@ -166,3 +167,84 @@ def route_in_process(
     for the distributed path (actors, Serve) and the in-process benchmarks."""
     plan = dispatch_plan(idx)
     return combine(weights, plan, answers_in_process(h, plan, experts, local_expert, fp16), readout)
+
+
+# ---------------------------------------------------------------- the failover loop, once (sans I/O)
+
+
+class NoExpertAvailable(RuntimeError):
+    """Every expert the gate could choose failed to answer."""
+
+
+@dataclass
+class Routed:
+    """One routed batch: the final choice, its experts' answers (the local one included), and the bytes."""
+
+    idx: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    plan: Plan = field(default_factory=dict)
+    answers: dict[int, torch.Tensor] = field(default_factory=dict)
+    bytes_out: int = 0  # latents sent, even to a peer that was lost
+    bytes_in: int = 0  # logits received
+    lost: list[int] = field(default_factory=list)  # peers that did not answer, in the order they were lost
+
+
+Choose = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Failover:
+    """The failover loop without I/O: choose experts, say which peers to ask for which rows, take their replies,
+    mask the peers that did not answer and choose again, until every chosen expert has answered.
+
+    ``choose(available)`` is the gate's choice among the available experts (bool [N]). Training (Ray futures)
+    and Serve (asyncio) drive it through ``route`` and ``route_async``: the loop exists once.
+    """
+
+    def __init__(self, choose: Choose, available: torch.Tensor, me: int, latent_dim: int, num_classes: int, fp16: bool):
+        self.choose, self.available, self.me = choose, available.clone(), me
+        self.latent_dim, self.num_classes, self.fp16 = latent_dim, num_classes, fp16
+        self.out = Routed()
+
+    def ask(self) -> dict[int, torch.Tensor]:
+        """Choose (again): the rows each remote expert of the plan is asked for."""
+        r = self.out
+        r.idx, r.weights = self.choose(self.available)
+        r.plan = dispatch_plan(r.idx)
+        return {j: rows for j, (rows, _) in r.plan.items() if j != self.me}
+
+    def replied(self, answers: dict[int, torch.Tensor], lost: list[int]) -> bool:
+        """The remote experts' answers and the peers that did not answer; True when the batch is complete."""
+        r = self.out
+        sent, got = routed_bytes(r.plan, self.me, self.latent_dim, self.num_classes, self.fp16)
+        r.bytes_out += sent  # sent, even to a peer that was lost
+        r.bytes_in += got - sum(len(r.plan[j][0]) for j in lost) * self.num_classes * 4
+        if not lost:
+            r.answers = dict(answers)
+            return True
+        r.lost += lost
+        self.available[lost] = False  # the gate's next-best experts stand in
+        if not self.available.any():
+            raise NoExpertAvailable("no expert in the network answered")
+        return False
+
+
+def route(failover: Failover, ask, local) -> Routed:
+    """Drive the failover loop with a blocking ``ask({peer: rows}) -> (answers, lost)``; ``local(rows)`` is the
+    own expert's answer, computed once the remote answers are in."""
+    while not failover.replied(*ask(failover.ask())):
+        pass
+    return _with_local(failover, local)
+
+
+async def route_async(failover: Failover, ask: Callable[[dict], Awaitable[tuple[dict, list]]], local) -> Routed:
+    """``route`` with an awaitable ``ask``: Serve's peers answer concurrently on its event loop."""
+    while not failover.replied(*(await ask(failover.ask()))):
+        pass
+    return _with_local(failover, local)
+
+
+def _with_local(failover: Failover, local) -> Routed:
+    r = failover.out
+    if failover.me in r.plan:
+        r.answers[failover.me] = local(r.plan[failover.me][0])
+    return r
