@@ -331,6 +331,24 @@ def test_peers_experts_receive_latents_never_inputs(served, reference):
         assert {p["dtype"] for p in got} == {"float16"}  # fp16_latents in the smoke config
 
 
+def test_everything_listens_on_loopback_but_the_replicas_grpc_port_that_ray_binds_to_every_interface(served, variant):
+    """Every listening socket of this Ray node, by process: the proxy users reach is on 127.0.0.1, and the only
+    sockets on other interfaces are the one inter-deployment gRPC port per Serve replica that Ray 2.60 hard-codes
+    to [::] (``serve.ports.PUBLIC_BY_RAY``). A Ray upgrade that opens another public port fails here."""
+    from serve import ports
+
+    if variant != "fedgate":
+        pytest.skip("one deployment is enough")
+    _, http = served
+    sockets = ports.listening()
+    proxy = [s for s in sockets if s.port == http.base_url.port]
+    assert proxy and all(s.loopback and s.process.startswith("ray::ProxyActor") for s in proxy), proxy
+    public = ports.public(sockets)
+    assert all(s.process.startswith(ports.PUBLIC_BY_RAY) and s.address in ("::", "0.0.0.0") for s in public), public
+    replicas = {s.pid for s in sockets if s.process.startswith("ray::ServeReplica")}
+    assert replicas and sorted(s.pid for s in public) == sorted(replicas)  # one each (the clients' and the index's)
+
+
 # last: it deletes a client's application
 def test_deleted_expert_is_replaced_by_the_next_best_and_marked_degraded(served, reference):
     from ray import serve
@@ -350,21 +368,3 @@ def test_deleted_expert_is_replaced_by_the_next_best_and_marked_degraded(served,
     assert body["degraded"] is True and body["unavailable_experts"] == [gone]
     assert all(gone not in {e["expert"] for e in row} for row in body["routes"])
     assert len(body["predictions"]) == len(pixels)
-
-
-def test_everything_listens_on_loopback_but_the_replicas_grpc_port_that_ray_binds_to_every_interface(served, variant):
-    """Every listening socket of this Ray node, by process: the proxy users reach is on 127.0.0.1, and the only
-    sockets on other interfaces are the one inter-deployment gRPC port per Serve replica that Ray 2.60 hard-codes
-    to [::] (``serve.ports.PUBLIC_BY_RAY``). A Ray upgrade that opens another public port fails here."""
-    from serve import ports
-
-    if variant != "fedgate":
-        pytest.skip("one deployment is enough")
-    _, http = served
-    sockets = ports.listening()
-    proxy = [s for s in sockets if s.port == http.base_url.port]
-    assert proxy and all(s.loopback and s.process.startswith("ray::ProxyActor") for s in proxy), proxy
-    public = ports.public(sockets)
-    assert all(s.process.startswith(ports.PUBLIC_BY_RAY) and s.address in ("::", "0.0.0.0") for s in public), public
-    replicas = {s.pid for s in sockets if s.process.startswith("ray::ServeReplica")}
-    assert replicas and sorted(s.pid for s in public) == sorted(replicas)  # one each (the clients' and the index's)
