@@ -52,9 +52,8 @@ def load_labels(cfg) -> Labels:
 
 def check_data(cfg) -> Labels:
     """``load_labels``, and every input read once and checked (NaN, shape), before a run starts."""
-    src = source(cfg)
-    labels = finish(src, cfg, src.labels(cfg))
-    src.check(cfg, labels)
+    labels = load_labels(cfg)
+    source(cfg).check(cfg, labels)
     return labels
 
 

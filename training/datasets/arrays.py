@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.datasets.base import CHECK_CHUNK, DataError, Labels, Source, first_line
+from training.datasets.base import CHECK_CHUNK, DataError, Labels, Source, first_line, refuse_nonfinite
 from training.registry import DATASETS
 
 REQUIRED = ("x_train", "y_train", "x_test", "y_test")
@@ -48,9 +48,6 @@ class Arrays(Source):
         if info["image"] and out.dtype == np.uint8:
             return out.astype(np.float32) / 255.0
         return out.astype(np.float32, copy=False)
-
-    def where(self, cfg) -> str:
-        return f"data.path {cfg.path}"
 
     def check(self, cfg, labels: Labels) -> None:
         """Checked once, when the archive was unpacked."""
@@ -132,12 +129,7 @@ def _scan(arrays: dict, where: str) -> tuple[float, float]:
         for start in range(0, len(x), CHECK_CHUNK):
             chunk = np.asarray(x[start : start + CHECK_CHUNK])
             if chunk.dtype.kind == "f":
-                bad = ~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
-                if bad.any():
-                    raise DataError(
-                        f"{where}: {part} row {start + int(np.flatnonzero(bad)[0])} holds NaN or "
-                        f"infinity; clean or drop it"
-                    )
+                refuse_nonfinite(chunk, start, f"{where}: {part}")
             if chunk.size:
                 lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
     return lo, hi

@@ -98,12 +98,15 @@ class Source:
                         f"{self.where(cfg)}: {part} rows have shape {list(x.shape[1:])}, expected "
                         f"{list(labels.input_shape)}"
                     )
-                bad = ~np.isfinite(np.asarray(x)).reshape(len(x), -1).all(axis=1)
-                if bad.any():
-                    raise DataError(
-                        f"{self.where(cfg)}: {part} row {start + int(np.flatnonzero(bad)[0])} holds NaN "
-                        f"or infinity; clean or drop it"
-                    )
+                refuse_nonfinite(np.asarray(x), start, f"{self.where(cfg)}: {part}")
+
+
+def refuse_nonfinite(chunk: np.ndarray, start: int, what: str) -> None:
+    """A ``DataError`` naming the first row of ``chunk`` (rows ``start``, ``start + 1``, ...) that holds NaN or
+    infinity."""
+    bad = ~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+    if bad.any():
+        raise DataError(f"{what} row {start + int(np.flatnonzero(bad)[0])} holds NaN or infinity; clean or drop it")
 
 
 def integer_labels(y: np.ndarray, what: str) -> np.ndarray:
@@ -113,9 +116,7 @@ def integer_labels(y: np.ndarray, what: str) -> np.ndarray:
         raise DataError(f"{what}: labels must be one integer per row, got shape {list(y.shape)}")
     if y.dtype.kind in "iub":
         return y.astype(np.int64)
-    if y.dtype.kind == "f" and len(y) and np.isfinite(y).all() and (y == np.round(y)).all():
-        return y.astype(np.int64)
-    if y.dtype.kind == "f" and len(y) == 0:
+    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():  # an empty one too
         return y.astype(np.int64)
     values = y.tolist()
     shown = next((v for v in values if not (isinstance(v, (int, float)) and float(v).is_integer())), values[:1])

@@ -40,9 +40,6 @@ class ImageFolder(Source):
             out[k] = read_image(files[r], channels, size)
         return out
 
-    def where(self, cfg) -> str:
-        return f"data.path {cfg.path}"
-
 
 def read_image(path: str, channels: int, size: int) -> np.ndarray:
     """One image file -> float32 ``[channels, size, size]`` pixels in [0, 1], or a ``DataError`` naming the file."""
@@ -115,12 +112,19 @@ def _first(path: str, mtime: int) -> tuple[str, tuple[int, int]]:
 
 
 def _geometry(cfg, first: str) -> tuple[int, int]:
-    """``(channels, size)``: the config's, else the first training image's (grayscale modes: 1 channel)."""
-    mode, (w, h) = _first(first, Path(first).stat().st_mtime_ns)
+    """``(channels, size)`` of the folder's images (``geometry`` of the first training image)."""
+    mode, size = _first(first, Path(first).stat().st_mtime_ns)
+    return geometry(cfg, mode, size, first)
+
+
+def geometry(cfg, mode: str, size: tuple[int, int], what: str) -> tuple[int, int]:
+    """``(channels, size)`` images are read at: ``data.channels`` and ``data.image_size``, else those of the first
+    image (its ``mode`` and ``size``; grayscale modes: 1 channel). A first image that is not square needs
+    ``data.image_size``; ``what`` names it in the error."""
     channels = cfg.channels or (1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
     if channels not in (1, 3):
         raise DataError(f"data.channels: {channels}; images are read as 1 (grayscale) or 3 (RGB) channels")
-    size = cfg.image_size or w
+    w, h = size
     if not cfg.image_size and w != h:
-        raise DataError(f"{first}: a {w}x{h} image; set data.image_size to resize every image to a square")
-    return channels, size
+        raise DataError(f"{what}: a {w}x{h} image; set data.image_size to resize every image to a square")
+    return channels, cfg.image_size or w

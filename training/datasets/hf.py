@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from training.datasets.base import DataError, Labels, Source, first_line
-from training.datasets.folders import pixels
+from training.datasets.folders import geometry, pixels
 from training.registry import DATASETS
 
 KEYS = ("input", "label", "client")
@@ -63,9 +63,6 @@ class HuggingFace(Source):
                 f"data.columns.input: {inputs} in {cfg.path} is not numbers of one shape {list(shape)} per row "
                 f"({first_line(exc)})"
             ) from None
-
-    def where(self, cfg) -> str:
-        return f"data.path {cfg.path}"
 
 
 def _stamp(path: str | None) -> tuple:
@@ -147,10 +144,7 @@ def _input_kind(cfg, train, col) -> tuple[bool, tuple[int, ...]]:
         return False, (len(col),)
     if isinstance(train.features[col], datasets.Image):
         first = train[0][col]
-        channels = cfg.channels or (1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
-        size = cfg.image_size or first.size[0]
-        if not cfg.image_size and first.size[0] != first.size[1]:
-            raise DataError(f"data.columns.input: {first.size[0]}x{first.size[1]} images; set data.image_size")
+        channels, size = geometry(cfg, first.mode, first.size, f"data.columns.input {col}")
         return True, (channels, size, size)
     value = np.asarray(train.with_format("numpy")[0][col], dtype=np.float32)
     return False, tuple(value.shape) if value.ndim else (1,)
