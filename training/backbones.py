@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 from training.registry import EXPERTS, EXTRACTORS, PluginError
@@ -60,6 +59,8 @@ class ResNet18(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], latent_dim: int):
         super().__init__()
+        import torchvision  # here, not at the top: it pulls in torch._dynamo, a second per process
+
         c, _, _ = _image("resnet18", input_shape)
         net = torchvision.models.resnet18(weights=None)
         net.conv1 = nn.Conv2d(c, 64, kernel_size=3, stride=1, padding=1, bias=False)
