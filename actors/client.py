@@ -63,6 +63,7 @@ class Client:
         self.id = client_id
         self.cfg: ExperimentConfig = from_dict(cfg)
         self.device = devices.local(device)
+        devices.scale_batches(self.cfg, self.device)  # cluster.cuda_batch_scale on cuda; the CPU's sizes elsewhere
         self.labels = labels if labels is not None else load_labels(self.cfg.data)  # of the inputs: these rows only
         x, y = load_rows(self.cfg.data, True, train_rows, self.labels)
         self.x, self.y = x.to(self.device), y.to(self.device)
@@ -203,6 +204,18 @@ class Client:
                 x = {"train": self.x, "test": self.x_test, "val": self.x_val}[which]
                 self._h[which] = local.compute_latents(F, x)
         return self._h[which]
+
+    def global_latents(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{half: (latents, labels)}`` of the global halves, on the CPU: the same for every client whose F is
+        the same, so one client computes them for all (``Coordinator._share_global_latents``)."""
+        self._serving()
+        return {w: (self._latents(w).cpu(), self.y_global[w].cpu()) for w in self.global_rows}
+
+    def take_global_latents(self, shared: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Another client's ``global_latents``, kept as if computed here (dropped with F's next change)."""
+        self._serving()
+        for w, (h, y) in shared.items():
+            self._h[w], self.y_global[w] = h.to(self.device, copy=True), y.to(self.device, copy=True)
 
     def _labelled(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(latents, labels)`` of one evaluation split (``schema.SPLITS``)."""

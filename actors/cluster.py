@@ -10,13 +10,14 @@ class ClusterError(RuntimeError):
     """Ray cannot be reached or started."""
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """``ray.init`` on loopback (token auth stays on), or join ``address`` ("auto", host:port, ray://...)."""
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """``ray.init`` on loopback (token auth stays on), or join ``address`` ("auto", host:port, ray://...);
+    True when this call connected (the caller then shuts Ray down), False when Ray was up already."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     _check_reachable(address)
     try:
         if address:
@@ -26,6 +27,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"Ray at {address!r}" if address else "a local Ray instance"
         raise ClusterError(f"cannot reach {where}: {str(exc).splitlines()[0]}") from None
+    return True
 
 
 def _check_reachable(address: str | None) -> None:

@@ -27,12 +27,12 @@ from actors.client import STAGE_ORDER
 from actors.fleet import Fleet
 from actors.stage3 import Stage3
 from actors.tracking import Tracker
+from training import baselines, federated, frontier, gates, objectives, schema, seeds
 from training import checkpoint as ckpt
-from training import federated, frontier, gates, local, objectives, schema, seeds
 from training.config import PAPER_VARIANT, STAGES, from_dict
 from training.data import build_split, label_counts
-from training.datasets import load_labels, load_rows
-from training.models import Gate, Stage1Model, build_expert, load_pretrained
+from training.datasets import load_labels
+from training.models import Stage1Model, load_pretrained
 from training.schema import SPLITS
 
 
@@ -76,8 +76,8 @@ class Coordinator:
         ckpt.save_json(self.out / "state.json", self.state)
 
     def _start_clients(self) -> None:
-        """Place the clients and start them without waiting: each reads its own rows as it comes up,
-        and the first round goes to the clients that are up first (``Fleet``)."""
+        """Place the clients and wait (bounded) until they are up: each imports torch and reads its own rows.
+        One still starting after that is waited for by its first call (``Fleet``), or misses it."""
         cfg = self.cfg
         self.labels = labels = load_labels(cfg.data)  # labels only: the images stay on the clients' disks
         split = build_split(cfg, labels.y_train, labels.y_test, labels.num_classes, labels.client_train)
@@ -91,7 +91,9 @@ class Coordinator:
         self.fleet.concurrency = cfg.cluster.concurrent_clients  # None: all at once (the OS shares the cores)
         mask = self.fleet.mask()
         timeout = max(120.0, cfg.cluster.round_timeout_s)  # processes starting: torch imported, shards read
-        self.fleet.starting({i: c.set_peers.remote(self.clients, mask) for i, c in enumerate(self.clients)}, timeout)
+        first = {i: c.set_peers.remote(self.clients, mask) for i, c in enumerate(self.clients)}
+        ray.wait(list(first.values()), num_returns=len(first), timeout=timeout)
+        self.fleet.starting(first, timeout)
         self._meta = False
 
     def _record_meta(self) -> None:
@@ -263,33 +265,17 @@ class Coordinator:
     # ------------------------------------------------------------- evaluation
 
     def centralized_moe(self) -> dict:
-        """Upper bound, NOT private: pooled train data, the same F, N experts + one gate trained jointly."""
-        cfg, lab, split = self.cfg, self.labels, self.split
-        pooled = np.concatenate(split.train)  # pooled: the coordinator reads every client's rows
-        x, y = load_rows(cfg.data, True, pooled, lab)
-        x_test, y_test = load_rows(cfg.data, False, lab.test_rows, lab)
-        model = Stage1Model(cfg.model, lab.input_shape, lab.num_classes)
-        model.load_state_dict(ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"])
-        torch.manual_seed(seeds.centralized(cfg.seed))
-        experts = [build_expert(cfg.model, lab.num_classes) for _ in range(cfg.num_clients)]
-        gate = Gate(cfg.model.latent_dim, cfg.model.gate_hidden, cfg.num_clients)
-        h = local.compute_latents(model.extractor, x)
-        local.fit_centralized_moe(
-            experts, gate, h, y, cfg.stage2, cfg.routing.top_k, cfg.routing.noise_std, seed=cfg.seed
+        """The upper bound (``training.baselines``, NOT private), reused from ``eval.cache_dir`` when a run with the
+        same inputs computed it already."""
+        cfg = self.cfg
+        state = ckpt.load_torch(ckpt.stage_file(self.out, "stage1"))["state"]
+        folder = (cfg.eval.cache_dir or self.out.parent / ".cache") if cfg.eval.cache else None
+        key = baselines.digest(cfg, self.labels, self.split, state)
+        per, reused = baselines.cached(
+            folder, key, lambda: baselines.centralized_moe(cfg, self.labels, self.split, state)
         )
-        k = cfg.routing.top_k
-        h_test = local.compute_latents(model.extractor, x_test)
-        right = (local.moe_predict(experts, gate, h_test, k).argmax(1) == y_test).float()
-        per = [
-            {
-                "personalized_acc": float(right[t].mean()),
-                "global_acc": float(right[split.global_test].mean()),
-                "val_personalized_acc": float(right[v].mean()),
-                "val_global_acc": float(right[split.global_val].mean()),
-            }
-            for t, v in zip(split.test, split.val)
-        ]
-        return self._summary(per, note="not private: pooled data")
+        cache = "off" if folder is None else ("reused" if reused else "computed")
+        return self._summary(per, note="not private: pooled data", cache=cache)
 
     def _classifier_trained(self) -> bool:
         """Whether stage 1 trained (or the pretrained file brought) the linear classifier fedavg_global scores."""
@@ -300,9 +286,24 @@ class Coordinator:
         means = {k: float(np.mean([p[k] for p in per_client])) for k in SPLITS.values() if k in per_client[0]}
         return {**means, "per_client": per_client, **extra}
 
+    def _share_global_latents(self) -> None:
+        """Every client scores the same global halves with the same F: one client computes their latents, the
+        others take them from the object store instead of running F on them again (not under FedBN, where each
+        client's F has its own BatchNorm). A client that misses them computes its own, the same numbers."""
+        ids = self.fleet.active
+        if self.cfg.stage1.fedbn or len(ids) < 2:
+            return
+        got = self.fleet.call("global_latents", ids=ids[:1], stage="evaluate", required=False)
+        if got:
+            shared = ray.put(next(iter(got.values())))
+            self.fleet.call("take_global_latents", shared, ids=ids[1:], stage="evaluate", required=False)
+
     def evaluate(self) -> dict:
         self._restore("stage3", "evaluate")
         methods, usage, routed, curves = {}, {}, {}, {}
+        wanted = self.cfg.eval.baselines
+        self._say("evaluate", "latents of the global halves")
+        self._share_global_latents()
         for v in self.cfg.stage3.variants:
             self._say("evaluate", f"routed inference: nmoe/{v}")
             per = list(self.fleet.call("evaluate", v, stage="evaluate", essential=True).values())
@@ -313,14 +314,18 @@ class Coordinator:
             usage[f"nmoe/{v}"] = [p["expert_usage"] for p in per]
             routed[v] = sum(p["bytes_out"] + p["bytes_in"] for p in per) / max(1, sum(p["routed_samples"] for p in per))
         self._say("evaluate", "baselines")
-        base = list(self.fleet.call("evaluate_baselines", stage="evaluate", essential=True).values())
-        for name in ("local_only", "fedavg_global"):
+        local_ones = [b for b in ("local_only", "fedavg_global") if b in wanted]
+        if local_ones:
+            base = list(self.fleet.call("evaluate_baselines", stage="evaluate", essential=True).values())
+        for name in local_ones:
             if name == "fedavg_global" and not self._classifier_trained():
                 continue  # no stage-1 classifier was trained: the baseline does not exist
             methods[name] = self._summary([b[name] for b in base])
-        if "val_global_acc" not in self.state.get("centralized_moe", {}):  # once per run (kept in state.json)
-            self.state["centralized_moe"] = self.centralized_moe()
-        methods["centralized_moe"] = self.state["centralized_moe"]
+        if "centralized_moe" in wanted:
+            if "val_global_acc" not in self.state.get("centralized_moe", {}):  # once per run (kept in state.json)
+                self._say("evaluate", "baselines: centralized_moe")
+                self.state["centralized_moe"] = self.centralized_moe()
+            methods["centralized_moe"] = self.state["centralized_moe"]
         curve, chosen = self._frontier(methods, curves)
         flat = {
             f"final/{m.replace('/', '_')}/{k}": v[k]
@@ -359,14 +364,15 @@ class Coordinator:
 
     # ------------------------------------------------------------- the schedule
 
-    def run(self, stop_after: str | None = None) -> schema.Results:
-        """Run (or continue) the schedule; returns results.json's content."""
+    def run(self, stop_after: str | None = None, started_at: float | None = None) -> schema.Results:
+        """Run (or continue) the schedule; returns results.json's content. ``setup`` counts from ``started_at``
+        (the command's start, ``time.time()``; default: now) to every client up and ready."""
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.save_config(self.out, self.cfg)
-        t0 = time.perf_counter()
-        self._say("setup", f"placing {self.cfg.num_clients} clients")
+        started_at = time.time() if started_at is None else started_at
+        self._say("setup", f"starting {self.cfg.num_clients} clients")
         self._start_clients()
-        self.state["timings"]["setup"] = self.state["timings"].get("setup", 0.0) + time.perf_counter() - t0
+        self.state["timings"]["setup"] = self.state["timings"].get("setup", 0.0) + time.time() - started_at
         for stage, fn in (("stage1", self.stage1), ("stage2", self.stage2), ("stage3", self.stage3)):
             if stage not in self.state["completed"]:
                 fn()

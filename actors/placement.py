@@ -13,6 +13,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors import mps
 from actors.client import Client
 from training import devices
 from training.datasets import client_rows
@@ -83,6 +84,7 @@ def start_clients(cfg, labels, split, coordinator=None) -> tuple:
             f"{cfg.cluster.placement}; the cluster has {ray.cluster_resources()}"
         ) from None
     actor, cfg_dict = ray.remote(Client), cfg.to_dict()
+    env = {**CLIENT_ENV, **(mps.env() if cfg.cluster.mps and device == "cuda" else {})}
     facts = ray.put(labels)  # labels and facts, once for all clients (no inputs): they need not read them again
     clients = [
         actor.options(
@@ -93,7 +95,7 @@ def start_clients(cfg, labels, split, coordinator=None) -> tuple:
             num_gpus=bundle.get("GPU", 0),
             resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            runtime_env={"env_vars": CLIENT_ENV},
+            runtime_env={"env_vars": env},
         ).remote(
             i,
             cfg_dict,

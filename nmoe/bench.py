@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nmoe.common import UserError, config_args
 
-SUITES = ("accuracy", "overhead", "comm", "scaling", "serve", "classgate", "models", "datasets")
+SUITES = ("accuracy", "overhead", "comm", "scaling", "serve", "classgate", "models", "datasets", "gpu")
 IN_PROCESS = ("models",)  # suites that start no Ray
 # benchmarks/serve.py would shadow the serve package for scripts in benchmarks/
 MODULES = {"serve": "serving", "classgate": "classgate_sweep"}
@@ -18,7 +18,7 @@ MODULES = {"serve": "serving", "classgate": "classgate_sweep"}
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
-        help="benchmarks: accuracy, overhead, comm, scaling, serve, classgate, models, datasets (tables under --out)",
+        help="benchmarks: " + ", ".join(SUITES) + " (tables under --out)",
     )
     p.add_argument("suite", choices=SUITES, help="which benchmark to run")
     p.add_argument("--quick", action="store_true", help="tiny configs (configs/smoke.yaml-sized): minutes, not hours")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
@@ -72,37 +73,31 @@ def _check_data(cfg) -> None:
 
 
 def run(args) -> int:
+    started = time.time()  # setup counts from here: imports, the data check, Ray, MLflow, the clients
     import ray
 
-    from actors import tracking
+    from actors import mps, tracking
     from actors.cluster import ClusterError, connect
     from actors.coordinator import Coordinator
     from actors.placement import PlacementError, client_device
     from actors.plots import make_plots
     from training import checkpoint as ckpt
+    from training.config import STAGES
     from training.data import build_split
     from training.datasets import load_labels
 
     cfg, out, resume = _prepare(args)
     console = Console(soft_wrap=True)
-    try:
-        connect(args.address or cfg.cluster.address)
-        client_device(cfg)  # cluster.device=cuda on a cluster without GPUs: refused before anything starts
-    except (ClusterError, PlacementError) as exc:
-        raise UserError(str(exc)) from None
-    run_id, uri = None, None
-    if cfg.tracking.enabled and not args.no_tracking:
-        uri = tracking.resolve_uri(args.tracking_uri or cfg.tracking.tracking_uri)
-        run_id = ckpt.load_state(out).get("mlflow_run_id") if resume else None
-        if run_id is None:
-            run_id = tracking.start_run(
-                uri,
-                cfg.tracking.experiment,
-                f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                cfg.flat(),
-                Path("mlartifacts"),
-                tracking.run_tags(cfg),
-            )
+    with ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(_open_tracking, args, cfg, out, resume)  # MLflow's store opens while Ray starts
+        try:
+            ours = connect(args.address or cfg.cluster.address)
+            device = client_device(cfg)  # cluster.device=cuda on a cluster without GPUs: refused before anything starts
+            local_mps = cfg.cluster.mps and device == "cuda" and ours and mps.start()  # a real cluster: cluster.yaml's
+        except (ClusterError, PlacementError, mps.MPSError) as exc:
+            tracking.Tracker(*opening.result()).finish("FAILED")
+            raise UserError(str(exc)) from None
+        uri, run_id = opening.result()
     fresh = not resume and not out.exists()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -112,10 +107,11 @@ def run(args) -> int:
         .options(num_cpus=0, max_concurrency=4, scheduling_strategy=here)
         .remote(cfg.to_dict(), str(out.resolve()), uri, run_id, resume)
     )  # on the driver's node: losing a worker can't take it
-    pending = coord.run.remote(args.stop_after)
+    pending = coord.run.remote(args.stop_after, started)
     resumable = f"continue with: nmoe train --resume {out}"
     try:
         results = _follow(coord, pending, console)
+        ended = time.perf_counter()  # the schedule is over: what follows is teardown
     except KeyboardInterrupt:
         tracking.Tracker(uri, run_id).finish("KILLED")
         if (out / "state.json").exists():
@@ -139,6 +135,8 @@ def run(args) -> int:
             ray.get(coord.shutdown.remote(), timeout=60)
         except ray.exceptions.RayError:  # GetTimeoutError included: the coordinator goes with the driver
             ray.kill(coord)
+        if local_mps:
+            mps.stop()
     tracker = tracking.Tracker(uri, run_id)
     if "stopped_after" in results:
         console.print(f"stopped after {results['stopped_after']}; continue with: nmoe train --resume {out}")
@@ -149,13 +147,42 @@ def run(args) -> int:
         split = build_split(cfg, labels.y_train, labels.y_test, labels.num_classes, labels.client_train)
         tracker.inputs(cfg, labels, split)
         tracker.table(results["methods"])
-    tracker.artifacts([out / "results.json", out / "config.yaml", out / "state.json"])
+    tracker.artifacts([out / "config.yaml", out / "state.json"])
     tracker.artifacts([out / "checkpoints"], "checkpoints")
     tracker.artifacts(plots, "plots")
+    if ours:
+        ray.shutdown()
+    t = results["timings"]
+    t.pop("total", None)  # set again below, last: the sum of the parts, teardown included
+    t["teardown"] = time.perf_counter() - ended
+    t["total"] = sum(v for k, v in t.items() if k in ("setup", *STAGES, "evaluate", "teardown"))
+    ckpt.save_json(out / "results.json", results)
+    tracker.artifacts([out / "results.json"])
     tracker.finish()
     print_results(results, console)
     console.print(f"results: {out / 'results.json'}" + (f"   mlflow run: {run_id}" if run_id else ""))
     return 0
+
+
+def _open_tracking(args, cfg, out: Path, resume: bool) -> tuple[str | None, str | None]:
+    """``(tracking URI, MLflow run id)``: the run's own on ``--resume``, else a new one; ``(None, None)`` untracked."""
+    from actors import tracking
+    from training import checkpoint as ckpt
+
+    if not cfg.tracking.enabled or args.no_tracking:
+        return None, None
+    uri = tracking.resolve_uri(args.tracking_uri or cfg.tracking.tracking_uri)
+    run_id = ckpt.load_state(out).get("mlflow_run_id") if resume else None
+    if run_id is None:
+        run_id = tracking.start_run(
+            uri,
+            cfg.tracking.experiment,
+            f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            cfg.flat(),
+            Path("mlartifacts"),
+            tracking.run_tags(cfg),
+        )
+    return uri, run_id
 
 
 def _follow(coord, pending, console: Console) -> dict:

@@ -69,6 +69,18 @@ class ClientDeployment:
         self.node = ray.get_runtime_context().get_node_id()
         self._peers: dict[int, object] = {}
         self._received: collections.deque = collections.deque(maxlen=256)
+        self._warm_up()
+
+    @torch.no_grad()
+    def _warm_up(self) -> None:
+        """F, the gate, the expert and the readout once on this replica's device, inside ``__init__``: Serve marks
+        the replica running (and ``/v1/health`` says it is up) only after, so no request pays for lazy start-up
+        (CUDA's context and kernels, allocator caches). Every expert is stood in for by the own one."""
+        x = torch.zeros(1, *self.facts["input_shape"], device=self.device)
+        h = self.extractor(normalize(x, self.facts["mean"], self.facts["std"]))
+        idx, w = self.choose(h, 1, torch.ones(self.n, dtype=torch.bool))
+        experts = collections.defaultdict(lambda: self.expert)
+        routing.route_in_process(h, idx, w, experts, self.id, False, self.spec.readout(self.gate, None)).cpu()
 
     def __serve_build_asgi_app__(self):
         """Client i's own FastAPI app, mounted by Serve at /v1/clients/{i} (no docs: the index has them)."""

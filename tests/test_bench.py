@@ -246,3 +246,16 @@ def test_datasets_suite_tables_every_method_on_the_digits_as_vectors(bench, caps
             c = r["cells"][part]
             assert c["seeds"] == 1 and 0 <= c[f"{which}_mean"] <= 1
             assert f"{100 * c[f'{which}_mean']:.1f}" in _row(text, r["method"])
+
+
+def test_gpu_suite_times_every_part_of_each_workload_and_says_when_no_gpu_was_there(bench, capsys):
+    res, md = bench(capsys, "gpu")
+    assert res["gpu_present"] is False and res["setups"] == ["cpu"]  # this machine has no CUDA device
+    assert "No CUDA device was here" in md
+    assert [(r["workload"], r["setup"]) for r in res["rows"]] == [("default", "cpu"), ("resnet18", "cpu")]
+    for r in res["rows"]:
+        t = r["seconds"]
+        assert all(t[p] > 0 for p in ("setup", "stage1", "stage2", "stage3", "evaluate"))
+        assert t["wall"] > t["stage1"] + t["stage2"] + t["stage3"] + t["evaluate"] and t["outside"] > 0
+        assert r["cpu_over_this"]["wall"] == 1.0
+        assert f"{t['wall']:.1f}" in _row(md, r["workload"], "cpu")

@@ -39,12 +39,21 @@ def test_overrides_set_nested_fields_with_typed_values():
         ("stage1.logit_adjust=-1", "stage1.logit_adjust"),
         ("model=3", "model"),
         ("bogus=1", "bogus"),
+        ("eval.baselines=[local_only, oracle]", "eval.baselines[1]"),
+        ("eval.baselines=[local_only]", "eval.baselines"),  # classgate chooses its knob against a global one
+        ("cluster.cuda_batch_scale=0", "cluster.cuda_batch_scale"),
     ],
 )
 def test_bad_values_raise_an_error_naming_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs/default.yaml", [override])
     assert str(err.value).startswith(field + ":"), str(err.value)
+
+
+def test_mps_is_for_cuda_clients_only():
+    with pytest.raises(ConfigError, match="^cluster.mps: needs cuda clients"):
+        load_config(ROOT / "configs/default.yaml", ["cluster.device=cpu", "cluster.mps=true"])
+    assert load_config(ROOT / "configs/default.yaml", ["cluster.device=cuda", "cluster.mps=true"]).cluster.mps
 
 
 def test_missing_file_and_malformed_override_are_clear(tmp_path):

@@ -2,11 +2,13 @@
 outputs. Skipped, with the reason, where torch sees no CUDA device (``pytest -m cuda`` selects it)."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import smoke_train_args
 
+from actors import mps
 from training import checkpoint as ckpt
 from training import gates, routing
 
@@ -68,3 +70,18 @@ def test_routing_on_the_gpu_gives_the_cpu_outputs(runs):
         assert same.float().mean() >= 0.95, variant
         assert torch.allclose(w_c[same], w_g[same], atol=1e-4), variant
         assert torch.allclose(l_c[same], l_g[same], atol=1e-3), variant
+
+
+@pytest.mark.skipif(shutil.which(mps.CONTROL) is None, reason=f"needs NVIDIA MPS ({mps.CONTROL} is not on PATH)")
+def test_clients_through_mps_train_as_without_it_and_the_daemon_is_stopped_after(runs, data_root, tmp_path):
+    """cluster.mps: nmoe train starts the daemon for the local cluster, the clients reach it, and it stops after."""
+    from nmoe.cli import main
+
+    assert not mps.running()
+    args = smoke_train_args(data_root, "cluster.device=cuda", "cluster.mps=true", "cluster.cuda_batch_scale=2")
+    assert main([*args, "--no-tracking", "--out", str(tmp_path / "run")]) == 0
+    assert not mps.running()
+    plain = json.loads((runs["cuda"] / "results.json").read_text())["methods"]
+    shared = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]
+    assert plain.keys() == shared.keys()
+    assert all(0.0 <= m["global_acc"] <= 1.0 for m in shared.values())

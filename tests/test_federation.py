@@ -30,8 +30,29 @@ def test_smoke_run_reports_every_variant_and_baseline(smoke_run):
         assert 0.0 <= m["personalized_acc"] <= 1.0 and 0.0 <= m["global_acc"] <= 1.0, name
         assert len(m["per_client"]) == 3
     assert res["missing_clients"] == []
-    assert set(res["timings"]) >= {"stage1", "stage2", "stage3", "total"}
+    t = res["timings"]
+    parts = ("setup", "stage1", "stage2", "stage3", "evaluate", "teardown")
+    assert all(t[p] > 0 for p in parts) and t["total"] == pytest.approx(sum(t[p] for p in parts))
     assert res["mlflow_run_id"]
+
+
+def test_a_second_run_on_the_same_inputs_reuses_the_centralized_baseline_and_baselines_are_a_choice(
+    smoke_run, data_root
+):
+    """Same data, split, seed and (deterministic) stage 1 as the session's smoke run, another stage 3: the
+    centralized MoE comes from the cache beside the run folders, with the same numbers; fedavg_global is left out."""
+    from conftest import smoke_train_args, train_in
+
+    first = json.loads((smoke_run / "run" / "results.json").read_text())["methods"]
+    sets = ("stage3.variants=[fedgate]", "eval.baselines=[local_only,centralized_moe]")
+    train_in(smoke_run, [*smoke_train_args(data_root, *sets), "--out", str(smoke_run / "again")])
+    again = json.loads((smoke_run / "again" / "results.json").read_text())["methods"]
+    assert set(again) == {"nmoe/fedgate", "local_only", "centralized_moe"}
+    assert (first["centralized_moe"]["cache"], again["centralized_moe"]["cache"]) == ("computed", "reused")
+    assert {k: v for k, v in again["centralized_moe"].items() if k != "cache"} == {
+        k: v for k, v in first["centralized_moe"].items() if k != "cache"
+    }
+    assert again["local_only"] == first["local_only"]
 
 
 def test_stage_bytes_follow_the_formulas(smoke_run):

@@ -32,6 +32,7 @@ DEFAULT_VARIANTS = ("rangate", "rollgate", "fedgate", "localgate", "fullgate", "
 DEVICES = ("auto", "cpu", "cuda")
 PAPER_VARIANT = "fedgate"  # the paper's proposal: served by default, its bytes per routed sample are the headline
 STAGES = ("stage1", "stage2", "stage3")
+BASELINES = ("local_only", "fedavg_global", "centralized_moe")  # eval.baselines: all of them by default
 
 
 class ConfigError(ValueError):
@@ -123,6 +124,13 @@ class RoutingConfig:
 
 
 @dataclass
+class EvalConfig:
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # scored beside the variants
+    cache: bool = True  # reuse a centralized_moe computed on the same data, split, seed, stage-1 F and settings
+    cache_dir: Optional[str] = None  # where results are kept by digest (null: .cache/ beside the run folder)
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True  # log the run to MLflow
     tracking_uri: str = "sqlite:///mlflow.db"  # MLflow tracking store (a file database, or a server URI)
@@ -137,6 +145,8 @@ class ClusterConfig:
     placement: str = "SPREAD"  # placement-group strategy for the clients
     device: str = "auto"  # auto: cuda where the cluster has GPUs; cpu; cuda
     gpus_per_client: Optional[float] = None  # GPU share of each client (null with cuda: the same number on each GPU)
+    mps: bool = False  # cuda: clients sharing a GPU run through NVIDIA MPS (nmoe train starts it on a local cluster)
+    cuda_batch_scale: int = 1  # cuda clients: every stage's batch_size times this (learning rates stay as set)
     concurrent_clients: Optional[int] = None  # at most this many clients train at once (null: all of them)
     round_timeout_s: float = 300.0  # a client silent this long misses the step (every wait is bounded by it)
     peer_timeout_s: Optional[float] = None  # a peer's expert silent this long is routed around (None: half the above)
@@ -157,6 +167,7 @@ class ExperimentConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     stage3: Stage3Config = field(default_factory=Stage3Config)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -310,6 +321,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     )
     _check(r.noise_std >= 0, "routing.noise_std", "must be >= 0")
     _check(r.eval_batch >= 1, "routing.eval_batch", "must be >= 1")
+    _check_eval(cfg)
     c = cfg.cluster
     _check(c.cpus_per_client is None or c.cpus_per_client > 0, "cluster.cpus_per_client", "must be > 0 or null")
     _check(
@@ -318,6 +330,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(c.device in DEVICES, "cluster.device", f"unknown device {c.device!r} (one of {', '.join(DEVICES)})")
     problem = gpu_share_problem(c.gpus_per_client, c.device, "cluster.device")
     _check(problem is None, "cluster.gpus_per_client", problem or "")
+    _check(not (c.mps and c.device == "cpu"), "cluster.mps", "needs cuda clients, but cluster.device is cpu")
+    _check(c.cuda_batch_scale >= 1, "cluster.cuda_batch_scale", "must be >= 1")
     _check(c.concurrent_clients is None or c.concurrent_clients >= 1, "cluster.concurrent_clients", "must be >= 1")
     _check(c.round_timeout_s > 0, "cluster.round_timeout_s", "must be > 0")
     _check(
@@ -328,6 +342,20 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(c.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
     _check(c.checkpoint_every >= 1, "cluster.checkpoint_every", "must be >= 1")
     return cfg
+
+
+def _check_eval(cfg: ExperimentConfig) -> None:
+    names = cfg.eval.baselines
+    for i, b in enumerate(names):
+        _check(b in BASELINES, f"eval.baselines[{i}]", f"unknown baseline {b!r} (one of {', '.join(BASELINES)})")
+    _check(len(set(names)) == len(names), "eval.baselines", "names a baseline twice")
+    knobs = [v for v in cfg.stage3.variants if GATES.get(v)().chosen_on_validation(cfg)]
+    _check(
+        not knobs or ("local_only" in names and {"fedavg_global", "centralized_moe"} & set(names)),
+        "eval.baselines",
+        f"{knobs[0] if knobs else ''} chooses its knob on validation against local_only and a global baseline "
+        "(fedavg_global or centralized_moe): keep them, or fix the knob (e.g. stage3.classgate_personal)",
+    )
 
 
 def gpu_share_problem(share: float | None, device: str, device_setting: str) -> str | None:
@@ -374,6 +402,7 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.data.path and Path(cfg.data.path).exists():  # not a hub name
         cfg.data.path = str(Path(cfg.data.path).resolve())
     m.extractor_weights = m.extractor_weights and str(Path(m.extractor_weights).resolve())
+    cfg.eval.cache_dir = cfg.eval.cache_dir and str(Path(cfg.eval.cache_dir).resolve())
     return cfg
 
 

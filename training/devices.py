@@ -50,6 +50,15 @@ def local(device: str) -> torch.device:
     return torch.device(device)
 
 
+def scale_batches(cfg, device: torch.device) -> None:
+    """The documented rule for batch sizes that follow the device: on cuda, every stage's ``batch_size`` times
+    ``cluster.cuda_batch_scale`` (1 by default: the CPU's sizes); learning rates stay as set. Changes ``cfg``."""
+    k = cfg.cluster.cuda_batch_scale
+    if device.type == "cuda" and k > 1:
+        for stage in (cfg.stage1, cfg.stage2, cfg.stage3):
+            stage.batch_size *= k
+
+
 def to(obj: Any, device: torch.device | str) -> Any:
     """Every tensor of a (nested) dict, list or tuple on ``device`` (``"cpu"`` before it travels)."""
     if isinstance(obj, torch.Tensor):

@@ -30,7 +30,8 @@ def noisy_topk(
     ``available`` (bool [N]) masks experts that cannot answer: the gate's next-best stand in.
     """
     if noise_std > 0:
-        noise = torch.randn(logits.shape, generator=generator, dtype=logits.dtype) * noise_std
+        where = generator.device if generator is not None else logits.device
+        noise = torch.randn(logits.shape, generator=generator, dtype=logits.dtype, device=where) * noise_std
         logits = logits + noise.to(logits.device)
     if available is not None:
         k = min(k, int(available.sum()))

@@ -36,6 +36,7 @@ class MethodScore(TypedDict, total=False):
     per_client: list[ClientScore]
     note: str  # e.g. "not private: pooled data"
     personal: float  # the variant's ``personal`` knob at which it is reported (ClassGate)
+    cache: str  # centralized_moe: "computed", "reused" (a run with the same inputs computed it) or "off"
 
 
 class FrontierPoint(TypedDict):
