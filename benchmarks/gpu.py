@@ -22,6 +22,7 @@ WORKLOADS = {
     "default": ("data.train_limit=20000",),
     "resnet18": (
         "model.extractor=resnet18",
+        "model.extractor_args={}",
         "data.train_limit=5000",
         "stage1.rounds=2",
         "stage2.epochs=5",
@@ -30,7 +31,12 @@ WORKLOADS = {
 }
 QUICK = {
     "default": (),
-    "resnet18": ("model.extractor=resnet18", "data.train_limit=300", "stage3.variants=[fedgate,classgate]"),
+    "resnet18": (
+        "model.extractor=resnet18",
+        "model.extractor_args={}",
+        "data.train_limit=300",
+        "stage3.variants=[fedgate,classgate]",
+    ),
 }
 PARTS = ("setup", "stage1", "stage2", "stage3", "evaluate")
 
