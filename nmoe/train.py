@@ -93,7 +93,8 @@ def run(args) -> int:
         try:
             ours = connect(args.address or cfg.cluster.address)
             device = client_device(cfg)  # cluster.device=cuda on a cluster without GPUs: refused before anything starts
-            local_mps = cfg.cluster.mps and device == "cuda" and ours and mps.start()  # a real cluster: cluster.yaml's
+            # cluster.mps on the local cluster started here; a cluster joined by --address has cluster.yaml's daemon
+            local_mps = cfg.cluster.mps and device == "cuda" and ours and mps.start()
         except (ClusterError, PlacementError, mps.MPSError) as exc:
             tracking.Tracker(*opening.result()).finish("FAILED")
             raise UserError(str(exc)) from None

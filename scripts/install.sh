@@ -18,6 +18,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 echo "==> installing torch and torchvision"
 .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-echo "==> installing nmoe, its dev tools, the timm extractor and Hugging Face datasets"
-.venv/bin/pip install -q -e ".[dev,timm,hf]"
+echo "==> installing nmoe, its dev tools, the timm extractor and Hugging Face datasets (at constraints.txt's versions)"
+.venv/bin/pip install -q -c constraints.txt -e ".[dev,timm,hf]"
 echo "==> installed: $(.venv/bin/nmoe --help | head -1)"
