@@ -10,6 +10,12 @@ class ClusterError(RuntimeError):
     """Ray cannot be reached or started."""
 
 
+# what every process of a local Ray started here inherits: Serve's proxies call the replicas over gRPC, not Ray actor
+# calls (HTTP floor 10.0 -> 8.5 ms, a single routed image 25 -> 20 ms on 2 cores: benchmarks/results/serve.md); a
+# cluster's nodes get the same from cluster.yaml's start commands
+SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """``ray.init`` on loopback (token auth stays on), or join ``address`` ("auto", host:port, ray://...);
     True when this call connected (the caller then shuts Ray down), False when Ray was up already."""
@@ -19,6 +25,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     _check_reachable(address)
+    if not address:
+        for k, v in SERVE_ENV.items():
+            os.environ.setdefault(k, v)
     try:
         if address:
             ray.init(address=address, log_to_driver=False)

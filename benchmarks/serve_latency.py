@@ -24,6 +24,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from serve import api  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import gates, routing, seeds  # noqa: E402
 from training.config import PAPER_VARIANT  # noqa: E402
@@ -74,6 +75,7 @@ async def _load(url: str, bodies: list[tuple[str, bytes]], path, concurrency: in
     import httpx
 
     lat: list[float] = []
+    phases: list[dict[str, float]] = []  # per request: the replica's Server-Timing, and the rest ("outside")
     tally = [0, 0]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
@@ -86,6 +88,9 @@ async def _load(url: str, bodies: list[tuple[str, bytes]], path, concurrency: in
             )
             resp.raise_for_status()
             lat.append(time.perf_counter() - t0)
+            inside = api.read_phases(resp.headers.get(api.TIMING_HEADER, ""))
+            if inside:
+                phases.append({**inside, "outside": 1e3 * lat[-1] - sum(inside.values())})
             if body:
                 reply = resp.json()
                 tally[0] += reply["bytes_out"] + reply["bytes_in"]
@@ -97,6 +102,7 @@ async def _load(url: str, bodies: list[tuple[str, bytes]], path, concurrency: in
 
         await asyncio.gather(*(user(u, min(requests, 2 * concurrency)) for u in range(concurrency)))  # warm-up
         lat.clear()
+        phases.clear()
         tally[:] = [0, 0]
         t0 = time.perf_counter()
         await asyncio.gather(*(user(u, requests) for u in range(concurrency)))
@@ -106,6 +112,7 @@ async def _load(url: str, bodies: list[tuple[str, bytes]], path, concurrency: in
         "p99_ms": 1e3 * _pct(lat, 0.99),
         "requests_per_s": requests / wall,
         "bytes_per_sample": tally[0] / max(1, tally[1]),
+        "phases_ms": {k: statistics.median(p.get(k, 0.0) for p in phases) for k in (phases[0] if phases else {})},
     }
 
 
@@ -197,4 +204,19 @@ def markdown(res: dict) -> str:
             f"| {r['requests_per_s']:.0f} | {r['samples_per_s']:.0f} | {r['bytes_per_sample']:.0f} "
             f"| {r['in_process_p50_ms']:.2f} | {r['in_process_samples_per_s']:.0f} |"
         )
+    names = list(dict.fromkeys(k for r in res["rows"] for k in r.get("phases_ms", {})))
+    if names:
+        lines += [
+            "",
+            "Where a predict's time goes, median ms per request: inside client i's replica from the handler's "
+            "Server-Timing header (`body`: reading it, `decode`: checking it, `f`: F, `gate`: choosing, `expert`: the "
+            "own expert, `peers`: the peers' calls, `combine`, `encode`: the JSON reply), and `outside`: the rest of "
+            "what the HTTP client waited (Serve's proxy and request path, the network stack, the client itself).",
+            "",
+            "| batch | concurrency | body | " + " | ".join(names) + " |",
+            "|---|---|---|" + "---|" * len(names),
+        ]
+        for r in res["rows"]:
+            cells = " | ".join(f"{r['phases_ms'].get(k, 0.0):.2f}" for k in names)
+            lines.append(f"| {r['batch']} | {r['concurrency']} | {r['format']} | {cells} |")
     return "\n".join(lines) + "\n"

@@ -7,9 +7,11 @@ and answers client routes only when that client's own app is not there (404, or 
 Every error body is ``{"detail": "<field or format>: <what is wrong>"}``.
 """
 
+import contextlib
 import hashlib
 import hmac
 import re
+import time
 from typing import Optional
 
 from fastapi import FastAPI, HTTPException, Request
@@ -22,6 +24,44 @@ from training import checkpoint as ckpt
 from training import gates
 
 NODE_HEADER = "X-NMoE-Node"  # the Ray node that decoded the input: client i's own node
+TIMING_HEADER = "Server-Timing"  # where a predict's time went inside the replica (W3C Server-Timing), in ms
+
+
+class Phases:
+    """A request's time inside the replica by phase: ``lap(name)`` books the time since the last lap to ``name``
+    less what ``timed`` blocks booked to their own names in between; ``header()`` is the Server-Timing value."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+        self._last, self._inner = time.perf_counter(), 0.0
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.spent[name] = self.spent.get(name, 0.0) + now - self._last - self._inner
+        self._last, self._inner = now, 0.0
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - t0
+            self.spent[name] = self.spent.get(name, 0.0) + took
+            self._inner += took
+
+    def header(self) -> str:
+        return ", ".join(f"{k};dur={1e3 * v:.3f}" for k, v in self.spent.items())
+
+
+def read_phases(header: str) -> dict[str, float]:
+    """``{phase: ms}`` from a Server-Timing value (``Phases.header``)."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if name and dur:
+            out[name] = float(dur)
+    return out
 
 
 class Route(BaseModel):
@@ -267,7 +307,12 @@ def index_app(meta: dict, variant: str, status: dict[int, str], where: dict[int,
         "/v1/clients/{i}/predict",
         response_model=PredictResponse,
         responses={
-            200: {"headers": {NODE_HEADER: {"schema": {"type": "string"}, "description": "the node that decoded"}}},
+            200: {
+                "headers": {
+                    NODE_HEADER: {"schema": {"type": "string"}, "description": "the node that decoded"},
+                    TIMING_HEADER: {"schema": {"type": "string"}, "description": "time per phase in the replica"},
+                }
+            },
             **errors(*auth, 404, 413, 415, 422, 503),
         },
         openapi_extra=predict_openapi(meta, n, max_batch, secured, gates.get(variant).personal_knob),

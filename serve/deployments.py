@@ -94,13 +94,20 @@ class ClientDeployment:
 
         @app.post("/predict")
         async def predict(request: Request) -> Response:
+            clock = api.Phases()
             self.tokens.check(request, self.id)
             kind = inputs.media_type(request.headers.get("content-type"), spec)
-            x, knobs = inputs.decode(await request.body(), kind, spec, self.max_batch)
+            body = await request.body()
+            clock.lap("body")
+            x, knobs = inputs.decode(body, kind, spec, self.max_batch)
             k = api.parse_top_k(request, knobs["top_k"], self.cfg.routing.top_k, self.n)
             personal = api.parse_personal(request, knobs["personal"], self.variant, self.spec.personal_knob)
-            reply = await self.predict(x, k, personal)
-            return Response(json.dumps(reply), media_type="application/json", headers={api.NODE_HEADER: self.node})
+            clock.lap("decode")
+            reply = await self.predict(x, k, personal, clock)
+            text = json.dumps(reply)
+            clock.lap("encode")
+            headers = {api.NODE_HEADER: self.node, api.TIMING_HEADER: clock.header()}
+            return Response(text, media_type="application/json", headers=headers)
 
         return app
 
@@ -117,7 +124,7 @@ class ClientDeployment:
             self._peers[j] = serve.get_app_handle(client_app_name(j))
         return self._peers[j]
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)  # a lone call waits for no timer; queued ones batch
     async def expert_forward(self, requests: list[np.ndarray]) -> list[np.ndarray]:
         """Peers' latents (any float dtype) -> this expert's logits, many requests in one forward."""
         self._received.extend({"shape": list(r.shape), "dtype": str(r.dtype)} for r in requests)
@@ -139,13 +146,18 @@ class ClientDeployment:
     def choose(self, h: torch.Tensor, k: int, available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.spec.choose(self.gate, h, k, available, self.n, seeds.routing(self.cfg.seed, self.id))
 
-    async def predict(self, pixels: np.ndarray, top_k: int | None = None, personal: float | None = None) -> dict:
+    async def predict(
+        self, pixels: np.ndarray, top_k: int | None = None, personal: float | None = None, clock=None
+    ) -> dict:
         """Routed inference for a batch of inputs as stored, ``[B, *input_shape]`` (pixels in [0, 1] for images);
-        ``personal``: the readout's knob for this call (None: the run's, chosen on validation)."""
+        ``personal``: the readout's knob for this call (None: the run's, chosen on validation). ``clock``
+        (``api.Phases``) gets F's, the gate's, the own expert's, the peers' and the combine's time."""
+        clock = clock or api.Phases()
         facts = self.facts
         x = normalize(torch.from_numpy(pixels).float(), facts["mean"], facts["std"]).to(self.device)
         with torch.no_grad():
             h = self.extractor(x)
+        clock.lap("f")
         k = min(top_k or self.cfg.routing.top_k, int(self.served.sum()))
         fp16 = self.cfg.routing.fp16_latents
         payload = (h.half() if fp16 else h).cpu().numpy()  # what travels: latents, on the CPU
@@ -163,10 +175,11 @@ class ClientDeployment:
             return answers, [j for j, r in zip(remote, replies) if isinstance(r, BaseException)]
 
         def choose(available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.choose(h, min(k, int(available.sum())), available)
+            with clock.timed("gate"):
+                return self.choose(h, min(k, int(available.sum())), available)
 
         def local(rows: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
+            with clock.timed("expert"), torch.no_grad():
                 return self.expert(h[rows])
 
         loop = routing.Failover(choose, self.served, self.id, h.shape[1], self.num_classes, fp16)
@@ -174,8 +187,10 @@ class ClientDeployment:
             r = await routing.route_async(loop, ask, local)
         except routing.NoExpertAvailable:
             raise HTTPException(503, f"client {self.id}: no expert in the network answered") from None
+        clock.lap("peers")  # the routing loop's time less the gate's and the own expert's: the peers' calls
         logits = routing.combine(r.weights, r.plan, r.answers, self.spec.readout(self.gate, personal)).cpu()
         idx, w = r.idx.cpu(), r.weights.cpu()
+        clock.lap("combine")
         return {
             "predictions": logits.argmax(1).tolist(),
             "probabilities": torch.softmax(logits, 1).tolist(),

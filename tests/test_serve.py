@@ -11,6 +11,7 @@ import torch
 from conftest import free_port
 from PIL import Image
 
+from serve import api
 from training import checkpoint as ckpt
 from training import gates, routing
 from training.data import build_split
@@ -116,6 +117,9 @@ def test_single_image_and_metadata_endpoints(served, reference):
     assert info["train_samples"] > 0 and info["status"] == "serving"
     assert info["url"] == f"{str(http.base_url).rstrip('/')}/v1/clients/1"
     assert one.headers["x-nmoe-node"] == http.get("/v1/clients/2").json()["node_id"]
+    phases = api.read_phases(one.headers["server-timing"])  # where the time went inside client 2's replica, in ms
+    assert set(phases) >= {"body", "decode", "f", "gate", "peers", "combine", "encode"}
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) < 1e3 * one.elapsed.total_seconds()
     assert http.get("/v1/health").json()["served"] == list(range(cfg.num_clients))
     assert "/v1/clients/{i}/predict" in http.get("/openapi.json").json()["paths"]
     assert http.get("/docs").status_code == 200
