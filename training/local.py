@@ -13,23 +13,26 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from training import objectives, routing
 from training.config import Stage1Config, Stage2Config, Stage3Config
 from training.models import Gate, Stage1Model
 
 
-def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A loop's seeded generator, on the data's device: batches, noise and augmentations are drawn there, so a
-    step copies nothing from the CPU (on the CPU, the same draws as ever)."""
-    return torch.Generator(device=device).manual_seed(seed)
+def generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """``(order, draws)`` of a loop: the epochs' order is drawn on the CPU, so every device sees the same batches
+    (moved to the device once per epoch); the per-step draws (noise, augmentations) on the data's device, so a step
+    copies nothing from the host. On the CPU both are one generator, as they always were."""
+    order = torch.Generator().manual_seed(seed)
+    return order, order if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
 
 
-def batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """A seeded permutation (on ``gen``'s device) in batches; a last batch of one sample joins the one before it
-    (BatchNorm cannot train on one value per channel)."""
-    perm = torch.randperm(n, generator=gen, device=gen.device)
+def batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device | None = None) -> Iterator[Tensor]:
+    """A seeded permutation in batches, on ``device`` (moved there once); a last batch of one sample joins the one
+    before it (BatchNorm cannot train on one value per channel)."""
+    perm = torch.randperm(n, generator=gen)
+    perm = perm if device is None else perm.to(device)
     starts = list(range(0, n, batch_size))
     if len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()
@@ -65,14 +68,14 @@ class Tally:
 def fit_stage1(model: Stage1Model, x: torch.Tensor, y: torch.Tensor, cfg: Stage1Config, seed: int) -> tuple[dict, dict]:
     """Stage 1 on one client: the objective ``cfg.method`` (``training.objectives``), its supervised
     term logit adjusted by ``cfg.logit_adjust`` (``training.objectives.logit_adjust``)."""
-    t0, gen = time.perf_counter(), generator(seed, x.device)
+    t0, (order, gen) = time.perf_counter(), generators(seed, x.device)
     objective = objectives.get(cfg.method)
     shift = objectives.prior_shift(cfg.logit_adjust, y, model.classifier.out_features)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, foreach=True)
     model.train()
     for _ in range(cfg.local_epochs):
         tally = Tally(x.device)
-        for idx in batches(len(x), cfg.batch_size, gen):
+        for idx in batches(len(x), cfg.batch_size, order, x.device):
             xb, yb = x[idx], y[idx]
             loss, logits = objective.loss(model, xb, yb, shift, gen, cfg)
             opt.zero_grad()
@@ -93,12 +96,12 @@ def compute_latents(extractor: nn.Module, x: torch.Tensor, batch_size: int = 102
 
 def fit_expert(expert: nn.Module, h: torch.Tensor, y: torch.Tensor, cfg: Stage2Config, seed: int) -> tuple[dict, dict]:
     """Stage 2: the client's expert on its own latents (F is frozen, so h is computed once)."""
-    t0, gen = time.perf_counter(), generator(seed, h.device)
+    t0, order = time.perf_counter(), torch.Generator().manual_seed(seed)  # no per-step draws
     opt = torch.optim.Adam(expert.parameters(), lr=cfg.lr, foreach=True)
     expert.train()
     for _ in range(cfg.epochs):
         tally = Tally(h.device)
-        for idx in batches(len(h), cfg.batch_size, gen):
+        for idx in batches(len(h), cfg.batch_size, order, h.device):
             logits = expert(h[idx])
             loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad()
@@ -126,7 +129,7 @@ def fit_gate(
     combination is right on this client's data. ``available`` (bool [N]) leaves out experts
     that cannot answer.
     """
-    t0, gen = time.perf_counter(), generator(seed, h.device)
+    t0, (order, gen) = time.perf_counter(), generators(seed, h.device)
     shut = torch.zeros(answers.shape[1], device=h.device)  # added to the gate's scores: -inf for who cannot answer
     if available is not None:  # (noisy_topk's own mask, checked once here: a step reads nothing back)
         top_k = min(top_k, int(available.sum()))
@@ -137,7 +140,7 @@ def fit_gate(
     gate.train()
     for _ in range(cfg.local_epochs):
         tally = Tally(h.device)
-        for idx in batches(len(h), cfg.batch_size, gen):
+        for idx in batches(len(h), cfg.batch_size, order, h.device):
             choice, weights = routing.noisy_topk(gate(h[idx]) + shut, top_k, noise_std, gen)
             logits = routing.mixture(answers[idx], choice, weights)
             loss = F.cross_entropy(logits, y[idx])
@@ -160,14 +163,14 @@ def fit_centralized_moe(
     seed: int,
 ) -> dict:
     """Upper-bound baseline (NOT private: pooled data): N experts and one gate trained jointly."""
-    t0, gen = time.perf_counter(), generator(seed, h.device)
+    t0, (order, gen) = time.perf_counter(), generators(seed, h.device)
     params = [p for e in experts for p in e.parameters()] + list(gate.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, foreach=True)
     for m in [*experts, gate]:
         m.train()
     for _ in range(cfg.epochs):
         tally = Tally(h.device)
-        for idx in batches(len(h), cfg.batch_size, gen):
+        for idx in batches(len(h), cfg.batch_size, order, h.device):
             hb = h[idx]
             all_logits = torch.stack([e(hb) for e in experts], dim=1)
             choice, weights = routing.noisy_topk(gate(hb), top_k, noise_std, gen)
