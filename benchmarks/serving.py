@@ -22,12 +22,13 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     res = serve_latency.run_benchmark(run_dir, requests)
     ctx.devices.add(res["device"])
     res["requests"] = requests
-    metrics = {
-        f"b{r['batch']}_c{r['concurrency']}_{r['format']}/{k}": v
-        for r in res["rows"]
-        for k, v in r.items()
-        if k not in ("batch", "concurrency", "format")
-    }
+    metrics = {}
+    for r in res["rows"]:
+        cell = f"b{r['batch']}_c{r['concurrency']}_{r['format']}"
+        metrics.update(
+            {f"{cell}/{k}": v for k, v in r.items() if k not in ("batch", "concurrency", "format", "phases_ms")}
+        )
+        metrics.update({f"{cell}/phase_{k}_ms": v for k, v in r.get("phases_ms", {}).items()})
     metrics["healthy_s"] = res["healthy_s"]
     metrics["http_floor_p50_ms"] = res["http_floor"]["p50_ms"]
     metrics["raw_bytes_per_sample"] = res["raw_bytes_per_sample"]

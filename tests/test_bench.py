@@ -133,6 +133,8 @@ def test_serve_runs_in_process_and_leaves_the_session_ray_up(bench, capsys, ray_
     for r in res["rows"]:
         assert r["p50_ms"] > 0 and r["samples_per_s"] > 0 and 0 < r["bytes_per_sample"] < res["raw_bytes_per_sample"]
         assert f"{r['p50_ms']:.1f}" in _row(md, str(r["batch"]), str(r["concurrency"]), r["format"])
+    assert set(res["rows"][0]["phases_ms"]) >= {"body", "f", "gate", "peers", "combine", "outside"}
+    assert "| batch | concurrency | body | body | decode | f |" in md  # where the time went, per cell
     assert ray_session.is_initialized()  # run_benchmark must not shut down the caller's Ray
     assert ray_session.get(ray_session.remote(lambda: 7).remote()) == 7
 
