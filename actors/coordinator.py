@@ -29,7 +29,7 @@ from actors.stage3 import Stage3
 from actors.tracking import Tracker
 from training import baselines, federated, frontier, gates, objectives, schema, seeds
 from training import checkpoint as ckpt
-from training.config import PAPER_VARIANT, STAGES, from_dict
+from training.config import PAPER_VARIANT, from_dict
 from training.data import build_split, label_counts
 from training.datasets import load_labels
 from training.models import Stage1Model, load_pretrained
@@ -388,7 +388,7 @@ class Coordinator:
         t0 = time.perf_counter()
         ev = self.evaluate()
         self.state["timings"]["evaluate"] = time.perf_counter() - t0
-        self.state["timings"]["total"] = sum(self.state["timings"].get(k, 0.0) for k in ("setup", *STAGES, "evaluate"))
+        schema.add_total(self.state["timings"])
         results = self._results(ev)
         ckpt.save_json(self.out / "results.json", results)
         self._save_state()

@@ -82,7 +82,7 @@ def run(args) -> int:
     from actors.placement import PlacementError, client_device
     from actors.plots import make_plots
     from training import checkpoint as ckpt
-    from training.config import STAGES
+    from training import schema
     from training.data import build_split
     from training.datasets import load_labels
 
@@ -153,10 +153,8 @@ def run(args) -> int:
     tracker.artifacts(plots, "plots")
     if ours:
         ray.shutdown()
-    t = results["timings"]
-    t.pop("total", None)  # set again below, last: the sum of the parts, teardown included
-    t["teardown"] = time.perf_counter() - ended
-    t["total"] = sum(v for k, v in t.items() if k in ("setup", *STAGES, "evaluate", "teardown"))
+    results["timings"]["teardown"] = time.perf_counter() - ended
+    schema.add_total(results["timings"])
     ckpt.save_json(out / "results.json", results)
     tracker.artifacts([out / "results.json"])
     tracker.finish()

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from training import checkpoint as ckpt
 from training import local, seeds
 from training.config import ExperimentConfig
 from training.data import Split
@@ -92,8 +92,5 @@ def cached(folder: Path | None, key: str, compute) -> tuple[dict, bool]:
             pass
     result = compute()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # two runs may write at once
-        tmp.write_text(json.dumps(result))
-        tmp.replace(path)
+        ckpt.save_json(path, result)  # atomic: two runs may write it at once
     return result, False

@@ -140,6 +140,15 @@ class Results(TypedDict, total=False):
 RESULT_FIELDS = ("config", "methods", "bytes", "missing_clients", "dropped_clients", "timings", "history", "routing")
 
 
+TIMED = ("setup", "stage1", "stage2", "stage3", "evaluate", "teardown")  # the parts of a run's wall time, in order
+
+
+def add_total(timings: dict[str, float]) -> None:
+    """Set ``timings["total"]``, the sum of the parts a run has timed so far (``TIMED``), as its last key."""
+    timings.pop("total", None)
+    timings["total"] = sum(timings.get(k, 0.0) for k in TIMED)
+
+
 def new_state(mlflow_run_id: Optional[str]) -> RunState:
     """The state of a run that has done nothing yet."""
     return {
