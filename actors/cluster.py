@@ -10,10 +10,17 @@ class ClusterError(RuntimeError):
     """Ray cannot be reached or started."""
 
 
-# what every process of a local Ray started here inherits: Serve's proxies call the replicas over gRPC, not Ray actor
-# calls (HTTP floor 10.0 -> 8.5 ms, a single routed image 25 -> 20 ms on 2 cores: benchmarks/results/serve.md); a
-# cluster's nodes get the same from cluster.yaml's start commands
-SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+# what every process of a local Ray started here inherits (a cluster's nodes get the same from cluster.yaml's start
+# commands; benchmarks/results/serve.md measures each):
+# - direct ingress: each client's replica answers HTTP on a port of its own, on its node, bound to Serve's
+#   http_options.host (127.0.0.1 by default), without the proxy's hop; the proxy stays, on the head, for the index.
+#   A replica being replaced drains for 2 s, not 30 (its peers and users move at once);
+# - Serve's proxy calls the replicas over gRPC, not Ray actor calls.
+SERVE_ENV = {
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+}
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:

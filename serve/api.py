@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import re
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -268,8 +268,9 @@ def errors(*codes: int) -> dict:
     return {code: {"model": Error} for code in codes}
 
 
-def index_app(meta: dict, variant: str, status: dict[int, str], where: dict[int, dict], tokens: Tokens, max_batch: int):
-    """Health, the listing and the schema; a client route lands here only when its client's app is absent."""
+def index_app(meta: dict, variant: str, status: dict[int, str], where: Callable, tokens: Tokens, max_batch: int):
+    """Health, the listing and the schema; a client route lands here only when its client's app is absent.
+    ``where()``: each served client's node and URL, as now."""
     n = len(meta["clients"])
     secured = tokens.digests is not None
     app = bare_app(
@@ -295,13 +296,14 @@ def index_app(meta: dict, variant: str, status: dict[int, str], where: dict[int,
     @app.get("/v1/clients", responses=errors(*auth), openapi_extra=doc)
     def clients(request: Request) -> list[dict]:
         tokens.check(request, None)
-        return [client_info(meta, i, status[i], where.get(i)) for i in range(n)]
+        now = where()
+        return [client_info(meta, i, status[i], now.get(i)) for i in range(n)]
 
     @app.get("/v1/clients/{i}", responses=errors(*auth, 404, 422), openapi_extra=doc)
     def client(i: int, request: Request) -> dict:
         known(i)
         tokens.check(request, i)
-        return client_info(meta, i, "unavailable" if status[i] == "serving" else status[i], where.get(i))
+        return client_info(meta, i, "unavailable" if status[i] == "serving" else status[i], where().get(i))
 
     @app.post(
         "/v1/clients/{i}/predict",

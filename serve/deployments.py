@@ -2,10 +2,9 @@
 
 ``POST /v1/clients/{i}/predict`` is decoded and featurised here, so raw inputs never leave the
 node. The gate picks experts; each chosen peer gets only the latent rows routed to it (float16
-when configured) through its DeploymentHandle, and ``training.routing`` combines the answers.
-Peers batch their expert forwards with ``@serve.batch``. A peer that is gone or silent is masked
-out and the gate's next-best expert stands in; clients that training dropped are masked from the
-start.
+when configured) from the plain Ray actor that holds its expert (``serve.experts``), and
+``training.routing`` combines the answers. A peer that is gone or silent is masked out and the
+gate's next-best expert stands in; clients that training dropped are masked from the start.
 """
 
 import asyncio
@@ -13,12 +12,12 @@ import collections
 import json
 
 import numpy as np
+import ray
 import torch
 from fastapi import HTTPException, Request, Response
 from ray import serve
-from ray.serve.exceptions import DeploymentUnavailableError
 
-from serve import api, inputs
+from serve import api, experts, inputs, ports
 from training import checkpoint as ckpt
 from training import devices, gates, routing, seeds
 from training.datasets import normalize
@@ -34,29 +33,37 @@ def client_route(i: int) -> str:
     return f"/v1/clients/{i}"
 
 
-# predict and expert_forward share a replica: a low request cap would let two clients wait on
-# each other's expert calls until the peer timeout fires, so the cap is generous; a request
-# takes milliseconds, so replicas need not wait Serve's default 20 s to drain on shutdown
+def located(where: dict[int, dict], max_age_s: float = 2.0) -> dict[int, dict]:
+    """Each client's node and URL: its replica's own port on its node under direct ingress (read from Serve, so it
+    follows a replaced replica), else its node's proxy (``where[i]["url"]``, set at deploy)."""
+    direct = ports.direct_ingress(max_age_s)
+    return {
+        i: {**w, "url": f"http://{w['host']}:{direct[client_app_name(i)]}{client_route(i)}"}
+        if client_app_name(i) in direct
+        else w
+        for i, w in where.items()
+    }
+
+
+# a request takes milliseconds, so the cap is generous and replicas need not wait Serve's default 20 s to drain
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, graceful_shutdown_timeout_s=5)
 @serve.ingress()
 class ClientDeployment:
     """Client i as a service: its own inputs in over HTTP, routed predictions out; its expert for peers."""
 
     def __init__(self, client_id: int, cfg: dict, meta: dict, weights: dict, variant: str, options: dict):
-        import ray
-
         from training.config import from_dict
 
         torch.set_num_threads(1)
         self.id, self.variant, self.meta = client_id, variant, meta
         self.cfg = from_dict(cfg)
         self.n = self.cfg.num_clients
-        self.timeout = options["peer_timeout_s"]
         self.max_batch = options["max_batch"]
-        self.url = options.get("url")  # where users reach this client: its own node's proxy
+        self.where = {client_id: options["where"]}  # where users reach this client (``located``)
         self.served = torch.zeros(self.n, dtype=torch.bool)
         self.served[options["served"]] = True  # clients training dropped are never asked
         self.tokens = api.Tokens(options.get("token_digests"))
+        self.peers = experts.Peers(options["experts"], options["nodes"], options["peer_timeout_s"])
         self.device = devices.local(options.get("device", "cpu"))  # the GPU share Ray gave this replica
         self.extractor = ckpt.load_extractor(self.cfg, meta, weights["stage1"]).to(self.device)
         self.expert = ckpt.load_expert(self.cfg, meta, weights["expert"]).to(self.device)
@@ -67,9 +74,16 @@ class ClientDeployment:
         self.num_classes = meta["num_classes"]
         self.facts = ckpt.data_facts(meta)  # the input's shape and normalization, as trained
         self.node = ray.get_runtime_context().get_node_id()
-        self._peers: dict[int, object] = {}
-        self._received: collections.deque = collections.deque(maxlen=256)
         self._warm_up()
+        self._own = weights["expert"]  # what this client puts in its node's Experts actor, for its peers
+        self.host = ray.get_actor(experts.actor_name(options["experts"], self.node), namespace=experts.NAMESPACE)
+        ray.get(self.host.put.remote(self.id, self.cfg, meta, self._own))  # before Serve calls this replica running
+
+    def __del__(self):
+        """Serve's graceful stop: peers stop finding this client's expert on its node."""
+        host = getattr(self, "host", None)
+        if host is not None:
+            host.drop.remote(self.id)
 
     @torch.no_grad()
     def _warm_up(self) -> None:
@@ -79,8 +93,8 @@ class ClientDeployment:
         x = torch.zeros(1, *self.facts["input_shape"], device=self.device)
         h = self.extractor(normalize(x, self.facts["mean"], self.facts["std"]))
         idx, w = self.choose(h, 1, torch.ones(self.n, dtype=torch.bool))
-        experts = collections.defaultdict(lambda: self.expert)
-        routing.route_in_process(h, idx, w, experts, self.id, False, self.spec.readout(self.gate, None)).cpu()
+        stand_in = collections.defaultdict(lambda: self.expert)
+        routing.route_in_process(h, idx, w, stand_in, self.id, False, self.spec.readout(self.gate, None)).cpu()
 
     def __serve_build_asgi_app__(self):
         """Client i's own FastAPI app, mounted by Serve at /v1/clients/{i} (no docs: the index has them)."""
@@ -90,7 +104,7 @@ class ClientDeployment:
         @app.get("/")
         def info(request: Request) -> dict:
             self.tokens.check(request, self.id)
-            return api.client_info(self.meta, self.id, "serving", {"node_id": self.node, "url": self.url})
+            return api.client_info(self.meta, self.id, "serving", located(self.where)[self.id])
 
         @app.post("/predict")
         async def predict(request: Request) -> Response:
@@ -115,33 +129,15 @@ class ClientDeployment:
         """The Ray node this client's deployment runs on (placement checks, operators)."""
         return {"node_id": self.node}
 
-    def received(self) -> list[dict]:
+    async def received(self) -> list[dict]:
         """Shape and dtype of the last payloads peers sent this expert: latents [n, d], never inputs."""
-        return list(self._received)
+        return await self.host.received.remote(self.id)
 
-    def _peer(self, j: int):
-        if j not in self._peers:
-            self._peers[j] = serve.get_app_handle(client_app_name(j))
-        return self._peers[j]
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)  # a lone call waits for no timer; queued ones batch
-    async def expert_forward(self, requests: list[np.ndarray]) -> list[np.ndarray]:
-        """Peers' latents (any float dtype) -> this expert's logits, many requests in one forward."""
-        self._received.extend({"shape": list(r.shape), "dtype": str(r.dtype)} for r in requests)
-        sizes = np.cumsum([len(r) for r in requests])[:-1]
-        with torch.no_grad():
-            out = self.expert(torch.from_numpy(np.concatenate(requests)).to(self.device).float()).cpu().numpy()
-        return np.split(out, sizes)
-
-    async def _ask(self, j: int, payload: np.ndarray) -> np.ndarray:
-        try:
-            return await asyncio.wait_for(self._peer(j).expert_forward.remote(payload), timeout=self.timeout)
-        except DeploymentUnavailableError:
-            # the peer's application was deleted: this handle stays unavailable for good, so the
-            # next call makes a new one (which finds the peer once it is redeployed); a handle whose
-            # call merely timed out is kept, since a fresh one would start cold and time out again
-            self._peers.pop(j, None)
-            raise
+    async def check_health(self) -> None:
+        """Serve's periodic check: this client's expert is in its node's actor for its peers (put back if that
+        actor was restarted empty)."""
+        if self.id not in await self.host.holds.remote():
+            await self.host.put.remote(self.id, self.cfg, self.meta, self._own)
 
     def choose(self, h: torch.Tensor, k: int, available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.spec.choose(self.gate, h, k, available, self.n, seeds.routing(self.cfg.seed, self.id))
@@ -165,7 +161,7 @@ class ClientDeployment:
         async def ask(rows: dict[int, torch.Tensor]) -> tuple[dict, list[int]]:
             remote = list(rows)
             replies = await asyncio.gather(
-                *(self._ask(j, payload[rows[j].cpu().numpy()]) for j in remote), return_exceptions=True
+                *(self.peers.ask(j, payload[rows[j].cpu().numpy()]) for j in remote), return_exceptions=True
             )
             answers = {
                 j: torch.from_numpy(np.asarray(r)).to(self.device)

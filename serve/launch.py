@@ -15,12 +15,13 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ray import serve
 
-from serve import api
-from serve.deployments import ClientDeployment, client_app_name, client_route
+from serve import api, experts
+from serve.deployments import ClientDeployment, client_app_name, client_route, located
 from training import checkpoint as ckpt
 from training import devices
 from training.config import PAPER_VARIANT
@@ -42,15 +43,17 @@ class Served:
     """What ``deploy`` started: the index URL, each served client's node and URL, and the time taken."""
 
     url: str
-    clients: dict[int, dict] = field(default_factory=dict)
+    clients: dict[int, dict] = field(default_factory=dict)  # client -> node_id, host, url (``located``)
     dropped: list[int] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"  # what the client replicas compute on
     targets: dict[int, serve.RunTarget] = field(default_factory=dict, repr=False)
+    where: dict[int, dict] = field(default_factory=dict, repr=False)  # as deployed: each node's proxy URL
 
     def redeploy(self, i: int) -> None:
-        """Deploy client i's application again, as it was (after it was deleted or lost)."""
+        """Deploy client i's application again, as it was (after it was deleted or lost); its URL may change."""
         serve.run_many([self.targets[i]])
+        self.clients = located(self.where, max_age_s=0)
 
 
 def run_from_mlflow(run_id: str, tracking_uri: str) -> Path:
@@ -140,7 +143,12 @@ def deploy(
     ips = {nd["NodeID"]: nd["NodeManagerAddress"] for nd in alive}
     shown = {nd: ips[nd] if host in ("0.0.0.0", "::") else host for nd in ports}  # a wildcard bind: the node's IP
     where = {
-        i: {"node_id": nodes[i], "url": f"http://{shown[nodes[i]]}:{ports[nodes[i]]}{client_route(i)}"} for i in clients
+        i: {
+            "node_id": nodes[i],
+            "host": shown[nodes[i]],
+            "url": f"http://{shown[nodes[i]]}:{ports[nodes[i]]}{client_route(i)}",
+        }
+        for i in clients
     }
     digests = {i: api.Tokens.digest(t) for i, t in tokens.items()} if tokens else None
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
@@ -152,7 +160,10 @@ def deploy(
         "served": clients,
         "token_digests": digests,
         "device": device,
+        "nodes": {i: nodes[i] for i in clients},
     }
+    per_node = {nd: sum(gpu / 2 for i in clients if nodes[i] == nd) for nd in set(nodes.values())}
+    options["experts"] = experts.start(per_node, device)  # the peers' hop, one actor per node (serve.experts)
     serve.start(proxy_location="EveryNode", http_options={"host": host, "port": port})
     targets = {}
     for i in clients:
@@ -163,16 +174,17 @@ def deploy(
         }  # None for a variant without a gate
         actor = {
             "num_cpus": 0,
-            **({"num_gpus": gpu} if gpu else {}),
+            **({"num_gpus": gpu / 2} if gpu else {}),  # the other half: the expert's actor for peers
             "label_selector": {"ray.io/node-id": nodes[i]},
             "runtime_env": {"env_vars": REPLICA_ENV},
         }
         app = ClientDeployment.options(name="client", ray_actor_options=actor).bind(
-            i, cfg.to_dict(), meta, weights, variant, {**options, "url": where[i]["url"]}
+            i, cfg.to_dict(), meta, weights, variant, {**options, "where": where[i]}
         )
         targets[i] = serve.RunTarget(app, name=client_app_name(i), route_prefix=client_route(i))
+    app = api.index_app(meta, variant, status, partial(located, where), api.Tokens(digests), max_batch)
     index = serve.deployment(
-        serve.ingress(api.index_app(meta, variant, status, where, api.Tokens(digests), max_batch))(_Index),
+        serve.ingress(app)(_Index),
         name="index",
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=256,
@@ -180,7 +192,8 @@ def deploy(
     )
     serve.run_many([*targets.values(), serve.RunTarget(index.bind(), name=INDEX_APP, route_prefix="/")])
     dropped = [i for i in range(n) if status[i] == "dropped"]
-    return Served(f"http://{host}:{port}", where, dropped, time.monotonic() - t0, device, targets)
+    now = located(where, max_age_s=0)
+    return Served(f"http://{host}:{port}", now, dropped, time.monotonic() - t0, device, targets, where)
 
 
 class _Index:
@@ -189,3 +202,4 @@ class _Index:
 
 def shutdown() -> None:
     serve.shutdown()
+    experts.stop()

@@ -9,6 +9,7 @@ listens), so that a Ray upgrade that opens another public port is seen (``tests/
 from __future__ import annotations
 
 import ipaddress
+import time
 from dataclasses import dataclass
 
 # Ray Serve 2.60 starts each replica's inter-deployment gRPC server on "[::]:0", hard-coded
@@ -51,3 +52,23 @@ def listening() -> list[Listening]:
 def public(sockets: list[Listening]) -> list[Listening]:
     """The sockets reachable from off the machine (bound to an address that is not loopback)."""
     return [s for s in sockets if not s.loopback]
+
+
+_direct: list = [0.0, {}]  # when it was read, what it said
+
+
+def direct_ingress(max_age_s: float = 2.0) -> dict[str, int]:
+    """Serve application -> the HTTP port of its ingress replica's own server, when Serve runs direct ingress
+    (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, the default of a local Ray here; ``actors.cluster.SERVE_ENV``); empty
+    when it does not. A replica's port changes when it is replaced, so callers read this again (at most every
+    ``max_age_s``). Read from Serve's controller (``get_target_groups``): Ray 2.60 has no public call for it."""
+    import ray
+    from ray import serve
+
+    if time.monotonic() - _direct[0] > max_age_s:
+        groups = ray.get(serve.context._get_global_client()._controller.get_target_groups.remote(), timeout=10)
+        _direct[:] = [
+            time.monotonic(),
+            {g.app_name: g.targets[0].port for g in groups if g.app_name and g.targets and g.protocol.value == "HTTP"},
+        ]
+    return _direct[1]

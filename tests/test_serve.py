@@ -115,7 +115,16 @@ def test_single_image_and_metadata_endpoints(served, reference):
     assert [c["id"] for c in clients] == list(range(cfg.num_clients)) and all(c["expert"] == c["id"] for c in clients)
     info = http.get("/v1/clients/1").json()  # answered by client 1's own app, on its node
     assert info["train_samples"] > 0 and info["status"] == "serving"
-    assert info["url"] == f"{str(http.base_url).rstrip('/')}/v1/clients/1"
+    # client 1's own URL: its replica's port of its own (direct ingress), on 127.0.0.1, not the proxy's
+    own = httpx.URL(info["url"])
+    assert own.host == "127.0.0.1" and own.port != http.base_url.port and own.path == "/v1/clients/1"
+    assert httpx.get(info["url"]).json() == info and clients[1]["url"] == info["url"]
+    direct = httpx.post(f"{info['url']}/predict", json={"inputs": pixels[0].tolist()})
+    assert (
+        direct.status_code == 200
+        and direct.json()["routes"]
+        == http.post("/v1/clients/1/predict", json={"inputs": pixels[0].tolist()}).json()["routes"]
+    )
     assert one.headers["x-nmoe-node"] == http.get("/v1/clients/2").json()["node_id"]
     phases = api.read_phases(one.headers["server-timing"])  # where the time went inside client 2's replica, in ms
     assert set(phases) >= {"body", "decode", "f", "gate", "peers", "combine", "encode"}
@@ -347,6 +356,9 @@ def test_everything_listens_on_loopback_but_the_replicas_grpc_port_that_ray_bind
     sockets = ports.listening()
     proxy = [s for s in sockets if s.port == http.base_url.port]
     assert proxy and all(s.loopback and s.process.startswith("ray::ProxyActor") for s in proxy), proxy
+    for c in http.get("/v1/clients").json():  # each client's own port (direct ingress): its replica, on loopback
+        own = [s for s in sockets if s.port == httpx.URL(c["url"]).port]
+        assert own and all(s.loopback and s.process.startswith(f"ray::ServeReplica:nmoe-client-{c['id']}") for s in own)
     public = ports.public(sockets)
     assert all(s.process.startswith(ports.PUBLIC_BY_RAY) and s.address in ("::", "0.0.0.0") for s in public), public
     replicas = {s.pid for s in sockets if s.process.startswith("ray::ServeReplica")}
