@@ -7,7 +7,6 @@ when configured) from the plain Ray actor that holds its expert (``serve.experts
 gate's next-best expert stands in; clients that training dropped are masked from the start.
 """
 
-import asyncio
 import collections
 import json
 
@@ -159,16 +158,8 @@ class ClientDeployment:
         payload = (h.half() if fp16 else h).cpu().numpy()  # what travels: latents, on the CPU
 
         async def ask(rows: dict[int, torch.Tensor]) -> tuple[dict, list[int]]:
-            remote = list(rows)
-            replies = await asyncio.gather(
-                *(self.peers.ask(j, payload[rows[j].cpu().numpy()]) for j in remote), return_exceptions=True
-            )
-            answers = {
-                j: torch.from_numpy(np.asarray(r)).to(self.device)
-                for j, r in zip(remote, replies)
-                if not isinstance(r, BaseException)
-            }
-            return answers, [j for j, r in zip(remote, replies) if isinstance(r, BaseException)]
+            answers, lost = await self.peers.ask({j: payload[r.cpu().numpy()] for j, r in rows.items()})
+            return {j: torch.from_numpy(a).to(self.device) for j, a in answers.items()}, lost
 
         def choose(available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with clock.timed("gate"):

@@ -31,10 +31,6 @@ def actor_name(tag: str, node_id: str) -> str:
     return f"experts-{tag}-{node_id}"
 
 
-class NotHere(KeyError):
-    """This node holds no expert of that client (it stopped, or never started here)."""
-
-
 @ray.remote(num_cpus=0, max_concurrency=16, max_restarts=-1)  # restarted empty: replicas put theirs back
 class Experts:
     """The experts of the clients served on one node, for their peers: latents in (any float dtype), logits out."""
@@ -58,12 +54,15 @@ class Experts:
     def holds(self) -> list[int]:
         return sorted(self.experts)
 
-    def forward(self, i: int, latents: np.ndarray) -> np.ndarray:
-        if i not in self.experts:
-            raise NotHere(i)
-        self._received[i].append({"shape": list(latents.shape), "dtype": str(latents.dtype)})
+    def forward(self, asked: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Each asked expert's logits for its latents; an expert this node does not hold is left out."""
+        out = {}
         with torch.no_grad():
-            return self.experts[i](torch.from_numpy(latents).to(self.device).float()).cpu().numpy()
+            for i, latents in asked.items():
+                if i in self.experts:
+                    self._received[i].append({"shape": list(latents.shape), "dtype": str(latents.dtype)})
+                    out[i] = self.experts[i](torch.from_numpy(latents).to(self.device).float()).cpu().numpy()
+        return out
 
     def received(self, i: int) -> list[dict]:
         """Shape and dtype of the last payloads client i's peers sent it: latents [n, d], never inputs."""
@@ -91,22 +90,31 @@ def stop() -> None:
 
 
 class Peers:
-    """Client i's view of the experts: each peer's node actor found by name once, then called directly."""
+    """Client i's view of the experts: each node's actor found by name once, then called directly, one call per node
+    for all the experts asked there."""
 
     def __init__(self, tag: str, nodes: dict[int, str], timeout: float):
         self.tag, self.nodes, self.timeout = tag, nodes, timeout
         self._actors: dict[str, ray.actor.ActorHandle] = {}
 
-    def _actor(self, j: int):
-        nd = self.nodes[j]
+    def _actor(self, nd: str):
         if nd not in self._actors:
             self._actors[nd] = ray.get_actor(actor_name(self.tag, nd), namespace=NAMESPACE)
         return self._actors[nd]
 
-    async def ask(self, j: int, latents: np.ndarray) -> np.ndarray:
-        """Peer j's logits for ``latents``; raises when j is gone or silent past the timeout."""
+    async def ask(self, asked: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], list[int]]:
+        """The asked peers' logits, and the peers that did not answer: gone, not on their node, or silent past the
+        timeout."""
+        by_node = collections.defaultdict(dict)
+        for j, latents in asked.items():
+            by_node[self.nodes[j]][j] = latents
+        replies = await asyncio.gather(*(self._ask(nd, a) for nd, a in by_node.items()), return_exceptions=True)
+        answers = {j: a for r in replies if not isinstance(r, BaseException) for j, a in r.items()}
+        return answers, sorted(set(asked) - set(answers))
+
+    async def _ask(self, nd: str, asked: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         try:
-            return await asyncio.wait_for(self._actor(j).forward.remote(j, latents), timeout=self.timeout)
+            return await asyncio.wait_for(self._actor(nd).forward.remote(asked), timeout=self.timeout)
         except (ray.exceptions.RayActorError, ValueError):
-            self._actors.pop(self.nodes[j], None)  # the node's actor is gone: look it up again next time
+            self._actors.pop(nd, None)  # the node's actor is gone: look it up again next time
             raise

@@ -127,14 +127,20 @@ def test_comm_bytes_and_fp16_vs_fp32(bench, capsys):
 
 
 def test_serve_runs_in_process_and_leaves_the_session_ray_up(bench, capsys, ray_session):
-    res, md = bench(capsys, "serve")  # serves the reused smoke-sized run
-    assert len(res["rows"]) == 7 and res["requests"] == 16 and res["healthy_s"] > 0
+    out, md = bench(capsys, "serve")  # --quick: serves the reused smoke-sized run only
+    assert out["requests"] == 16 and len(out["runs"]) == 1
+    res = out["runs"][0]
+    assert len(res["rows"]) == 7 and res["healthy_s"] > 0 and res["clients"] == 3
     assert {r["format"] for r in res["rows"]} == {"npy", "json"} and res["http_floor"]["p50_ms"] > 0
+    assert res["direct_ingress"]  # each client answered on its replica's own port
     for r in res["rows"]:
         assert r["p50_ms"] > 0 and r["samples_per_s"] > 0 and 0 < r["bytes_per_sample"] < res["raw_bytes_per_sample"]
         assert f"{r['p50_ms']:.1f}" in _row(md, str(r["batch"]), str(r["concurrency"]), r["format"])
     assert set(res["rows"][0]["phases_ms"]) >= {"body", "f", "gate", "peers", "combine", "outside"}
     assert "| batch | concurrency | body | body | decode | f |" in md  # where the time went, per cell
+    load = res["sustained"]
+    assert load["requests"] > 0 and load["errors"] == 0 and load["degraded"] == 0  # every peer is up
+    assert f"{load['requests']:,} requests" in md and "| deploy to healthy s | ≤ 15 |" in md  # the targets' table
     assert ray_session.is_initialized()  # run_benchmark must not shut down the caller's Ray
     assert ray_session.get(ray_session.remote(lambda: 7).remote()) == 7
 
