@@ -45,7 +45,10 @@ def located(where: dict[int, dict], max_age_s: float = 2.0) -> dict[int, dict]:
 
 
 # a request takes milliseconds, so the cap is generous and replicas need not wait Serve's default 20 s to drain
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, graceful_shutdown_timeout_s=5)
+# its health check (every 2 s) also puts its expert back in its node's Experts actor if that was restarted empty
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, graceful_shutdown_timeout_s=5, health_check_period_s=2
+)
 @serve.ingress()
 class ClientDeployment:
     """Client i as a service: its own inputs in over HTTP, routed predictions out; its expert for peers."""
@@ -58,7 +61,7 @@ class ClientDeployment:
         self.cfg = from_dict(cfg)
         self.n = self.cfg.num_clients
         self.max_batch = options["max_batch"]
-        self.where = {client_id: options["where"]}  # where users reach this client (``located``)
+        self._where = {client_id: options["where"]}  # where users reach this client (``located``)
         self.served = torch.zeros(self.n, dtype=torch.bool)
         self.served[options["served"]] = True  # clients training dropped are never asked
         self.tokens = api.Tokens(options.get("token_digests"))
@@ -103,7 +106,7 @@ class ClientDeployment:
         @app.get("/")
         def info(request: Request) -> dict:
             self.tokens.check(request, self.id)
-            return api.client_info(self.meta, self.id, "serving", located(self.where)[self.id])
+            return api.client_info(self.meta, self.id, "serving", located(self._where)[self.id])
 
         @app.post("/predict")
         async def predict(request: Request) -> Response:
@@ -133,10 +136,14 @@ class ClientDeployment:
         return await self.host.received.remote(self.id)
 
     async def check_health(self) -> None:
-        """Serve's periodic check: this client's expert is in its node's actor for its peers (put back if that
-        actor was restarted empty)."""
-        if self.id not in await self.host.holds.remote():
-            await self.host.put.remote(self.id, self.cfg, self.meta, self._own)
+        """Serve's periodic check: this client's expert is in its node's Experts actor for its peers (put back if that
+        actor was restarted empty). An actor still restarting is not this replica's failure: its peers route around
+        it meanwhile, and the next check puts the expert back."""
+        try:
+            if self.id not in await self.host.holds.remote():
+                await self.host.put.remote(self.id, self.cfg, self.meta, self._own)
+        except ray.exceptions.RayActorError:
+            pass
 
     def choose(self, h: torch.Tensor, k: int, available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.spec.choose(self.gate, h, k, available, self.n, seeds.routing(self.cfg.seed, self.id))

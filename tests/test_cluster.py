@@ -18,6 +18,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from actors.cluster import SERVE_ENV
+
 CLUSTER_YAML = ROOT / "cluster.yaml"
 E2E = ROOT / "tests" / "e2e"
 
@@ -84,6 +86,7 @@ def test_cluster_yaml_installs_the_project_and_starts_ray_from_its_venv(cluster_
         for c in ray_cmds:
             assert 'PATH="$HOME/nmoe-venv/bin:$PATH"' in c.split(" ray ")[0], c
             assert f"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER={enable}" in c and "RAY_AUTH_MODE=token" in c, c
+            assert all(f"{k}={v}" in c for k, v in SERVE_ENV.items()), c  # Serve's settings, as a local Ray's
     start = next(c for c in head if "ray start --head" in c)
     assert "--dashboard-host=127.0.0.1" in start and "--autoscaling-config=~/ray_bootstrap_config.yaml" in start
     assert "--node-ip-address=<HEAD_IP>" in start and cluster_cfg["provider"]["head_ip"] == "<HEAD_IP>"

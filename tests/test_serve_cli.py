@@ -4,10 +4,12 @@ Its shutdown is bounded (30 s for Serve, then 30 s for Ray): on 2 loaded cores S
 shutdown has been seen to hang for minutes.
 """
 
+import re
 import signal
 import subprocess
 
 import httpx
+import numpy as np
 from conftest import Nmoe, free_port
 
 
@@ -22,6 +24,13 @@ def test_nmoe_serve_answers_then_stops_cleanly_on_ctrl_c(smoke_run, tmp_path):
         assert httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=10).json()["status"] == "ok"
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+        assert "each client answers at its own port, on its node" in out, out
+        urls = re.findall(r"client (\d+): POST (http://127\.0\.0\.1:(\d+)/v1/clients/\1)/predict", out)
+        assert len(urls) == 3 and all(int(p) != port and f"127.0.0.1:{p}" in listening for _, _, p in urls), out
+        for i, url, _ in urls:  # each client on its own port answers its own info, and a predict
+            assert httpx.get(url, timeout=10).json()["id"] == int(i)
+            r = httpx.post(f"{url}/predict", json={"inputs": np.zeros((1, 28, 28)).tolist()}, timeout=30)
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 1, r.text
         proc.send_signal(signal.SIGINT)
         try:
             code = proc.wait(timeout=90)

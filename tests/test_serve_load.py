@@ -109,6 +109,34 @@ def test_fifty_clients_for_30_s_with_a_peer_deleted_and_redeployed_get_no_error(
     )  # once redeployed, client 2 answers again
 
 
+def test_a_lost_experts_actor_is_routed_around_then_refilled_by_the_replicas_health_checks(open_service):
+    """The node's Experts actor (every expert's answer to its peers) is killed: Ray restarts it empty, predicts
+    still answer (degraded, the peers masked), and within seconds each replica's health check puts its expert back."""
+    import ray
+
+    from serve import experts
+    from serve.deployments import located
+
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "nmoe"]
+    body = io.BytesIO()
+    np.save(body, np.random.default_rng(1).random((4, 1, 28, 28), dtype=np.float32))
+
+    def ask() -> dict:
+        r = httpx.post(f"{open_service.clients[0]['url']}/predict?top_k=3", content=body.getvalue(), headers=NPY)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    assert ask()["degraded"] is False  # top-3 of 3: both peers are asked for every row
+    ray.kill(ray.get_actor(name, namespace=experts.NAMESPACE), no_restart=False)
+    replies, t0 = [], time.monotonic()
+    while time.monotonic() - t0 < 30 and (not replies or replies[-1]["degraded"]):
+        replies.append(ask())
+        time.sleep(0.2)
+    assert any(r["degraded"] and r["unavailable_experts"] == [1, 2] for r in replies)  # routed around the loss
+    assert not replies[-1]["degraded"], f"still degraded after {time.monotonic() - t0:.0f} s"
+    assert open_service.clients[0]["url"] == located(open_service.where, max_age_s=0)[0]["url"]  # no replica restarted
+
+
 def test_a_client_training_dropped_is_masked_at_deploy_time(ray_session, smoke_run, tmp_path):
     """The smoke run as if training had dropped client 2: its expert is not in the stage-2 checkpoint."""
     from serve import launch
