@@ -75,11 +75,16 @@ def start(nodes: dict[str, float], device: str) -> str:
     tag = uuid.uuid4().hex[:8]
     _held[tag] = [
         Experts.options(
-            name=actor_name(tag, nd), namespace=NAMESPACE, num_gpus=gpus, label_selector={"ray.io/node-id": nd}
+            name=actor_name(tag, nd), namespace=NAMESPACE, num_gpus=_fits(gpus), label_selector={"ray.io/node-id": nd}
         ).remote(device)
         for nd, gpus in nodes.items()
     ]
     return tag
+
+
+def _fits(gpus: float) -> float:
+    """A share Ray accepts: a fraction of one GPU, or whole GPUs (1.33 becomes 1)."""
+    return gpus if gpus <= 1 else float(int(gpus))
 
 
 def stop() -> None:
