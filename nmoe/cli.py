@@ -111,14 +111,19 @@ GATE_COLUMNS = [
 ]
 
 
+def gates_markdown() -> str:
+    """The registered gate variants as a markdown table (``nmoe gates --markdown``, the docs' concepts page)."""
+    head = "| " + " | ".join(GATE_COLUMNS) + " |\n|" + "---|" * len(GATE_COLUMNS)
+    return head + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in gate_rows())
+
+
 def cmd_gates(args) -> int:
     from training.registry import OBJECTIVES
 
     load_config(args)  # imports the config's plugins
     rows = gate_rows()
     if args.markdown:
-        print("| " + " | ".join(GATE_COLUMNS) + " |\n|" + "---|" * len(GATE_COLUMNS))
-        print("\n".join("| " + " | ".join(r) + " |" for r in rows))
+        print(gates_markdown())
         return 0
     table = Table(title="gate variants (stage3.variants); --markdown for bytes and what each reveals")
     keep = [0, 1, 2, 3, 4, 7]

@@ -43,11 +43,15 @@ def config_rows(cls: type | None = None, prefix: str = "") -> list[tuple[str, st
     return rows
 
 
-def cmd_config(args) -> int:
-    rows = config_rows()
-    print("| key | type | default | meaning |\n|---|---|---|---|")
+def config_markdown() -> str:
+    """Every config field as a markdown table: key, type, default, meaning (the docs' configuration reference)."""
     escape = str.maketrans({"|": "\\|"})  # a pipe inside a cell would end it
-    print("\n".join(f"| `{k}` | {t} | `{d}` | {m.translate(escape)} |" for k, t, d, m in rows))
+    rows = (f"| `{k}` | {t} | `{d}` | {m.translate(escape)} |" for k, t, d, m in config_rows())
+    return "| key | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(rows)
+
+
+def cmd_config(args) -> int:
+    print(config_markdown())
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from serve import inputs
 from training import checkpoint as ckpt
@@ -65,19 +65,19 @@ def read_phases(header: str) -> dict[str, float]:
 
 
 class Route(BaseModel):
-    expert: int
-    weight: float
+    expert: int = Field(description="the client whose expert answered")
+    weight: float = Field(description="its weight in the combined answer")
 
 
 class PredictResponse(BaseModel):
-    predictions: list[int]
-    probabilities: list[list[float]]
-    routes: list[list[Route]]
-    bytes_out: int
-    bytes_in: int
-    degraded: bool
-    unavailable_experts: list[int]
-    personal: Optional[float] = None  # the readout's personal knob this answer used (gates that have one)
+    predictions: list[int] = Field(description="the predicted class of each input")
+    probabilities: list[list[float]] = Field(description="each input's class probabilities")
+    routes: list[list[Route]] = Field(description="each input's chosen experts and their weights")
+    bytes_out: int = Field(description="bytes of latents this request sent to peers")
+    bytes_in: int = Field(description="bytes of answers it received back")
+    degraded: bool = Field(description="a chosen peer did not answer, and the gate's next-best expert stood in")
+    unavailable_experts: list[int] = Field(description="the peers that did not answer")
+    personal: Optional[float] = Field(None, description="the readout's personal knob this answer used (ClassGate)")
 
 
 class Error(BaseModel):
@@ -290,17 +290,21 @@ def index_app(meta: dict, variant: str, status: dict[int, str], where: Callable,
 
     @app.get("/v1/health")
     def health() -> dict:
+        """Whether the service is up: the clients, those served, the gate variant and the dataset. Never needs a
+        token."""
         served = sorted(i for i, s in status.items() if s == "serving")
         return {"status": "ok", "clients": n, "served": served, "variant": variant, "dataset": meta["dataset"]}
 
     @app.get("/v1/clients", responses=errors(*auth), openapi_extra=doc)
     def clients(request: Request) -> list[dict]:
+        """Every client: its data mix (counts only), status (serving, unavailable, dropped), node and current URL."""
         tokens.check(request, None)
         now = where()
         return [client_info(meta, i, status[i], now.get(i)) for i in range(n)]
 
     @app.get("/v1/clients/{i}", responses=errors(*auth, 404, 422), openapi_extra=doc)
     def client(i: int, request: Request) -> dict:
+        """Client i's entry of the listing, answered by client i's own replica while it serves."""
         known(i)
         tokens.check(request, i)
         return client_info(meta, i, "unavailable" if status[i] == "serving" else status[i], where().get(i))
@@ -320,6 +324,9 @@ def index_app(meta: dict, variant: str, status: dict[int, str], where: Callable,
         openapi_extra=predict_openapi(meta, n, max_batch, secured, gates.get(variant).personal_knob),
     )
     def predict(i: int, request: Request) -> None:
+        """Routed inference on client i: the input is decoded and turned into latents on client i's node, its gate
+        chooses experts, only the latents routed to a peer travel, and the answers are combined. Answered by client
+        i's own replica; top_k and personal may come in the JSON body or the query."""
         known(i)
         tokens.check(request, i)
         if status[i] == "dropped":

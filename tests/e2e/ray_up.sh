@@ -8,7 +8,7 @@
 #      directories of this run, and ending the sshd ends everything the cluster started;
 #   3. a copy of cluster.yaml: head 127.0.0.1, no workers (tests/e2e/e2e_config.py);
 #   4. ray up -y; the dashboard answers on 127.0.0.1 only and refuses a wrong Ray token;
-#      the README's `ray job submit ... -- nmoe train --address auto` (smoke config) must
+#      docs/how-to/cluster.md's `ray job submit ... -- nmoe train --address auto` (smoke config) must
 #      leave a results.json with the NMoE and the baselines; `ray exec` on the head; ray down -y.
 #
 # Every step has a timeout; any failure exits non-zero (with the logs' tails); the trap
@@ -169,7 +169,7 @@ RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$E2E/auth_token timeout 120 ray job list
   || die "the cluster's own token was refused"
 
 say "ray job submit ... -- nmoe train --address auto (log: train.log)"
-# as in the README; the entrypoint runs on the head, whose home (root's) is $E2E/home here
+# as in docs/how-to/cluster.md; the entrypoint runs on the head, whose home (root's) is $E2E/home here
 HEAD_HOME=$(getent passwd root | cut -d: -f6)
 RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$E2E/auth_token timeout "$STEP" ray job submit --address "$DASH" --working-dir . -- \
   nmoe train --address auto --config configs/smoke.yaml --set "data.root=$HEAD_HOME/nmoe/data" \
@@ -185,7 +185,7 @@ assert res["missing_clients"] == [], res["missing_clients"]
 print("results:", {m: round(v["global_acc"], 3) for m, v in res["methods"].items()})
 PY
 
-say "ray exec on the head, as the README has it: the venv from ~/.bashrc (log: exec.log)"
+say "ray exec on the head, as docs/how-to/cluster.md has it: the venv from ~/.bashrc (log: exec.log)"
 timeout 300 ray exec "$CONFIG" 'cd ~/nmoe && nmoe --help > /dev/null &&
   python -c "import ray; ray.init(address=\"auto\"); print(\"nodes alive:\", sum(n[\"Alive\"] for n in ray.nodes()))"' \
   > "$E2E/exec.log" 2>&1 || die "ray exec"
