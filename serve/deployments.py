@@ -79,7 +79,8 @@ class ClientDeployment:
         self._warm_up()
         self._own = weights["expert"]  # what this client puts in its node's Experts actor, for its peers
         self.host = ray.get_actor(experts.actor_name(options["experts"], self.node), namespace=experts.NAMESPACE)
-        ray.get(self.host.put.remote(self.id, self.cfg, meta, self._own))  # before Serve calls this replica running
+        # before Serve calls this replica running; an actor that cannot start fails this replica, which Serve retries
+        ray.get(self.host.put.remote(self.id, self.cfg, meta, self._own), timeout=120)
 
     def __del__(self):
         """Serve's graceful stop: peers stop finding this client's expert on its node."""

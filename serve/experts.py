@@ -6,7 +6,8 @@ clients, owned by the process that deployed (``nmoe serve``), and each client re
 node's actor when it starts and takes it out when it stops. A client's expert is thus answered on the client's own
 node, for as long as the client is up; a peer whose expert is not there (deleted, not yet started, node lost) is
 masked like any peer that does not answer. One process per node, not per client: on one machine with 10 clients that
-is one extra process, not ten (each costs a torch import at deploy and about 200 MB).
+is one extra process, not ten (each costs a torch import at deploy and about 600 MB resident, much of it torch's
+shared libraries).
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ class Experts:
         out = {}
         with torch.no_grad():
             for i, latents in asked.items():
-                if i in self.experts:
+                expert = self.experts.get(i)  # read once: a replica may drop it meanwhile
+                if expert is not None:
                     self._received[i].append({"shape": list(latents.shape), "dtype": str(latents.dtype)})
-                    out[i] = self.experts[i](torch.from_numpy(latents).to(self.device).float()).cpu().numpy()
+                    out[i] = expert(torch.from_numpy(latents).to(self.device).float()).cpu().numpy()
         return out
 
     def received(self, i: int) -> list[dict]:

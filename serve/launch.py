@@ -2,10 +2,12 @@
 
 Client i goes to the node it trained on when that node is still in the cluster (recorded in
 the run's state), otherwise to a node offering ``cluster.client_resource`` (any node if none
-is set), round-robin. Serve runs a proxy on every node; client i is reached through the proxy
-of its own node, at the URL ``deploy`` reports. All applications are deployed in one call.
-With ``device`` cuda (or auto on a cluster with GPUs) each client's replica asks for a GPU
-share (``gpus_per_client``, else the cluster's GPUs split evenly) and computes on it.
+is set), round-robin. Client i is reached at the URL ``deploy`` reports: its replica's own port
+on its node when Serve runs direct ingress (``actors.cluster.SERVE_ENV``), else the proxy of its
+own node. One ``serve.experts.Experts`` actor per node answers the peers. All applications are
+deployed in one call. With ``device`` cuda (or auto on a cluster with GPUs) each client's replica
+and its node's Experts actor share the client's GPU share (``gpus_per_client``, else the
+cluster's GPUs split evenly) and compute on it.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def deploy(
     device: str = "auto",
     gpus_per_client: float | None = None,
 ) -> Served:
-    """Start a Serve proxy on every node (host:port) and deploy every client that training kept.
+    """Start Serve (its proxies on host:port) and deploy every client that training kept, each on its node.
     ``device``: auto, cpu or cuda (``devices.DeviceError`` when the cluster has no GPU for cuda)."""
     import ray
 
