@@ -4,6 +4,7 @@ A page asks for a generated part with a marker on a line of its own:
 
 - ``<!-- generated: config -->``: every field of the typed config (``nmoe config``);
 - ``<!-- generated: gates -->``: the registered gate variants (``nmoe gates --markdown``);
+- ``<!-- generated: models -->``, ``<!-- generated: datasets -->``: the registered extractors, experts and datasets;
 - ``<!-- generated: cli -->``: every ``nmoe`` command and option, from the argparse parser;
 - ``<!-- generated: http -->``: every HTTP operation, from the OpenAPI schema the index serves.
 
@@ -51,6 +52,18 @@ def _gates() -> str:
     from nmoe.cli import gates_markdown
 
     return gates_markdown()
+
+
+def _models() -> str:
+    from nmoe.reference import models_markdown
+
+    return models_markdown()
+
+
+def _datasets() -> str:
+    from nmoe.reference import datasets_markdown
+
+    return datasets_markdown()
 
 
 def _cell(text: str | None) -> str:
@@ -113,4 +126,4 @@ def _http() -> str:
     return "\n".join(out)
 
 
-GENERATED = {"config": _config, "gates": _gates, "cli": _cli, "http": _http}
+GENERATED = {"config": _config, "gates": _gates, "models": _models, "datasets": _datasets, "cli": _cli, "http": _http}

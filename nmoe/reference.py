@@ -55,27 +55,38 @@ def cmd_config(args) -> int:
     return 0
 
 
-def _listing(args, registries: tuple) -> int:
+def listing(registries: tuple) -> str:
     """One row per registered plug-in: the config key that names it, its name, its docstring's first paragraph."""
-    load_config(args)  # imports the config's plugins
-    print("| key | name | what it is |\n|---|---|---|")
+    rows = ["| key | name | what it is |", "|---|---|---|"]
     for key, registry in registries:
         for name in registry.names():
             doc = (inspect.getdoc(registry.get(name)) or "").split("\n\n")[0].replace("\n", " ")
-            print(f"| `{key}` | `{name}` | {doc} |")
-    return 0
+            rows.append(f"| `{key}` | `{name}` | {doc} |")
+    return "\n".join(rows)
+
+
+def models_markdown() -> str:
+    from training.registry import EXPERTS, EXTRACTORS
+
+    return listing((("model.extractor", EXTRACTORS), ("model.expert", EXPERTS)))
+
+
+def datasets_markdown() -> str:
+    from training.registry import DATASETS
+
+    return listing((("data.name", DATASETS),))
 
 
 def cmd_models(args) -> int:
-    from training.registry import EXPERTS, EXTRACTORS
-
-    return _listing(args, (("model.extractor", EXTRACTORS), ("model.expert", EXPERTS)))
+    load_config(args)  # imports the config's plugins
+    print(models_markdown())
+    return 0
 
 
 def cmd_datasets(args) -> int:
-    from training.registry import DATASETS
-
-    return _listing(args, (("data.name", DATASETS),))
+    load_config(args)
+    print(datasets_markdown())
+    return 0
 
 
 def add_parsers(sub) -> None:
