@@ -113,7 +113,7 @@ def serve_cmd(args) -> int:
         url = served.url
         console.print(f"serving {run} ({args.variant}, {served.device}) at {url}, healthy in {served.seconds:.1f} s")
         console.print(f"  health:  {url}/v1/health\n  clients: {url}/v1/clients\n  docs:    {url}/docs")
-        direct = any(not w["url"].startswith(url) for w in served.clients.values())  # Serve's direct ingress
+        direct = any(not w["url"].startswith(url + "/") for w in served.clients.values())  # Serve's direct ingress
         where = "its own port, on its node" if direct else "its node's proxy"
         console.print(f"  each client answers at {where} (raw inputs stay on that node):")
         for i, w in served.clients.items():
