@@ -4,13 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+missing=()
+[ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+command -v curl > /dev/null || missing+=(curl)  # the tutorial's HTTP examples (docs/tutorial.md, tested)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    echo "==> installing Debian's dataset-fashion-mnist"
+    echo "==> installing from Debian: ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   else
-    echo "==> not root: skipping dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist, or let torchvision download)"
+    echo "==> not root: skipping ${missing[*]} (sudo apt-get install ${missing[*]}; torchvision can download the data)"
   fi
 fi
 
