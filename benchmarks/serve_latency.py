@@ -241,7 +241,7 @@ def run_benchmark(
         "healthy_s": served.seconds,
         "device": served.device,
         "http_floor": floor,
-        "direct_ingress": not urls[0].startswith(served.url + "/"),  # each client on its own port, not the proxy's
+        "direct_ingress": served.direct,
         "sustained": load,
         "raw_bytes_per_sample": raw,
         "rows": rows,

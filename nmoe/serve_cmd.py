@@ -113,14 +113,13 @@ def serve_cmd(args) -> int:
         url = served.url
         console.print(f"serving {run} ({args.variant}, {served.device}) at {url}, healthy in {served.seconds:.1f} s")
         console.print(f"  health:  {url}/v1/health\n  clients: {url}/v1/clients\n  docs:    {url}/docs")
-        direct = any(not w["url"].startswith(url + "/") for w in served.clients.values())  # Serve's direct ingress
-        where = "its own port, on its node" if direct else "its node's proxy"
+        where = "its own port, on its node" if served.direct else "its node's proxy"
         console.print(f"  each client answers at {where} (raw inputs stay on that node):")
         for i, w in served.clients.items():
             console.print(f"    client {i}: POST {w['url']}/predict  (node {w['node_id'][:12]})")
         for i in served.dropped:
             console.print(f"    client {i}: not served (it left the run during training)")
-        if direct:
+        if served.direct:
             console.print(f"  a replaced replica moves to a new port: {url}/v1/clients lists where each client is now")
         if tokens:
             console.print(f"  every route but health needs Authorization: Bearer <token> ({args.token_file})")

@@ -62,6 +62,7 @@ class ClientDeployment:
         self.n = self.cfg.num_clients
         self.max_batch = options["max_batch"]
         self._where = {client_id: options["where"]}  # where users reach this client (``located``)
+        self._own_url: dict | None = None  # this replica's own URL once Serve has one: fixed for its life
         self.served = torch.zeros(self.n, dtype=torch.bool)
         self.served[options["served"]] = True  # clients training dropped are never asked
         self.tokens = api.Tokens(options.get("token_digests"))
@@ -107,7 +108,7 @@ class ClientDeployment:
         @app.get("/")
         def info(request: Request) -> dict:
             self.tokens.check(request, self.id)
-            return api.client_info(self.meta, self.id, "serving", located(self._where)[self.id])
+            return api.client_info(self.meta, self.id, "serving", self._located())
 
         @app.post("/predict")
         async def predict(request: Request) -> Response:
@@ -127,6 +128,16 @@ class ClientDeployment:
             return Response(text, media_type="application/json", headers=headers)
 
         return app
+
+    def _located(self) -> dict:
+        """Where users reach this client: read from Serve until this replica's own port is known, then kept (a
+        replica keeps its port; a replaced one is a new replica), so the info route is not a controller call."""
+        if self._own_url is None:
+            now = located(self._where)[self.id]
+            if now["url"] == self._where[self.id]["url"]:  # no port of its own (yet): the proxy's URL
+                return now
+            self._own_url = now
+        return self._own_url
 
     def where(self) -> dict:
         """The Ray node this client's deployment runs on (placement checks, operators)."""

@@ -52,6 +52,11 @@ class Served:
     targets: dict[int, serve.RunTarget] = field(default_factory=dict, repr=False)
     where: dict[int, dict] = field(default_factory=dict, repr=False)  # as deployed: each node's proxy URL
 
+    @property
+    def direct(self) -> bool:
+        """Whether the clients answer on their replicas' own ports (Serve's direct ingress), not through a proxy."""
+        return any(not w["url"].startswith(self.url + "/") for w in self.clients.values())
+
     def redeploy(self, i: int) -> None:
         """Deploy client i's application again, as it was (after it was deleted or lost); its URL may change."""
         serve.run_many([self.targets[i]])
