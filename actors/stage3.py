@@ -68,6 +68,8 @@ class Stage3:
         stage = f"stage3/{v}"
         stats = self.fleet.call("exchange_stats", v, stage=stage, essential=True)
         combined = spec.combine(stats, self.cfg.num_clients)
+        if spec.can_join:  # pooled again when a member joins or leaves the trained network (training.membership)
+            ckpt.save_torch(ckpt.stats_file(self.co.out, v), {"stats": stats})
         ref = ray.put(combined)
         costs = self.fleet.call("install_exchange", v, ref, stage=stage, essential=True)
         if spec.has_gate:  # what was installed, for restarts and checkpoints

@@ -14,7 +14,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from nmoe import bench, reference, serve_cmd, train
+from nmoe import bench, members, reference, serve_cmd, train
 from nmoe.common import UserError, config_args, load_config
 
 console = Console(stderr=True, soft_wrap=True)
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_parsers(sub)
     train.add_parser(sub)
     serve_cmd.add_parsers(sub)
+    members.add_parsers(sub)
     bench.add_parser(sub)
     return parser
 

@@ -8,6 +8,11 @@
     <run>/checkpoints/stage2.pt  {"experts": {client: Expert state}}
     <run>/checkpoints/stage3/<variant>.pt  {"round": r, "done": bool, "gates": {client: gate state}}
     <run>/checkpoints/stage3.pt  {"gates": {variant: {client: gate state}}}  (when stage 3 is done)
+    <run>/checkpoints/stage3/<variant>.stats.pt  {"stats": {client: what it sent up}}  (variants that can take
+                                 members in: ``training.membership`` pools them again when one joins or leaves)
+    <run>/checkpoints/membership/<version>.pt  after a join or leave: {"experts": {newcomer: state},
+                                 "gates": {variant: {member: gate state}}, "stats": {variant: {member: ...}}};
+                                 ``state.json``'s ``membership`` names the version in force
     <run>/results.json         the final comparison
 
 Files are written to a temporary name and renamed, so a killed run never leaves a
@@ -16,6 +21,7 @@ half-written file; checkpoints load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -81,8 +87,22 @@ def stage_file(run: Path, stage: str) -> Path:
     return Path(run) / "checkpoints" / f"{stage}.pt"
 
 
+def stats_file(run: Path, variant: str) -> Path:
+    return Path(run) / "checkpoints" / "stage3" / f"{variant}.stats.pt"
+
+
+def membership_file(run: Path, version: int) -> Path:
+    return Path(run) / "checkpoints" / "membership" / f"{version}.pt"
+
+
+def membership(state: RunState, cfg) -> dict:
+    """``state.json``'s ``membership`` (``training.schema.Membership``); a run nobody joined or left: as trained."""
+    return state.get("membership") or {"version": 0, "slots": cfg.num_clients, "left": [], "joined": [], "history": []}
+
+
 def load_trained(run: Path) -> dict:
-    """Everything serving needs from a finished run: config, stage-1 state, experts, gates."""
+    """Everything serving needs from a finished run: config, stage-1 state, experts, gates, and who is a member now
+    (after joins and leaves: the newcomers' experts and every member's regated gates; no expert of one that left)."""
     run = Path(run)
     cfg = load_run_config(run)
     state = load_state(run)
@@ -92,13 +112,22 @@ def load_trained(run: Path) -> dict:
             f"{run}: run has not finished {', '.join(missing)}; resume it with nmoe train --resume {run}"
         )
     stage1 = load_torch(stage_file(run, "stage1"))
+    experts = load_torch(stage_file(run, "stage2"))["experts"]
+    gates_ = load_torch(stage_file(run, "stage3"))["gates"]
+    members = membership(state, cfg)
+    if members["version"]:
+        over = load_torch(membership_file(run, members["version"]))
+        experts, gates_ = {**experts, **over["experts"]}, {**gates_, **over["gates"]}
+        experts = {i: e for i, e in experts.items() if i not in members["left"]}
+        gates_ = {v: {i: g for i, g in held.items() if i not in members["left"]} for v, held in gates_.items()}
     return {
         "config": cfg,
         "stage1": stage1["state"],
         "stage1_local": stage1.get("local", {}),
-        "experts": load_torch(stage_file(run, "stage2"))["experts"],
-        "gates": load_torch(stage_file(run, "stage3"))["gates"],
+        "experts": experts,
+        "gates": gates_,
         "meta": state.get("meta", {}),
+        "membership": members,
     }
 
 
@@ -143,9 +172,16 @@ def load_expert(cfg, meta: dict, state: dict) -> torch.nn.Module:
     return expert.eval()
 
 
+def slots(cfg, meta: dict, variant: str):
+    """The config with ``num_clients`` the number of experts ``variant``'s gates score: every slot of the network now
+    for a variant that takes members in (``GateVariant.can_join``), else the N it was trained with."""
+    n = len(meta.get("clients", ())) if gates.get(variant).can_join else 0
+    return dataclasses.replace(cfg, num_clients=n or cfg.num_clients)
+
+
 def load_gate(cfg, meta: dict, variant: str, state: dict | None) -> torch.nn.Module | None:
     """Eval-mode gate of ``variant`` (None for a variant without a gate module, such as RanGate)."""
-    gate = gates.get(variant).make_gate(cfg, meta["num_classes"])
+    gate = gates.get(variant).make_gate(slots(cfg, meta, variant), meta["num_classes"])
     if gate is None:
         return None
     if state is None:

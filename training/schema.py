@@ -91,6 +91,34 @@ class StateBytes(TypedDict, total=False):
     stage3_answers: int  # the experts' answers, fetched once for every trained variant
 
 
+class MembershipChange(TypedDict, total=False):
+    """One join or leave of a trained network (``training.membership``)."""
+
+    version: int  # the membership version this change made
+    action: str  # "join" or "leave"
+    client: int
+    members: int  # members after the change
+    variants: list[str]  # the gate variants whose routing took the change (``GateVariant.can_join``)
+    data_digest: str  # join: sha256 of the newcomer's training inputs and labels
+    train_samples: int  # join
+    bytes_up: int  # the newcomer's statistics (join); 0 for a leave
+    bytes_down: int  # the new shared routing statistics, to every member
+    bytes_f: int  # join: the shared F the newcomer downloaded once
+    seconds: float  # the whole command
+    network_seconds: float  # statistics up, pooling, routing down (installed on every member)
+    at: float  # when it was committed (seconds since the epoch)
+
+
+class Membership(TypedDict):
+    """Who is in a trained network now: ``slots`` expert ids (0..slots-1), of which ``left`` are gone."""
+
+    version: int  # 0: as trained; each change adds one (its file: checkpoints/membership/<version>.pt)
+    slots: int
+    left: list[int]
+    joined: list[int]
+    history: list[MembershipChange]
+
+
 class RunState(TypedDict, total=False):
     """``state.json``: written after every checkpoint; ``nmoe train --resume`` trusts it."""
 
@@ -106,6 +134,7 @@ class RunState(TypedDict, total=False):
     meta: dict[str, Any]  # dataset, classes, image shape, each client's info()
     centralized_moe: MethodScore  # decided by stages 1-2: computed once per run
     pretrained: list[str]  # the parts of the stage-1 model loaded from model.extractor_weights
+    membership: Membership  # absent until a device joins or leaves the trained network
 
 
 class Bytes(TypedDict):
@@ -135,6 +164,7 @@ class Results(TypedDict, total=False):
     mlflow_run_id: Optional[str]
     out_dir: str
     stopped_after: str  # only in what ``--stop-after`` returns; never written to results.json
+    membership: list[MembershipChange]  # joins and leaves after training, in order
 
 
 RESULT_FIELDS = ("config", "methods", "bytes", "missing_clients", "dropped_clients", "timings", "history", "routing")

@@ -11,7 +11,9 @@ In the spirit of Flower's ``Strategy``, a variant says only what is its own:
   ``"ring"`` (one gate passed around the clients);
 - ``fit``: one client's round;
 - ``choose`` and ``readout``: how routed inference picks experts and reads their answers;
-- ``payload_bytes``: what its exchange costs on the wire.
+- ``payload_bytes``: what its exchange costs on the wire;
+- ``can_join`` and ``regate``: whether a trained network can take a member in (or give one back) without
+  retraining, and how a member's saved gate takes the network's new shape (``training.membership``).
 
 The actors and Serve drive any variant through this interface; a variant is pure torch and
 sees a client only through a ``ClientView``.
@@ -79,6 +81,7 @@ class GateVariant:
     prefixes: ClassVar[tuple[str, ...]] = ()  # for sync == "prefix"
     has_gate: ClassVar[bool] = True  # holds a gate module (saved in the stage-3 checkpoint)
     personal_knob: ClassVar[bool] = False  # its readout takes ``personal`` (``readout``, ``personal`` below)
+    can_join: ClassVar[bool] = False  # members join and leave a trained network without retraining (``regate``)
 
     # ------------------------------------------------------------------ the module
 
@@ -106,6 +109,14 @@ class GateVariant:
 
     def payload_bytes(self, payload: Any) -> int:
         return payload_bytes(payload)
+
+    # ------------------------------------------------------------------ membership (``can_join`` variants)
+
+    def regate(self, state: dict | None, shared: Any, num_experts: int) -> dict | None:
+        """A member's saved gate after the network changed: ``shared`` is ``combine`` over the members' statistics,
+        ``num_experts`` the new number of expert slots (a member that left keeps its slot, masked). A gate with an
+        N-way trained head cannot do this honestly: only variants with ``can_join`` implement it."""
+        raise NotImplementedError(f"{self.name} cannot take members in or out without retraining")
 
     # ------------------------------------------------------------------ gate rounds
 

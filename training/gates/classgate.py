@@ -135,6 +135,7 @@ class ClassGate(GateVariant):
     needs_answers = False
     exchanges = True
     personal_knob = True
+    can_join = True  # its statistics are sums: a member's share goes in or out exactly
 
     def make_gate(self, cfg, num_classes: int) -> ClassGateModule:
         expert = build_expert(cfg.model, num_classes)
@@ -196,6 +197,20 @@ class ClassGate(GateVariant):
             DEFAULT_PERSONAL if s.classgate_personal is None else s.classgate_personal,
         )
         return super().install(client, gate, shared)
+
+    def regate(self, state: dict, shared: dict, num_experts: int) -> dict:
+        """The new discriminant, competence and expert priors; the own label prior, expert, bonus and knobs kept."""
+        bonus = torch.zeros(num_experts, dtype=state["own_bonus"].dtype)
+        kept = min(num_experts, len(state["own_bonus"]))
+        bonus[:kept] = state["own_bonus"][:kept]
+        return {
+            **state,
+            "class_weight": shared["weight"].clone(),
+            "class_bias": shared["bias"].clone(),
+            "competence": shared["competence"].clone(),
+            "expert_log_prior": shared["expert_log_prior"].clone(),
+            "own_bonus": bonus,
+        }
 
     def readout(self, gate: ClassGateModule, personal: float | None = None) -> ClassReadout:
         return gate.readout(personal)

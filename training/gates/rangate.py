@@ -21,6 +21,10 @@ class RanGate(GateVariant):
     trains = False
     needs_answers = False
     has_gate = False
+    can_join = True  # it draws among whichever experts are members
+
+    def regate(self, state, shared, num_experts):
+        return None
 
     def make_gate(self, cfg, num_classes: int) -> None:
         return None
