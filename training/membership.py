@@ -78,7 +78,8 @@ def device_data(data_cfg, meta: dict) -> DeviceData:
             f"data: inputs are {list(labels.input_shape)}, the run's F takes {facts['input_shape']} ({data_cfg.name})"
         )
     if int(labels.y_train.max(initial=0)) >= meta["num_classes"]:
-        raise MembershipError(f"data: labels go up to {labels.y_train.max()}, the run has {meta['num_classes']} classes")
+        top, classes = labels.y_train.max(), meta["num_classes"]
+        raise MembershipError(f"data: labels go up to {top}, the run has {classes} classes")
     src = source(data_cfg)
     x = src.rows(data_cfg, True, np.arange(len(labels.y_train)))
     digest = hashlib.sha256(np.ascontiguousarray(x).tobytes() + labels.y_train.astype(np.int64).tobytes()).hexdigest()
@@ -113,9 +114,7 @@ def refusal(variant: str, run: Path) -> str:
 
 def _held_stats(run: Path, members: dict, variant: str) -> dict[int, dict]:
     """What each member sent up for ``variant`` (the statistics the coordinator pooled)."""
-    path = (
-        ckpt.membership_file(run, members["version"]) if members["version"] else ckpt.stats_file(run, variant)
-    )
+    path = ckpt.membership_file(run, members["version"]) if members["version"] else ckpt.stats_file(run, variant)
     if not path.is_file():
         raise MembershipError(
             f"{run}: no statistics of {variant} on record (the run was trained before they were kept); "
@@ -220,8 +219,10 @@ def leave(run: Path, client: int, say: Callable[[str], None] = lambda _: None) -
         cfg, members = trained["config"], trained["membership"]
         if client not in trained["experts"]:
             why = (
-                "it has left already" if client in members["left"]
-                else "it left during training" if 0 <= client < members["slots"]
+                "it has left already"
+                if client in members["left"]
+                else "it left during training"
+                if 0 <= client < members["slots"]
                 else f"members are numbered 0..{members['slots'] - 1}"
             )
             raise MembershipError(f"--client {client}: not a member ({why})")
