@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -108,7 +109,16 @@ def serve_cmd(args) -> int:
         run = Path(args.run) if args.run else launch.run_from_mlflow(args.mlflow_run, resolve_uri(args.tracking_uri))
         tokens = launch.read_tokens(Path(args.token_file)) if args.token_file else None
         served = launch.deploy(
-            run, args.variant, args.host, args.port, args.max_batch, args.peer_timeout, tokens, args.device, g
+            run,
+            args.variant,
+            args.host,
+            args.port,
+            args.max_batch,
+            args.peer_timeout,
+            tokens,
+            args.device,
+            g,
+            follow=bool(args.run),
         )
         url = served.url
         console.print(f"serving {run} ({args.variant}, {served.device}) at {url}, healthy in {served.seconds:.1f} s")
@@ -123,9 +133,12 @@ def serve_cmd(args) -> int:
             console.print(f"  a replaced replica moves to a new port: {url}/v1/clients lists where each client is now")
         if tokens:
             console.print(f"  every route but health needs Authorization: Bearer <token> ({args.token_file})")
+        if args.run:
+            console.print(f"  nmoe join / nmoe leave on {run} are taken live")
         console.print("Ctrl-C to stop")
+        refused = None
         while not stop.wait(1.0):
-            pass
+            refused = _follow(served, console, refused)
     except RunFolderError as exc:
         raise UserError(str(exc)) from None
     finally:
@@ -149,6 +162,29 @@ def serve_cmd(args) -> int:
 
 
 SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def _follow(served, console: Console, refused: str | None) -> str | None:
+    """A membership change of the run, taken live; one that cannot be leaves the network serving as it was (and is
+    said once: the refusal is returned, and not said again while it stays the same)."""
+    import ray
+
+    from training.checkpoint import RunFolderError
+
+    try:
+        t0 = time.monotonic()
+        change = served.follow()
+    except (RunFolderError, ray.exceptions.RayError, ValueError, OSError) as exc:
+        if refused != str(exc):
+            console.print(f"membership change not taken, still serving as before: {exc}")
+        return str(exc)
+    if change:
+        took = time.monotonic() - t0
+        for i in change["joined"]:
+            console.print(f"  client {i} joined ({took:.1f} s): POST {served.clients[i]['url']}/predict")
+        for i in change["left"]:
+            console.print(f"  client {i} left ({took:.1f} s): it answers 404 and nobody routes to it")
+    return None
 
 
 def _within(seconds: float, fn) -> bool:

@@ -270,8 +270,9 @@ def errors(*codes: int) -> dict:
 
 def index_app(meta: dict, variant: str, status: dict[int, str], where: Callable, tokens: Tokens, max_batch: int):
     """Health, the listing and the schema; a client route lands here only when its client's app is absent.
-    ``where()``: each served client's node and URL, as now."""
-    n = len(meta["clients"])
+    ``where()``: each served client's node and URL, as now. ``meta["clients"]`` and ``status`` are read at each
+    request: a membership change updates them in place (``serve.deployments.Index``)."""
+    n = len(meta["clients"])  # for the schema: the clients at deploy
     secured = tokens.digests is not None
     app = bare_app(
         title="NMoE routed inference",
@@ -285,22 +286,30 @@ def index_app(meta: dict, variant: str, status: dict[int, str], where: Callable,
     doc = {"security": [{"bearer": []}]} if secured else None
 
     def known(i: int) -> None:
-        if not 0 <= i < n:
-            raise HTTPException(404, f"client {i}: unknown; clients are 0..{n - 1}")
+        now = len(meta["clients"])
+        if not 0 <= i < now:
+            raise HTTPException(404, f"client {i}: unknown; clients are 0..{now - 1}")
 
     @app.get("/v1/health")
     def health() -> dict:
         """Whether the service is up: the clients, those served, the gate variant and the dataset. Never needs a
         token."""
         served = sorted(i for i, s in status.items() if s == "serving")
-        return {"status": "ok", "clients": n, "served": served, "variant": variant, "dataset": meta["dataset"]}
+        return {
+            "status": "ok",
+            "clients": len(meta["clients"]),
+            "served": served,
+            "variant": variant,
+            "dataset": meta["dataset"],
+        }
 
     @app.get("/v1/clients", responses=errors(*auth), openapi_extra=doc)
     def clients(request: Request) -> list[dict]:
-        """Every client: its data mix (counts only), status (serving, unavailable, dropped), node and current URL."""
+        """Every client: its data mix (counts only), status (serving, unavailable, dropped, left, outside_variant),
+        node and current URL. A client that joined after training is listed from then on."""
         tokens.check(request, None)
         now = where()
-        return [client_info(meta, i, status[i], now.get(i)) for i in range(n)]
+        return [client_info(meta, i, status[i], now.get(i)) for i in range(len(meta["clients"]))]
 
     @app.get("/v1/clients/{i}", responses=errors(*auth, 404, 422), openapi_extra=doc)
     def client(i: int, request: Request) -> dict:
@@ -331,6 +340,10 @@ def index_app(meta: dict, variant: str, status: dict[int, str], where: Callable,
         tokens.check(request, i)
         if status[i] == "dropped":
             raise HTTPException(404, f"client {i}: left the run during training; it is not served")
+        if status[i] == "left":
+            raise HTTPException(404, f"client {i}: left the network; it is not served")
+        if status[i] == "outside_variant":
+            raise HTTPException(404, f"client {i}: joined after training; {variant} cannot route to it (classgate can)")
         if request.url.path.rstrip("/") != f"/v1/clients/{i}/predict":
             raise HTTPException(404, f"client {i}: its route is /v1/clients/{i}/predict")
         raise HTTPException(503, f"client {i}: not being served right now")

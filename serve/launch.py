@@ -17,13 +17,12 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from ray import serve
 
 from serve import api, experts
-from serve.deployments import ClientDeployment, client_app_name, client_route, located
+from serve.deployments import ClientDeployment, Index, client_app_name, client_route, located, pack
 from training import checkpoint as ckpt
 from training import devices
 from training.config import PAPER_VARIANT
@@ -42,15 +41,16 @@ REPLICA_ENV = {
 
 @dataclass
 class Served:
-    """What ``deploy`` started: the index URL, each served client's node and URL, and the time taken."""
+    """What ``deploy`` started: the index URL, each served client's node and URL, and the time taken; ``follow``
+    takes the run's membership changes live."""
 
     url: str
     clients: dict[int, dict] = field(default_factory=dict)  # client -> node_id, host, url (``located``)
     dropped: list[int] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"  # what the client replicas compute on
-    targets: dict[int, serve.RunTarget] = field(default_factory=dict, repr=False)
     where: dict[int, dict] = field(default_factory=dict, repr=False)  # as deployed: each node's proxy URL
+    plan: "_Plan | None" = field(default=None, repr=False)
 
     @property
     def direct(self) -> bool:
@@ -58,9 +58,32 @@ class Served:
         return any(not w["url"].startswith(self.url + "/") for w in self.clients.values())
 
     def redeploy(self, i: int) -> None:
-        """Deploy client i's application again, as it was (after it was deleted or lost); its URL may change."""
-        serve.run_many([self.targets[i]])
+        """Deploy client i's application again, as it is now (after it was deleted or lost); its URL may change."""
+        serve.run_many([self.plan.client(i)])
         self.clients = located(self.where, max_age_s=0)
+
+    def follow(self) -> dict[str, list[int]] | None:
+        """Take the run's latest membership live (``nmoe join``, ``nmoe leave``); ``{"joined": [...], "left":
+        [...]}`` when it changed. A newcomer's application starts first, then every member's routing and the index
+        are updated in place (Serve's ``user_config``: no replica restarts), then a leaver's application goes: no
+        request meets an expert that is not there."""
+        plan = self.plan
+        if plan is None or plan.run is None or plan.version() == plan.members["version"]:
+            return None
+        before = set(plan.clients)
+        plan.load()
+        joined, left = sorted(set(plan.clients) - before), sorted(before - set(plan.clients))
+        for i in joined:
+            self.where[i] = plan.place(i)
+        if joined:
+            serve.run_many([plan.client(i) for i in joined])
+        serve.run_many([*(plan.client(i, regated=True) for i in plan.clients), plan.index(self.where)])
+        for i in left:
+            serve.delete(client_app_name(i))
+            self.where.pop(i, None)
+        self.clients = located(self.where, max_age_s=0)
+        self.dropped = [i for i, s in plan.status.items() if s == "dropped"]
+        return {"joined": joined, "left": left}
 
 
 def run_from_mlflow(run_id: str, tracking_uri: str) -> Path:
@@ -126,85 +149,147 @@ def deploy(
     tokens: dict[int, str] | None = None,
     device: str = "auto",
     gpus_per_client: float | None = None,
+    follow: bool = True,
 ) -> Served:
-    """Start Serve (its proxies on host:port) and deploy every client that training kept, each on its node.
-    ``device``: auto, cpu or cuda (``devices.DeviceError`` when the cluster has no GPU for cuda)."""
+    """Start Serve (its proxies on host:port) and deploy every member of the network, each on its node.
+    ``device``: auto, cpu or cuda (``devices.DeviceError`` when the cluster has no GPU for cuda). ``follow``:
+    ``Served.follow`` reads the run folder's membership changes (off for a downloaded copy)."""
     import ray
 
     t0 = time.monotonic()
-    trained = ckpt.load_trained(run)
-    cfg, meta = trained["config"], trained["meta"]
-    if variant not in cfg.stage3.variants:
-        raise ckpt.RunFolderError(
-            f"variant {variant!r} was not trained in {run} (trained: {', '.join(cfg.stage3.variants)})"
-        )
-    clients = sorted(trained["experts"])  # a client that left the run has no expert to serve
-    n = len(meta["clients"])
-    status = {i: "serving" if i in trained["experts"] else "dropped" for i in range(n)}
-    if tokens is not None and set(clients) - set(tokens):
-        missing = sorted(set(clients) - set(tokens))
-        raise ckpt.RunFolderError(f"--token-file: needs a token for every served client (missing {missing})")
+    plan = _Plan(run, variant, tokens)
+    plan.load()
+    clients = plan.clients
     alive = [nd for nd in ray.nodes() if nd["Alive"]]
-    nodes = place(cfg, alive, {i: c.get("node_id") for i, c in enumerate(meta["clients"])}, clients)
-    ports = proxy_ports(alive, set(nodes.values()), port)
+    meta = plan.trained["meta"]
+    nodes = place(plan.cfg, alive, {i: c.get("node_id") for i, c in enumerate(meta["clients"])}, clients)
+    plan.ports = proxy_ports(alive, set(nodes.values()), port)
     ips = {nd["NodeID"]: nd["NodeManagerAddress"] for nd in alive}
-    shown = {nd: ips[nd] if host in ("0.0.0.0", "::") else host for nd in ports}  # a wildcard bind: the node's IP
-    where = {
-        i: {
-            "node_id": nodes[i],
-            "host": shown[nodes[i]],
-            "url": f"http://{shown[nodes[i]]}:{ports[nodes[i]]}{client_route(i)}",
-        }
-        for i in clients
-    }
-    digests = {i: api.Tokens.digest(t) for i, t in tokens.items()} if tokens else None
+    plan.shown = {nd: ips[nd] if host in ("0.0.0.0", "::") else host for nd in plan.ports}  # wildcard: node's IP
+    where = {i: plan.located_at(i, nodes[i]) for i in clients}
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     device = devices.resolve(device, cluster_gpus, "device")
-    gpu = devices.gpu_share(device, gpus_per_client, cluster_gpus, len(clients))
-    options = {
+    plan.gpu = devices.gpu_share(device, gpus_per_client, cluster_gpus, len(clients))
+    plan.options = {
         "peer_timeout_s": peer_timeout_s,
         "max_batch": max_batch,
-        "served": clients,
-        "token_digests": digests,
+        "token_digests": plan.digests,
         "device": device,
-        "nodes": {i: nodes[i] for i in clients},
     }
-    per_node = {nd: sum(gpu / 2 for i in clients if nodes[i] == nd) for nd in set(nodes.values())}
-    options["experts"] = experts.start(per_node, device)  # the peers' hop, one actor per node (serve.experts)
+    per_node = {nd: sum(plan.gpu / 2 for i in clients if nodes[i] == nd) for nd in set(nodes.values())}
+    plan.options["experts"] = experts.start(per_node, device)  # the peers' hop, one actor per node (serve.experts)
     serve.start(proxy_location="EveryNode", http_options={"host": host, "port": port})
-    targets = {}
-    for i in clients:
-        weights = {
-            "stage1": ckpt.client_stage1(trained, i),
-            "expert": trained["experts"][i],
-            "gate": trained["gates"].get(variant, {}).get(i),
-        }  # None for a variant without a gate
+    plan.where = where
+    serve.run_many([*(plan.client(i) for i in clients), plan.index(where)])
+    plan.run = Path(run) if follow else None
+    now = located(where, max_age_s=0)
+    dropped = [i for i, s in plan.status.items() if s == "dropped"]
+    return Served(f"http://{host}:{port}", now, dropped, time.monotonic() - t0, device, where, plan)
+
+
+class _Plan:
+    """How the network is deployed: the run as loaded now, who serves and where, and each application's target
+    (its bound arguments stay as first deployed; a membership change travels in its ``user_config``)."""
+
+    def __init__(self, run: Path, variant: str, tokens: dict[int, str] | None):
+        self.run, self.variant, self.tokens = Path(run), variant, tokens
+        self.digests = {i: api.Tokens.digest(t) for i, t in tokens.items()} if tokens else None
+        self.weights: dict[int, dict] = {}  # as first deployed
+        self.where: dict[int, dict] = {}
+        self.options: dict = {}
+        self.gpu, self.ports, self.shown = 0.0, {}, {}
+
+    def version(self) -> int:
+        return ckpt.membership(ckpt.load_state(self.run), self.cfg)["version"]
+
+    def load(self) -> None:
+        """The run as it is now: its members for this variant and every client's status."""
+        trained = ckpt.load_trained(self.run)
+        self.trained, self.cfg, self.members = trained, trained["config"], trained["membership"]
+        if self.variant not in self.cfg.stage3.variants:
+            trained_ones = ", ".join(self.cfg.stage3.variants)
+            raise ckpt.RunFolderError(
+                f"variant {self.variant!r} was not trained in {self.run} (trained: {trained_ones})"
+            )
+        self.slots = ckpt.slots(self.cfg, trained["meta"], self.variant).num_clients
+        self.clients = sorted(i for i in trained["experts"] if i < self.slots)  # a gate scores slots experts
+        left = set(self.members["left"])
+        self.status = {
+            i: "serving"
+            if i in self.clients
+            else "left"
+            if i in left
+            else "outside_variant"
+            if i >= self.slots
+            else "dropped"
+            for i in range(len(trained["meta"]["clients"]))
+        }
+        if self.tokens is not None and set(self.clients) - set(self.tokens):
+            missing = sorted(set(self.clients) - set(self.tokens))
+            raise ckpt.RunFolderError(f"--token-file: needs a token for every served client (missing {missing})")
+
+    def located_at(self, i: int, node: str) -> dict:
+        return {
+            "node_id": node,
+            "host": self.shown[node],
+            "url": f"http://{self.shown[node]}:{self.ports[node]}{client_route(i)}",
+        }
+
+    def place(self, i: int) -> dict:
+        """A newcomer's node: among those serving clients now (each has its Experts actor), round-robin."""
+        nodes = sorted({w["node_id"] for w in self.where.values()})
+        return self.located_at(i, nodes[i % len(nodes)])
+
+    def client(self, i: int, regated: bool = False) -> serve.RunTarget:
+        """Client i's application: its arguments as first deployed; the membership now in its ``user_config`` (with
+        its gate as regated, once a change happened)."""
+        if i not in self.weights:
+            self.weights[i] = {
+                "stage1": ckpt.client_stage1(self.trained, i),
+                "expert": self.trained["experts"][i],
+                "gate": self.trained["gates"].get(self.variant, {}).get(i),
+            }  # None for a variant without a gate
+        nodes = {j: self.where[j]["node_id"] for j in self.clients}
+        user = {
+            "version": self.members["version"],
+            "slots": self.slots,
+            "served": self.clients,
+            "nodes": {str(j): nd for j, nd in nodes.items()},
+            "gate": pack(self.trained["gates"].get(self.variant, {}).get(i)) if regated else None,
+        }
         actor = {
             "num_cpus": 0,
-            **({"num_gpus": gpu / 2} if gpu else {}),  # the other half: the expert's actor for peers
+            **({"num_gpus": self.gpu / 2} if self.gpu else {}),  # the other half: the expert's actor for peers
             "label_selector": {"ray.io/node-id": nodes[i]},
             "runtime_env": {"env_vars": REPLICA_ENV},
         }
-        app = ClientDeployment.options(name="client", ray_actor_options=actor).bind(
-            i, cfg.to_dict(), meta, weights, variant, {**options, "where": where[i]}
+        options = {**self.options, "served": self.clients, "slots": self.slots, "nodes": nodes, "where": self.where[i]}
+        deployment = ClientDeployment.options(name="client", ray_actor_options=actor, user_config=user)
+        app = self._pinned(deployment).bind(
+            i, self.cfg.to_dict(), self.trained["meta"], self.weights[i], self.variant, options
         )
-        targets[i] = serve.RunTarget(app, name=client_app_name(i), route_prefix=client_route(i))
-    app = api.index_app(meta, variant, status, partial(located, where), api.Tokens(digests), max_batch)
-    index = serve.deployment(
-        serve.ingress(app)(_Index),
-        name="index",
-        ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=256,
-        graceful_shutdown_timeout_s=5,
-    )
-    serve.run_many([*targets.values(), serve.RunTarget(index.bind(), name=INDEX_APP, route_prefix="/")])
-    dropped = [i for i in range(n) if status[i] == "dropped"]
-    now = located(where, max_age_s=0)
-    return Served(f"http://{host}:{port}", now, dropped, time.monotonic() - t0, device, targets, where)
+        return serve.RunTarget(app, name=client_app_name(i), route_prefix=client_route(i))
 
+    def _pinned(self, deployment):
+        """The deployment with one version for this deploy's life. ``serve.run`` gives an unversioned deployment a
+        new random version each time, and a new version restarts every replica; with the version kept, a changed
+        ``user_config`` is a lightweight update (``reconfigure`` in place) and a replica Serve restarts gets the
+        latest one. Ray 2.60 reserves ``version`` for Serve's own use (``_internal``): this is the one place we
+        reach in, and the membership tests check that no replica restarts."""
+        return deployment.options(version=self.options["experts"], _internal=True)
 
-class _Index:
-    """The index deployment's class: all its behaviour is the FastAPI app it is wrapped with."""
+    def index(self, where: dict[int, dict]) -> serve.RunTarget:
+        meta = self.trained["meta"]
+        user = {
+            "version": self.members["version"],
+            "clients": meta["clients"],
+            "status": {str(i): s for i, s in self.status.items()},
+            "where": {str(i): w for i, w in where.items() if i in self.clients},
+        }
+        app = self._pinned(Index.options(user_config=user)).bind(
+            meta, self.variant, self.digests, self.options["max_batch"]
+        )
+        return serve.RunTarget(app, name=INDEX_APP, route_prefix="/")
 
 
 def shutdown() -> None:

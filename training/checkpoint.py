@@ -179,9 +179,13 @@ def slots(cfg, meta: dict, variant: str):
     return dataclasses.replace(cfg, num_clients=n or cfg.num_clients)
 
 
-def load_gate(cfg, meta: dict, variant: str, state: dict | None) -> torch.nn.Module | None:
-    """Eval-mode gate of ``variant`` (None for a variant without a gate module, such as RanGate)."""
-    gate = gates.get(variant).make_gate(slots(cfg, meta, variant), meta["num_classes"])
+def load_gate(
+    cfg, meta: dict, variant: str, state: dict | None, num_experts: int | None = None
+) -> torch.nn.Module | None:
+    """Eval-mode gate of ``variant`` (None for a variant without a gate module, such as RanGate), scoring
+    ``num_experts`` (default: ``slots``)."""
+    sized = slots(cfg, meta, variant) if num_experts is None else dataclasses.replace(cfg, num_clients=num_experts)
+    gate = gates.get(variant).make_gate(sized, meta["num_classes"])
     if gate is None:
         return None
     if state is None:
