@@ -121,9 +121,10 @@ def seed_from_stage2(donor: Path, run_dir: Path, cfg) -> None:
     ckpt.save_json(run_dir / "state.json", schema.after_stage2(state, central))
 
 
-def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache: bool = True) -> dict:
+def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache: bool = True, reuse_if=None) -> dict:
     """One training run, started exactly as ``nmoe train`` starts it (untracked: the bench run
-    holds the numbers). Returns ``{"results", "dir", "wall", "cached"}``."""
+    holds the numbers). Returns ``{"results", "dir", "wall", "cached"}``. ``reuse_if(run)``: whether a
+    finished run of the same config will do (else it lends its stages 1-2 and stage 3 runs again)."""
     import ray
 
     from actors.coordinator import Coordinator
@@ -132,7 +133,7 @@ def train_run(ctx: Context, cfg, name: str, stop_after: str | None = None, cache
     run_dir = (ctx.out / "runs" / f"{name}-{key}").resolve()
     if cache and not ctx.fresh and stop_after is None:
         done = finished_run(ctx, cfg)
-        if done is not None:
+        if done is not None and (reuse_if is None or reuse_if(done)):
             results = schema.load_results(done / "results.json")
             say(f"{ctx.suite}: {name}: reusing the finished run {done} (same config)")
             _note_devices(ctx, done)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nmoe.common import UserError, config_args
 
-SUITES = ("accuracy", "overhead", "comm", "scaling", "serve", "classgate", "models", "datasets", "gpu")
+SUITES = ("accuracy", "overhead", "comm", "scaling", "serve", "classgate", "models", "datasets", "gpu", "membership")
 IN_PROCESS = ("models",)  # suites that start no Ray
 # benchmarks/serve.py would shadow the serve package for scripts in benchmarks/
 MODULES = {"serve": "serving", "classgate": "classgate_sweep"}
@@ -49,7 +49,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="overhead: torch threads of the in-process path (default: every core)"
     )
-    p.add_argument("--run", default=None, help="serve, classgate: benchmark this finished run instead of training one")
+    p.add_argument(
+        "--run", default=None, help="serve, classgate, membership: benchmark this finished run instead of training one"
+    )
     p.add_argument(
         "--requests",
         type=int,

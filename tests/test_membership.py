@@ -1,21 +1,15 @@
 """Devices join and leave a trained network (``nmoe join``, ``nmoe leave``), on disk and live under Serve: real runs,
 real data files, real Ray Serve on 127.0.0.1."""
 
-import asyncio
 import hashlib
-import io
 import json
 import shutil
 import signal
-import time
 
-import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import Nmoe, free_port
-
-NPY = {"Content-Type": "application/x-npy"}
+from conftest import Nmoe
 
 
 @pytest.fixture()
@@ -216,87 +210,19 @@ def test_a_join_killed_half_way_leaves_the_run_as_it_was(run, data_root):
     assert "client 3 joined" in again.finish(300), again.text
 
 
-def _replica_pids() -> dict[str, int]:
-    import psutil
-
-    out = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        title = " ".join(p.info["cmdline"] or [])
-        if title.startswith("ray::ServeReplica:nmoe"):
-            out[title.split()[0]] = p.info["pid"]
-    return out
-
-
 def test_serving_takes_a_join_and_a_leave_live_without_a_failed_request(run, data_root, ray_session):
-    """12 users send real images to clients 0 and 2 (and to 3 once it joined) for 24 s; client 3 joins at 3 s and
-    client 1 leaves once the join is live. No request fails or is degraded, the members route to the newcomer, none
-    routes to the leaver once its leave is live, it answers 404, and no replica restarted."""
-    from serve import launch
-    from training import membership
-    from training.config import DataConfig
-    from training.datasets import load_dataset
+    """8 users send real images to the members (and to the newcomer once it is live) for 12 s and until 3 s after the
+    leave; client 3 joins at 2 s and client 1 leaves once the join is live, both taken by ``Served.follow`` as
+    ``nmoe serve`` takes them. No request fails or is degraded, the members route to the newcomer, none routes to
+    the leaver once its leave is live, it answers 404, the listing says who left, and no replica restarted."""
+    from benchmarks.membership import live
 
     npz = _device_file(data_root, run.parent / "device.npz")
-    ds = load_dataset(DataConfig(name="fashion_mnist", root=str(data_root), download=False))
-    rows = np.flatnonzero(np.isin(ds.y_test.numpy(), (0, 1, 2)))[:32]
-    bodies = []
-    for r in rows:
-        buf = io.BytesIO()
-        np.save(buf, ds.raw(ds.x_test[r : r + 1]).numpy())
-        bodies.append(buf.getvalue())
-    served = launch.deploy(run, "classgate", "127.0.0.1", free_port(), max_batch=8)
-    try:
-        pids = _replica_pids()
-        events: dict[str, float] = {}
-        seen: list[tuple[int, float, int, set]] = []
-
-        def change(t0: float) -> None:
-            time.sleep(3)
-            membership.join(run, DataConfig(name="arrays", path=str(npz)))
-            events["join_done"] = time.monotonic() - t0
-            assert served.follow() == {"joined": [3], "left": []}
-            events["join_live"] = time.monotonic() - t0
-            events["leave_start"] = time.monotonic() - t0
-            membership.leave(run, 1)
-            assert served.follow() == {"joined": [], "left": [1]}
-            events["leave_live"] = time.monotonic() - t0
-
-        async def load(seconds: float) -> None:
-            t0 = time.monotonic()
-            task = asyncio.create_task(asyncio.to_thread(change, t0))
-            async with httpx.AsyncClient(timeout=30) as http:
-
-                async def user(u: int) -> None:
-                    k = 0
-                    while time.monotonic() - t0 < seconds:
-                        i = (0, 2, 3)[u % 3] if "join_live" in events else (0, 2)[u % 2]
-                        sent = time.monotonic() - t0
-                        r = await http.post(f"{served.clients[i]['url']}/predict", content=bodies[k % 32], headers=NPY)
-                        body = r.json() if r.status_code == 200 else {}
-                        used = {e["expert"] for route in body.get("routes", []) for e in route}
-                        seen.append((i, sent, r.status_code if not body.get("degraded") else -1, used))
-                        k += 1
-
-                await asyncio.gather(*(user(u) for u in range(12)))
-            await task
-
-        asyncio.run(load(24))
-        assert "leave_live" in events, events
-        codes = sorted({code for _, _, code, _ in seen})
-        assert codes == [200], f"{codes} (-1: degraded) in {len(seen)} requests; {events}"
-        members = [used for i, t, _, used in seen if i != 3 and t > events["join_live"]]
-        assert any(3 in used for used in members), "no member routed to the newcomer"
-        assert any(i == 3 for i, *_ in seen)  # the newcomer answered on its own URL
-        late = [used for _, t, _, used in seen if t > events["leave_live"]]
-        assert late and not any(1 in used for used in late), events
-        r = httpx.post(f"{served.url}/v1/clients/1/predict", content=bodies[0], headers=NPY)
-        assert r.status_code == 404 and "left the network" in r.json()["detail"]
-        listed = {c["id"]: c["status"] for c in httpx.get(f"{served.url}/v1/clients").json()}
-        assert listed == {0: "serving", 1: "left", 2: "serving", 3: "serving"}
-        now = _replica_pids()
-        assert {k: now[k] for k in pids if "client-1:" not in k} == {
-            k: v for k, v in pids.items() if "client-1:" not in k
-        }
-        print(f"{len(seen)} requests; {events}")
-    finally:
-        launch.shutdown()
+    r = live(run, npz, users=8, seconds=12, join_at=2, leave_at=2, leaver=1)
+    print({k: v for k, v in r.items() if k != "listed"})
+    assert r["requests"] > 100 and (r["failed"], r["degraded"]) == (0, 0), r
+    assert r["to_newcomer"] > 0 and r["members_routing_to_newcomer"] > 0, r
+    assert r["after_leave"] > 0 and r["routed_to_leaver_after_leave"] == 0, r
+    assert r["leaver_status"] == 404 and "left the network" in r["leaver_detail"]
+    assert r["listed"] == {0: "serving", 1: "left", 2: "serving", 3: "serving"}
+    assert r["replicas_kept"]
