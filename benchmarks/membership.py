@@ -16,28 +16,23 @@ On the config's run (10 clients; the smoke run with ``--quick``), each part on a
 
 from __future__ import annotations
 
-import asyncio
-import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks import common
+from benchmarks import common, membership_live
 from training import checkpoint as ckpt
 from training import gates, local, membership, prototypes, schema
-from training.config import DataConfig
 from training.data import build_split, client_test_indices, label_counts
-from training.datasets import load_dataset
+from training.datasets import load_dataset, normalize
 
-VARIANT = "classgate"
+VARIANT = membership_live.VARIANT
 LEAVER = 3
 
 
@@ -85,6 +80,24 @@ def _scores(run: Path, ds, split, extra: dict | None = None) -> dict[int, dict]:
     return out
 
 
+def _join(base: Path, ds, split, cfg, work: Path, seed: int, before: dict) -> dict:
+    """``nmoe join`` of a newcomer drawn with ``seed`` on a copy of the run; every member's accuracy after."""
+    npz = device_file(ds, split, cfg, work / f"device-{seed}.npz", seed)
+    joined_run = _copy(base, work / f"joined-{seed}")
+    common.say(f"membership: nmoe join (newcomer's draw {seed})")
+    wall = _nmoe("join", "--run", str(joined_run), "--data", str(npz), "--no-tracking")
+    record = ckpt.load_state(joined_run)["membership"]["history"][-1]
+    facts = ckpt.data_facts(ckpt.load_trained(base)["meta"])
+    with np.load(npz) as f:
+        mine = normalize(torch.from_numpy(f["x_test"]).float() / 255, facts["mean"], facts["std"])
+        extra = {record["client"]: (mine, torch.from_numpy(f["y_test"]).long())}
+    common.say("membership: every member's accuracy after the join")
+    after = _scores(joined_run, ds, split, extra)
+    fall = {k: _fall(before, after, k) for k in ("personalized", "global")}
+    change = {k: 100 * float(np.mean([after[i][k] - before[i][k] for i in before])) for k in fall}
+    return {"seed": seed, "npz": npz, "record": record, "wall": wall, "after": after, "fall": fall, "change": change}
+
+
 def _copy(run: Path, dest: Path) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".membership.lock"))
@@ -124,112 +137,6 @@ def exactness(run: Path, ds, split, leaver: int) -> dict:
             [leaver].abs().sum())}  # fmt: skip
 
 
-def live(run: Path, npz: Path, users: int, seconds: float, join_at: float, leave_at: float, leaver: int) -> dict:
-    """``users`` send real test images to the members (and to the newcomer once it is live) for ``seconds`` (and 3 s
-    past the leave); a device joins at ``join_at`` and ``leaver`` leaves at ``leave_at`` (or once the join is live),
-    each taken live by ``Served.follow`` as ``nmoe serve`` does. Returns the requests and the changes' times."""
-    import httpx
-    import psutil
-
-    from serve import launch
-
-    def replicas() -> dict[str, int]:
-        found = {}
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            title = " ".join(p.info["cmdline"] or [])
-            if title.startswith("ray::ServeReplica:nmoe"):
-                found[title.split()[0]] = p.info["pid"]
-        return found
-
-    with np.load(npz) as f:
-        images = f["x_test"][:64].astype(np.float32) / 255
-    bodies = []
-    for x in images:
-        buf = io.BytesIO()
-        np.save(buf, x[None])
-        bodies.append(buf.getvalue())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    served = launch.deploy(run, VARIANT, "127.0.0.1", port, max_batch=8)
-    events: dict[str, float] = {}
-    seen: list[tuple[int, float, int, bool, list]] = []  # client, sent at, status, degraded, experts used
-    t0 = time.monotonic()
-
-    def change() -> None:
-        time.sleep(max(0.0, join_at - (time.monotonic() - t0)))
-        events["join_start"] = time.monotonic() - t0
-        record = membership.join(run, DataConfig(name="arrays", path=str(npz)))
-        events["joined"], events["newcomer"] = time.monotonic() - t0, record["client"]
-        served.follow()
-        events["join_live"] = time.monotonic() - t0
-        time.sleep(max(0.0, leave_at - (time.monotonic() - t0)))
-        events["leave_start"] = time.monotonic() - t0
-        membership.leave(run, leaver)
-        events["left"] = time.monotonic() - t0
-        served.follow()
-        events["leave_live"] = time.monotonic() - t0
-
-    async def load() -> None:
-        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=users)) as http:
-
-            def going() -> bool:  # at least ``seconds``, and 3 s past the leave's going live (at most 90 s more)
-                now = time.monotonic() - t0
-                return now < seconds or now < seconds + 90 and now < events.get("leave_live", now) + 3
-
-            async def user(u: int) -> None:
-                k = 0
-                while going():
-                    targets = [i for i in sorted(served.clients) if i != leaver]  # the leaver's users stop with it
-                    i = targets[(u + k) % len(targets)]
-                    sent = time.monotonic() - t0
-                    r = await http.post(f"{served.clients[i]['url']}/predict", content=bodies[k % len(bodies)],
-                                        headers={"Content-Type": "application/x-npy"})  # fmt: skip
-                    body = r.json() if r.status_code == 200 else {}
-                    if r.status_code != 200:
-                        common.say(f"client {i}: {r.status_code} {r.text[:200]}")
-                    used = sorted({e["expert"] for route in body.get("routes", []) for e in route})
-                    seen.append((i, sent, r.status_code, bool(body.get("degraded")), used))
-                    k += 1
-
-            await asyncio.gather(*(user(u) for u in range(users)))
-
-    try:
-        before = replicas()
-        worker = threading.Thread(target=change, daemon=True)
-        worker.start()
-        asyncio.run(load())
-        worker.join(timeout=120)
-        after = replicas()
-        gone = httpx.post(f"{served.url}/v1/clients/{leaver}/predict", content=bodies[0],
-                      headers={"Content-Type": "application/x-npy"})  # fmt: skip
-        listed = {c["id"]: c["status"] for c in httpx.get(f"{served.url}/v1/clients").json()}
-    finally:
-        launch.shutdown()
-    new = events.get("newcomer")
-    kept = {k: v for k, v in before.items() if f"client-{leaver}:" not in k}
-    after_join = [x for x in seen if x[1] > events.get("join_live", seconds) and x[0] != new]
-    after_leave = [x for x in seen if x[1] > events.get("leave_live", seconds)]
-    return {
-        "users": users,
-        "seconds": max(x[1] for x in seen),
-        "events": events,
-        "requests": len(seen),
-        "failed": sum(1 for x in seen if x[2] != 200),
-        "failures": [(x[0], round(x[1], 2), x[2]) for x in seen if x[2] != 200][:10],  # client, sent at, status
-        "degraded": sum(1 for x in seen if x[3]),
-        "to_newcomer": sum(1 for x in seen if x[0] == new),
-        "members_routing_to_newcomer": sum(1 for x in after_join if new in x[4]),
-        "members_after_join": len(after_join),
-        "routed_to_leaver_after_leave": sum(1 for x in after_leave if leaver in x[4]),
-        "after_leave": len(after_leave),
-        "leaver_status": gone.status_code,
-        "leaver_detail": gone.json().get("detail", ""),
-        "listed": listed,
-        "replicas_kept": {k: after.get(k) for k in kept} == kept,
-    }
-
-
 def run(ctx: common.Context) -> tuple[dict, str, dict]:
     cfg = ctx.cfg()
     if ctx.run:
@@ -245,24 +152,14 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     split = build_split(cfg, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
     work = ctx.out / "runs" / "membership"
     work.mkdir(parents=True, exist_ok=True)
-    npz = device_file(ds, split, cfg, work / "device.npz")
     common.say("membership: every member's accuracy as trained")
     before = _scores(base, ds, split)
     reported = schema.load_results(base / "results.json")["methods"][f"nmoe/{VARIANT}"]["per_client"]
     agree = max(abs(before[i][k] - reported[i][f"{k}_acc"]) for i in before for k in ("personalized", "global"))
 
-    joined_run = _copy(base, work / "joined")
-    common.say("membership: nmoe join")
-    wall = _nmoe("join", "--run", str(joined_run), "--data", str(npz), "--no-tracking")
-    record = ckpt.load_state(joined_run)["membership"]["history"][-1]
-    with np.load(npz) as f:
-        facts = ckpt.data_facts(ckpt.load_trained(base)["meta"])
-        from training.datasets import normalize
-
-        mine = normalize(torch.from_numpy(f["x_test"]).float() / 255, facts["mean"], facts["std"])
-        extra = {record["client"]: (mine, torch.from_numpy(f["y_test"]).long())}
-    common.say("membership: every member's accuracy after the join")
-    after_join = _scores(joined_run, ds, split, extra)
+    seeds = (7,) if ctx.quick else (7, 8, 9)  # the newcomer's draws: the first in full, all in a summary
+    joins = [_join(base, ds, split, cfg, work, seed, before) for seed in seeds]
+    record, wall, after_join, npz = (joins[0][k] for k in ("record", "wall", "after", "npz"))
 
     left_run = _copy(base, work / "left")
     leaver = min(LEAVER, cfg.num_clients - 1)
@@ -276,12 +173,16 @@ def run(ctx: common.Context) -> tuple[dict, str, dict]:
     users, seconds = (8, 12.0) if ctx.quick else (20, 30.0)
     common.say(f"membership: live, {users} users for {seconds:.0f} s, a join at 1/3 and a leave at 2/3")
     live_run = _copy(base, work / "live")
-    on_line = live(live_run, npz, users, seconds, seconds / 3, 2 * seconds / 3, leaver)
+    on_line = membership_live.live(live_run, npz, users, seconds, seconds / 3, 2 * seconds / 3, leaver)
     result = {
         "run": str(base),
         "clients": cfg.num_clients,
         "agrees_with_run": agree,
         "join": {**record, "command_seconds": wall},
+        "draws": [
+            {k: j[k] for k in ("seed", "record", "fall", "change")} | {"newcomer": j["after"][j["record"]["client"]]}
+            for j in joins
+        ],  # fmt: skip
         "leave": {**leave_record, "command_seconds": leave_wall, **exact},
         "before": before,
         "after_join": after_join,
@@ -362,6 +263,30 @@ def markdown(r: dict) -> str:
         "",
         f"Largest fall of an old member: {_fall(b, a, 'personalized'):.1f} points personalized, "
         f"{_fall(b, a, 'global'):.1f} global.",
+        "",
+        "The same join with the newcomer drawn otherwise (each on a fresh copy; points):",
+        "",
+        common.table(
+            [
+                "draw",
+                "its samples",
+                "its ClassGate: pers. / global",
+                "its expert alone: pers. / global",
+                "largest fall of a member: pers. / global",
+                "mean change: pers. / global",
+            ],
+            [
+                [
+                    d["seed"],
+                    d["record"]["train_samples"],
+                    f"{common.pct(d['newcomer']['personalized'])} / {common.pct(d['newcomer']['global'])}",
+                    f"{common.pct(d['newcomer']['own_expert'])} / {common.pct(d['newcomer']['own_expert_global'])}",
+                    f"{d['fall']['personalized']:.1f} / {d['fall']['global']:.1f}",
+                    f"{d['change']['personalized']:+.2f} / {d['change']['global']:+.2f}",
+                ]
+                for d in r["draws"]
+            ],
+        ),  # fmt: skip
         "",
         "### Leave",
         "",

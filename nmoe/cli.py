@@ -93,6 +93,7 @@ def gate_rows() -> list[list[str]]:
                 v.describe,
                 v.bytes_formula or "—",
                 v.reveals or "—",
+                "yes" if v.can_join else "no",
                 f"`{v.__module__}`",
             ]
         )
@@ -107,6 +108,7 @@ GATE_COLUMNS = [
     "what travels",
     "stage-3 bytes",
     "what it reveals",
+    "joins and leaves untrained",
     "module",
 ]
 
@@ -126,7 +128,7 @@ def cmd_gates(args) -> int:
         print(gates_markdown())
         return 0
     table = Table(title="gate variants (stage3.variants); --markdown for bytes and what each reveals")
-    keep = [0, 1, 2, 3, 4, 7]
+    keep = [0, 1, 2, 3, 4, 7, 8]
     for i in keep:
         table.add_column(GATE_COLUMNS[i])
     for r in rows:

@@ -118,7 +118,8 @@ class ClientDeployment:
         and on which node, and this client's gate regated. No restart: requests under way keep what they read."""
         if not config:
             return
-        self.peers.nodes = {int(i): nd for i, nd in config["nodes"].items()}
+        # merged, not replaced: a request under way may still ask a leaver, whose expert answers until it is deleted
+        self.peers.nodes = {**self.peers.nodes, **{int(i): nd for i, nd in config["nodes"].items()}}
         state = unpack(config["gate"]) if config.get("gate") else None
         if state is None and self.net.gate is not None:
             state = self.net.gate.state_dict()

@@ -114,7 +114,8 @@ class Peers:
         timeout."""
         by_node = collections.defaultdict(dict)
         for j, latents in asked.items():
-            by_node[self.nodes[j]][j] = latents
+            if j in self.nodes:  # one this client never heard of is not there to answer
+                by_node[self.nodes[j]][j] = latents
         replies = await asyncio.gather(*(self._ask(nd, a) for nd, a in by_node.items()), return_exceptions=True)
         answers = {j: a for r in replies if not isinstance(r, BaseException) for j, a in r.items()}
         return answers, sorted(set(asked) - set(answers))

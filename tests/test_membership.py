@@ -215,7 +215,7 @@ def test_serving_takes_a_join_and_a_leave_live_without_a_failed_request(run, dat
     leave; client 3 joins at 2 s and client 1 leaves once the join is live, both taken by ``Served.follow`` as
     ``nmoe serve`` takes them. No request fails or is degraded, the members route to the newcomer, none routes to
     the leaver once its leave is live, it answers 404, the listing says who left, and no replica restarted."""
-    from benchmarks.membership import live
+    from benchmarks.membership_live import live
 
     npz = _device_file(data_root, run.parent / "device.npz")
     r = live(run, npz, users=8, seconds=12, join_at=2, leave_at=2, leaver=1)
