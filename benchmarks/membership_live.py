@@ -67,10 +67,14 @@ def live(run: Path, npz: Path, users: int, seconds: float, join_at: float, leave
     def server() -> None:  # `nmoe serve`'s loop: the run's membership every second, taken live
         while "leave_live" not in events and time.monotonic() - t0 < seconds + 90:
             time.sleep(1.0)
+            began = time.monotonic() - t0
             change = served.follow()
-            for key, what in (("join_live", "joined"), ("leave_live", "left")):
-                if change and change[what]:
-                    events[key] = time.monotonic() - t0
+            for key, what in (("join", "joined"), ("leave", "left")):
+                if change and change[what]:  # when it was live, and how long taking it took once read
+                    events[f"{key}_live"], events[f"{key}_follow_s"] = (
+                        time.monotonic() - t0,
+                        time.monotonic() - t0 - began,
+                    )
 
     async def load() -> None:
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=users)) as http:

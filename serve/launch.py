@@ -68,16 +68,23 @@ class Served:
         are updated in place (Serve's ``user_config``: no replica restarts), then a leaver's application goes: no
         request meets an expert that is not there."""
         plan = self.plan
-        if plan is None or plan.run is None or plan.version() == plan.members["version"]:
+        if plan is None or plan.run is None:
+            return None
+        version = plan.version()
+        if version in (plan.members["version"], plan.refused):
             return None
         before = set(plan.clients)
-        plan.load()
+        try:
+            plan.load()
+        except ckpt.RunFolderError:
+            plan.refused = version  # not read again until the next change
+            raise
         joined, left = sorted(set(plan.clients) - before), sorted(before - set(plan.clients))
         for i in joined:
             self.where[i] = plan.place(i)
         if joined:
             serve.run_many([plan.client(i) for i in joined])
-        serve.run_many([*(plan.client(i, regated=True) for i in plan.clients), plan.index(self.where)])
+        serve.run_many([*(plan.client(i) for i in plan.clients), plan.index(self.where)])
         for i in left:
             serve.delete(client_app_name(i))
             self.where.pop(i, None)
@@ -198,35 +205,39 @@ class _Plan:
         self.where: dict[int, dict] = {}
         self.options: dict = {}
         self.gpu, self.ports, self.shown = 0.0, {}, {}
+        self.refused: int | None = None  # a membership version this deployment could not take
 
     def version(self) -> int:
         return ckpt.membership(ckpt.load_state(self.run), self.cfg)["version"]
 
     def load(self) -> None:
-        """The run as it is now: its members for this variant and every client's status."""
+        """The run as it is now: its members for this variant and every client's status. Checked before anything
+        is kept: a run this deployment cannot serve leaves the plan as it was."""
         trained = ckpt.load_trained(self.run)
-        self.trained, self.cfg, self.members = trained, trained["config"], trained["membership"]
-        if self.variant not in self.cfg.stage3.variants:
-            trained_ones = ", ".join(self.cfg.stage3.variants)
+        cfg, meta = trained["config"], trained["meta"]
+        if self.variant not in cfg.stage3.variants:
+            trained_ones = ", ".join(cfg.stage3.variants)
             raise ckpt.RunFolderError(
                 f"variant {self.variant!r} was not trained in {self.run} (trained: {trained_ones})"
             )
-        self.slots = ckpt.slots(self.cfg, trained["meta"], self.variant).num_clients
-        self.clients = sorted(i for i in trained["experts"] if i < self.slots)  # a gate scores slots experts
-        left = set(self.members["left"])
-        self.status = {
-            i: "serving"
-            if i in self.clients
-            else "left"
-            if i in left
-            else "outside_variant"
-            if i >= self.slots
-            else "dropped"
-            for i in range(len(trained["meta"]["clients"]))
-        }
-        if self.tokens is not None and set(self.clients) - set(self.tokens):
-            missing = sorted(set(self.clients) - set(self.tokens))
+        slots = ckpt.slots(cfg, meta, self.variant).num_clients
+        clients = sorted(i for i in trained["experts"] if i < slots)  # a gate scores slots experts
+        if self.tokens is not None and set(clients) - set(self.tokens):
+            missing = sorted(set(clients) - set(self.tokens))
             raise ckpt.RunFolderError(f"--token-file: needs a token for every served client (missing {missing})")
+        left = set(trained["membership"]["left"])
+        status = {
+            i: "serving" if i in clients else "left" if i in left else "dropped" for i in range(len(meta["clients"]))
+        }
+        status.update({i: "outside_variant" for i in range(slots, len(meta["clients"])) if i not in left})
+        self.trained, self.cfg, self.members, self.slots, self.clients, self.status = (
+            trained,
+            cfg,
+            trained["membership"],
+            slots,
+            clients,
+            status,
+        )
 
     def located_at(self, i: int, node: str) -> dict:
         return {
@@ -240,7 +251,7 @@ class _Plan:
         nodes = sorted({w["node_id"] for w in self.where.values()})
         return self.located_at(i, nodes[i % len(nodes)])
 
-    def client(self, i: int, regated: bool = False) -> serve.RunTarget:
+    def client(self, i: int) -> serve.RunTarget:
         """Client i's application: its arguments as first deployed; the membership now in its ``user_config`` (with
         its gate as regated, once a change happened)."""
         if i not in self.weights:
@@ -255,7 +266,7 @@ class _Plan:
             "slots": self.slots,
             "served": self.clients,
             "nodes": {str(j): nd for j, nd in nodes.items()},
-            "gate": pack(self.trained["gates"].get(self.variant, {}).get(i)) if regated else None,
+            "gate": pack(self.trained["gates"].get(self.variant, {}).get(i)) if self.members["version"] else None,
         }
         actor = {
             "num_cpus": 0,

@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import Nmoe
+from conftest import Nmoe, free_port
 
 
 @pytest.fixture()
@@ -226,3 +226,27 @@ def test_serving_takes_a_join_and_a_leave_live_without_a_failed_request(run, dat
     assert r["leaver_status"] == 404 and "left the network" in r["leaver_detail"]
     assert r["listed"] == {0: "serving", 1: "left", 2: "serving", 3: "serving"}
     assert r["replicas_kept"]
+
+
+def test_a_newcomer_without_a_token_is_not_served_and_the_network_serves_as_before(run, data_root, ray_session):
+    """Served with per-client tokens, a join whose newcomer has none is refused by the server (said once), and the
+    members keep serving as they were until the token file covers it."""
+    import httpx
+
+    from serve import launch
+    from training import checkpoint as ckpt
+    from training import membership
+    from training.config import DataConfig
+
+    tokens = {i: f"token-{i}" for i in range(3)}
+    served = launch.deploy(run, "classgate", "127.0.0.1", free_port(), max_batch=8, tokens=tokens)
+    try:
+        membership.join(run, DataConfig(name="arrays", path=str(_device_file(data_root, run.parent / "d.npz"))))
+        with pytest.raises(ckpt.RunFolderError, match=r"needs a token for every served client \(missing \[3\]\)"):
+            served.follow()
+        assert served.follow() is None  # the same change is not tried again
+        listed = httpx.get(f"{served.url}/v1/clients", headers={"Authorization": "Bearer token-0"}).json()
+        assert [c["status"] for c in listed] == ["serving"] * 3
+        assert sorted(served.clients) == [0, 1, 2]
+    finally:
+        launch.shutdown()
