@@ -323,7 +323,7 @@ def markdown(r: dict) -> str:
                     f"{live_r['events']['joined'] - live_r['events']['join_start']:.1f} s",
                 ],
                 [
-                    "join taken live once read (the newcomer's replica started, the members and the index reconfigured)",
+                    "join taken live once read (the newcomer's replica started, members and index reconfigured)",
                     f"{live_r['events']['join_follow_s']:.1f} s",
                 ],
                 [
