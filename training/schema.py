@@ -106,6 +106,7 @@ class MembershipChange(TypedDict, total=False):
     bytes_f: int  # join: the shared F the newcomer downloaded once
     seconds: float  # the whole command
     network_seconds: float  # statistics up, pooling, routing down (installed on every member)
+    test_accuracy: dict[str, float]  # join: on the newcomer's own test data, its expert alone and each variant
     at: float  # when it was committed (seconds since the epoch)
 
 
