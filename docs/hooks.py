@@ -111,7 +111,7 @@ def _http() -> str:
     """Each operation of the index's OpenAPI schema: method, path, what it does, its bodies and answers."""
     from serve import api
 
-    schema = api.index_app(_META, "fedgate", {}, dict, api.Tokens(None), 256).openapi()
+    schema = api.index_app(_META, "fedgate", {}, dict, api.Tokens(None), 256, False).openapi()
     out = ["## Operations", "", "| operation | what it does | request bodies | answers |", "|---|---|---|---|"]
     for path, ops in schema["paths"].items():
         for method, op in ops.items():

@@ -142,7 +142,8 @@ def _say(message: str) -> None:
 
 
 def _record(args, cfg, run: Path, record: dict) -> None:
-    """The change in the run's MLflow record: metrics at step = the membership version, and ``state.json``."""
+    """The change in the run's MLflow record: metrics at step = the membership version, and the files it changed
+    (``state.json``, ``results.json``, the change's checkpoint), so that a run served from MLflow is the run now."""
     from actors import tracking
     from training import checkpoint as ckpt
 
@@ -152,5 +153,6 @@ def _record(args, cfg, run: Path, record: dict) -> None:
     tracker = tracking.Tracker(tracking.resolve_uri(args.tracking_uri or cfg.tracking.tracking_uri), run_id)
     keys = ("members", "seconds", "network_seconds", "bytes_up", "bytes_down", "bytes_f")
     tracker.log({f"membership/{k}": record[k] for k in keys}, step=record["version"])
-    tracker.artifacts([run / "state.json"])
+    tracker.artifacts([ckpt.membership_file(run, record["version"])], "checkpoints/membership")
+    tracker.artifacts([run / "state.json", run / "results.json"])
     console.print(f"  recorded in MLflow run {run_id}")

@@ -21,7 +21,6 @@ from pydantic import BaseModel, Field
 
 from serve import inputs
 from training import checkpoint as ckpt
-from training import gates
 
 NODE_HEADER = "X-NMoE-Node"  # the Ray node that decoded the input: client i's own node
 TIMING_HEADER = "Server-Timing"  # where a predict's time went inside the replica (W3C Server-Timing), in ms
@@ -268,7 +267,9 @@ def errors(*codes: int) -> dict:
     return {code: {"model": Error} for code in codes}
 
 
-def index_app(meta: dict, variant: str, status: dict[int, str], where: Callable, tokens: Tokens, max_batch: int):
+def index_app(
+    meta: dict, variant: str, status: dict[int, str], where: Callable, tokens: Tokens, max_batch: int, knob: bool
+):
     """Health, the listing and the schema; a client route lands here only when its client's app is absent.
     ``where()``: each served client's node and URL, as now. ``meta["clients"]`` and ``status`` are read at each
     request: a membership change updates them in place (``serve.deployments.Index``)."""
@@ -330,7 +331,7 @@ def index_app(meta: dict, variant: str, status: dict[int, str], where: Callable,
             },
             **errors(*auth, 404, 413, 415, 422, 503),
         },
-        openapi_extra=predict_openapi(meta, n, max_batch, secured, gates.get(variant).personal_knob),
+        openapi_extra=predict_openapi(meta, n, max_batch, secured, knob),
     )
     def predict(i: int, request: Request) -> None:
         """Routed inference on client i: the input is decoded and turned into latents on client i's node, its gate

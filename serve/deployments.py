@@ -265,8 +265,10 @@ class Index:
     """Health, the listing of the clients and their status, and the schema (``api.index_app``). A membership change
     updates it in place (``user_config``: the clients, their status and where each is)."""
 
-    def __init__(self, meta: dict, variant: str, token_digests: dict | None, max_batch: int):
+    def __init__(self, meta: dict, variant: str, token_digests: dict | None, max_batch: int, knob: bool):
+        """``knob``: whether the variant's readout takes ``personal`` (told: a plugin variant is not imported here)."""
         self.meta, self.variant, self.digests, self.max_batch = dict(meta), variant, token_digests, max_batch
+        self.knob = knob
         self.status: dict[int, str] = {}
         self.where: dict[int, dict] = {}
 
@@ -279,5 +281,11 @@ class Index:
     def __serve_build_asgi_app__(self):
         where = self.where
         return api.index_app(
-            self.meta, self.variant, self.status, lambda: located(where), api.Tokens(self.digests), self.max_batch
+            self.meta,
+            self.variant,
+            self.status,
+            lambda: located(where),
+            api.Tokens(self.digests),
+            self.max_batch,
+            self.knob,
         )

@@ -24,7 +24,7 @@ from ray import serve
 from serve import api, experts
 from serve.deployments import ClientDeployment, Index, client_app_name, client_route, located, pack
 from training import checkpoint as ckpt
-from training import devices
+from training import devices, gates
 from training.config import PAPER_VARIANT
 
 INDEX_APP = "nmoe"
@@ -298,7 +298,7 @@ class _Plan:
             "where": {str(i): w for i, w in where.items() if i in self.clients},
         }
         app = self._pinned(Index.options(user_config=user)).bind(
-            meta, self.variant, self.digests, self.options["max_batch"]
+            meta, self.variant, self.digests, self.options["max_batch"], gates.get(self.variant).personal_knob
         )
         return serve.RunTarget(app, name=INDEX_APP, route_prefix="/")
 

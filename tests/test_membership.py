@@ -61,7 +61,12 @@ def test_join_trains_the_newcomer_on_its_own_data_and_records_the_member(run, da
     before = _trained(run)
     stage_files = {f: (run / "checkpoints" / f).read_bytes() for f in ("stage2.pt", "stage3.pt")}
     npz = _device_file(data_root, run.parent / "device.npz")
-    uri = f"sqlite:///{run.parent / 'mlflow.db'}"
+    from actors import tracking
+
+    uri = f"sqlite:///{run.parent / 'mlflow.db'}"  # the copy gets an MLflow run of its own (the session's is shared)
+    state = json.loads((run / "state.json").read_text())
+    state["mlflow_run_id"] = tracking.start_run(uri, "membership", "copy", {}, run.parent / "mlartifacts")
+    (run / "state.json").write_text(json.dumps(state))
     assert main(["join", "--run", str(run), "--data", str(npz), "--tracking-uri", uri]) == 0
     err = capsys.readouterr().err
     assert "client 3 joined" in err and "4 members now" in err and "not updated: rollgate" in err
@@ -119,6 +124,9 @@ def test_join_trains_the_newcomer_on_its_own_data_and_records_the_member(run, da
     client = mlflow.tracking.MlflowClient(uri)
     (point,) = client.get_metric_history(state["mlflow_run_id"], "membership/members")
     assert (point.value, point.step) == (4, 1)
+    logged = {a.path for a in client.list_artifacts(state["mlflow_run_id"], "checkpoints/membership")}
+    assert logged == {"checkpoints/membership/1.pt"}  # with state.json: a run served from MLflow is the run now
+    assert {"state.json", "results.json"} <= {a.path for a in client.list_artifacts(state["mlflow_run_id"])}
 
 
 def test_leave_pools_exactly_what_the_other_members_alone_would_hold(run, data_root, capsys):
