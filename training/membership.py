@@ -204,10 +204,11 @@ def join(run: Path, data_cfg, say: Callable[[str], None] = lambda _: None) -> Me
         _commit(run, state, trained, members, record, regated, stats, joined, members["left"], info)
         record["network_seconds"] = time.perf_counter() - tn
         say(f"client {new}: its own test data")
-        record["test_accuracy"] = {
-            "own_expert": local.accuracy(expert(extractor(data.x_test)), data.y_test) if len(data.y_test) else 0.0,
-            **{v: member_accuracy(run, new, v, data.x_test, data.y_test) for v in yes},
-        }
+        trained.update(gates={**trained["gates"], **regated}, meta=state["meta"])  # the run as just committed
+        own = {new: (data.x_test, data.y_test)}
+        with torch.no_grad():
+            alone = local.accuracy(expert(extractor(data.x_test)), data.y_test) if len(data.y_test) else 0.0
+        record["test_accuracy"] = {"own_expert": alone, **{v: routed_accuracies(trained, v, own)[new] for v in yes}}
     return _finish(run, state, record, t0)
 
 
@@ -283,13 +284,6 @@ def _finish(run: Path, state: dict, record: MembershipChange, t0: float) -> Memb
         data["membership"] = [*data.get("membership", []), record]
         ckpt.save_json(results, data)
     return record
-
-
-@torch.no_grad()
-def member_accuracy(run: Path, i: int, variant: str, x: torch.Tensor, y: torch.Tensor, personal=None) -> float:
-    """Member i's routed accuracy with ``variant`` on inputs ``x`` (scaled for F), every expert at hand: the same
-    routing math as the actors and Serve (``routing.route_in_process``)."""
-    return routed_accuracies(ckpt.load_trained(run), variant, {i: (x, y)}, personal)[i]
 
 
 @torch.no_grad()
